@@ -1,0 +1,95 @@
+"""The algorithm interface: what each node keeps and computes around its local optimizer step.
+
+An algorithm is written once with element-wise tensor operations on flat parameter buckets and
+the communicator's ``mix``/``global_average``, so the same code runs in real multi-process
+training (a bucket is this rank's flat parameters, ``[m]``) and in the simulator (a bucket is the
+stack of all nodes' parameters, ``[n, m]``). Per-node scalars are shaped ``bucket.shape[:-1] + (1,)``.
+
+The strategy calls, for every optimizer step ``k``::
+
+    algorithm.before_step(buckets, comm, k)        # parameters x^k, before forward/backward
+    forward + backward                              # gradients at the (possibly de-biased) model
+    algorithm.transform_gradients(buckets, comm, k) # only if ``transforms_gradients``
+    optimizer.step()                                # the user's local update (clipping, AMP, LR ...)
+    algorithm.after_step(buckets, comm, k)          # gossip: x^{k+1} from the neighbours
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from lightning_decent.comm import Communicator
+from lightning_decent.topology import Topology
+
+
+class Bucket:
+    """A flat, contiguous group of parameters of one dtype and device, and the algorithm's state for it.
+
+    Args:
+        params: the flat parameter tensor (``[m]`` in real training, ``[n, m]`` in the simulator).
+        grads: a flat gradient buffer of the same shape, filled by the strategy before
+            ``transform_gradients`` and copied back to the parameters' ``.grad`` after it; ``None``
+            for algorithms that do not transform gradients.
+    """
+
+    def __init__(self, params: torch.Tensor, grads: torch.Tensor | None = None) -> None:
+        self.params = params
+        self.grads = grads
+        self.state: dict[str, torch.Tensor] = {}
+
+    def node_scalar(self, value: float = 0.0) -> torch.Tensor:
+        """A per-node scalar buffer (``[1]`` for a rank, ``[n, 1]`` in the simulator)."""
+        return self.params.new_full((*self.params.shape[:-1], 1), value)
+
+
+class Algorithm(ABC):
+    """Base class of decentralized algorithms.
+
+    Class attributes describe the cost, shown in the README's algorithm table:
+        rounds_per_step: sequential communication rounds per optimizer step.
+        buffers_per_round: model-sized buffers sent to each out-neighbour per round.
+        extra_memory: persistent per-node state in model sizes, beyond parameters, gradients and
+            the user's optimizer state.
+        needs_doubly_stochastic: refuse column-stochastic (directed) graphs.
+        transforms_gradients: the algorithm rewrites the gradient before the optimizer step.
+    """
+
+    name: ClassVar[str]
+    rounds_per_step: ClassVar[int] = 1
+    buffers_per_round: ClassVar[int] = 1
+    extra_memory: ClassVar[float] = 0.0
+    needs_doubly_stochastic: ClassVar[bool] = True
+    transforms_gradients: ClassVar[bool] = False
+
+    def prepare_topology(self, topology: Topology) -> Topology:
+        """Check that the graph suits the algorithm; return the graph to gossip on.
+
+        Raises:
+            ValueError: naming the fix, if the graph breaks the algorithm's assumptions.
+        """
+        if self.needs_doubly_stochastic and not topology.doubly_stochastic:
+            raise ValueError(
+                f"algorithm={self.name!r} needs a doubly stochastic mixing matrix, but topology "
+                f"{topology.name!r} is only column-stochastic (a directed graph). Use a push-sum "
+                f"algorithm for directed graphs, or an undirected topology."
+            )
+        return topology
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027
+        """Raise ``ValueError`` if the optimizer's update breaks the algorithm's math."""
+
+    def init_state(self, bucket: Bucket) -> None:  # noqa: B027
+        """Create the algorithm's per-bucket state (all nodes start from the same parameters)."""
+
+    def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:  # noqa: B027
+        """Runs with the parameters ``x^k``, before forward and backward."""
+
+    def transform_gradients(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:  # noqa: B027
+        """Rewrite ``bucket.grads`` in place (only called when ``transforms_gradients``)."""
+
+    @abstractmethod
+    def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        """Runs after the local optimizer step: gossip and the algorithm's own corrections."""

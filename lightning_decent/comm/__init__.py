@@ -1,0 +1,18 @@
+"""How bytes move: neighbour gossip, global averaging, and an in-process simulator of n nodes."""
+
+from lightning_decent.comm.allreduce import AllReduceCommunicator
+from lightning_decent.comm.base import CommStats, Communicator
+from lightning_decent.comm.p2p import P2PCommunicator, PeerTimeoutError
+from lightning_decent.comm.simulated import SimulatedCommunicator
+
+COMMUNICATORS = ("p2p", "allreduce")
+
+__all__ = [
+    "COMMUNICATORS",
+    "AllReduceCommunicator",
+    "CommStats",
+    "Communicator",
+    "P2PCommunicator",
+    "PeerTimeoutError",
+    "SimulatedCommunicator",
+]

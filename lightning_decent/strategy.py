@@ -1,0 +1,369 @@
+"""``DecentralizedStrategy``: neighbour-only gossip training inside Lightning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
+from lightning_decent.buckets import ParamBucket, build_buckets
+from lightning_decent.comm import (
+    AllReduceCommunicator,
+    CommStats,
+    Communicator,
+    P2PCommunicator,
+)
+from lightning_decent.comm.p2p import average_all_reduce
+from lightning_decent.topology import Topology, get_topology
+
+log = logging.getLogger(__name__)
+
+EvalModel = Literal["average", "local"]
+
+
+class DecentralizedStrategy(DDPStrategy):
+    """Data-parallel training where every rank keeps its own replica and gossips with its neighbours.
+
+    Process management (launchers, process group, samplers, ``sync_dist``) is Lightning's DDP; the
+    model is never wrapped in ``DistributedDataParallel`` and gradients are never all-reduced.
+    After every real optimizer step the algorithm mixes the parameters with the neighbours given by
+    the topology at the current gossip step.
+
+    Args:
+        topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology``;
+            a name is built for the world size at setup.
+        algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
+        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"``
+            (exact global averaging every step, the P-SGD/DDP-equivalent baseline).
+        topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
+        algorithm_options: keyword arguments for the algorithm.
+        bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
+        eval_model: ``"average"`` evaluates the network-average model (one all-reduce before
+            validation/test/predict, local replicas restored afterwards); ``"local"`` evaluates
+            each rank's own replica.
+        log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
+            it costs a global all-reduce).
+        log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
+        gossip_timeout: seconds to wait for a neighbour before failing with its rank named.
+
+    The remaining arguments are Lightning's, as for ``DDPStrategy``.
+    """
+
+    strategy_name = "decentralized"
+
+    def __init__(
+        self,
+        topology: str | Topology = "ring",
+        algorithm: str | Algorithm = "dsgd",
+        communicator: Literal["p2p", "allreduce"] = "p2p",
+        *,
+        topology_options: dict[str, Any] | None = None,
+        algorithm_options: dict[str, Any] | None = None,
+        bucket_size_mb: float = 25.0,
+        eval_model: EvalModel = "average",
+        log_consensus_every: int = 0,
+        log_comm_stats: bool = True,
+        gossip_timeout: float = 60.0,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if communicator not in ("p2p", "allreduce"):
+            raise ValueError(f"communicator={communicator!r} is not one of 'p2p', 'allreduce'.")
+        if eval_model not in ("average", "local"):
+            raise ValueError(f"eval_model={eval_model!r} is not one of 'average', 'local'.")
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
+        if log_consensus_every < 0:
+            raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
+        self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
+        self._topology_spec = topology
+        self._topology_options = dict(topology_options or {})
+        self._communicator_name = communicator
+        self._bucket_bytes = int(bucket_size_mb * 2**20)
+        self.eval_model = eval_model
+        self.log_consensus_every = log_consensus_every
+        self.log_comm_stats = log_comm_stats
+        self.gossip_timeout = timedelta(seconds=gossip_timeout)
+        self.topology: Topology | None = None
+        self.communicator: Communicator | None = None
+        self.gossip_step = 0
+        self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
+        self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ---- public state -------------------------------------------------------------------------
+    @property
+    def comm_stats(self) -> CommStats:
+        """Messages and bytes this rank sent and received through the communicator so far."""
+        return self.communicator.stats if self.communicator is not None else CommStats()
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Restore after the initial broadcast in ``setup``, or it would overwrite restored ranks.
+        return True
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        world_size = self.num_nodes * self.num_processes
+        self.topology = self._build_topology(world_size)  # fail before any process-group traffic
+        super().setup_environment()
+        self._check_ranks_agree()
+        if self.communicator is None or self.communicator.topology.fingerprint() != self.topology.fingerprint():
+            self.communicator = self._build_communicator()
+
+    def _build_topology(self, world_size: int) -> Topology:
+        if world_size == 1:
+            return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
+        topology = get_topology(self._topology_spec, world_size, **self._topology_options)
+        return self.algorithm.prepare_topology(topology)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must gossip on the same graph with the same algorithm (one fingerprint exchange)."""
+        assert self.topology is not None
+        if self.world_size == 1:
+            return
+        mine = (self.topology.fingerprint(), self.algorithm.name, self._communicator_name)
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        differing = [r for r, theirs in enumerate(everyone) if theirs != mine]
+        if differing:
+            raise RuntimeError(
+                f"rank {self.global_rank}: ranks {differing} use a different topology/algorithm/communicator "
+                f"({everyone[differing[0]]} vs {mine}). Launch every rank with the same configuration."
+            )
+
+    def _build_communicator(self) -> Communicator:
+        assert self.topology is not None
+        if self._communicator_name == "allreduce":
+            return AllReduceCommunicator(self.topology)
+        return P2PCommunicator(self.topology, self.global_rank, timeout=self.gossip_timeout)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if self._layer_sync is not None:
+            raise ValueError(
+                "sync_batchnorm=True is not supported by DecentralizedStrategy: SyncBatchNorm all-reduces "
+                "over every rank in each forward pass, which defeats decentralized training. Remove "
+                "sync_batchnorm=True (each rank keeps local BatchNorm statistics; evaluation averages them)."
+            )
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._broadcast_initial_state()
+            self.setup_optimizers(trainer)
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._build_buckets()
+        self.setup_precision_plugin()
+
+    @torch.no_grad()
+    def _broadcast_initial_state(self) -> None:
+        """Replicas start identical: rank 0's parameters and buffers, broadcast once."""
+        if self.world_size == 1:
+            return
+        for tensor in self.lightning_module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+    def _build_buckets(self) -> None:
+        self._buckets = {}
+        seen: set[int] = set()
+        for optimizer in self.optimizers:
+            params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            self.algorithm.check_optimizer(optimizer)
+            param_buckets = build_buckets(params, self._bucket_bytes) if params else []
+            algo_buckets = []
+            for pb in param_buckets:
+                if self.algorithm.transforms_gradients:
+                    pb.enable_flat_grad()
+                bucket = Bucket(pb.flat, pb.grad)
+                self.algorithm.init_state(bucket)
+                algo_buckets.append(bucket)
+            self._buckets[optimizer] = (param_buckets, algo_buckets)
+
+    # ---- the gossip step -------------------------------------------------------------------------
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        entry = self._buckets.get(optimizer)
+        if entry is None or self.communicator is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        param_buckets, buckets = entry
+        comm, step = self.communicator, self.gossip_step
+        sent_before = comm.stats.bytes_sent
+        self.algorithm.before_step(buckets, comm, step)
+        if self.algorithm.transforms_gradients:
+            closure = self._closure_with_gradient_transform(closure, param_buckets, buckets, step)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.algorithm.after_step(buckets, comm, step)
+        self.gossip_step += 1
+        if self.log_comm_stats:
+            self._log("gossip/bytes_sent", comm.stats.bytes_sent - sent_before)
+        if self.log_consensus_every and self.gossip_step % self.log_consensus_every == 0:
+            distance, relative = self.consensus_distance()
+            self._log("gossip/consensus_distance", distance)
+            self._log("gossip/consensus_relative", relative)
+        return output
+
+    def _closure_with_gradient_transform(
+        self, closure: Callable[[], Any], param_buckets: list[ParamBucket], buckets: list[Bucket], step: int
+    ) -> Callable[[], Any]:
+        def run() -> Any:
+            output = closure()
+            for pb in param_buckets:
+                pb.gather_grads()
+            assert self.communicator is not None
+            self.algorithm.transform_gradients(buckets, self.communicator, step)
+            for pb in param_buckets:
+                pb.scatter_grads()
+            return output
+
+        return run
+
+    def _log(self, name: str, value: float) -> None:
+        module = self.lightning_module
+        if module is not None and module._current_fx_name is not None:
+            module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
+
+    @torch.no_grad()
+    def consensus_distance(self) -> tuple[float, float]:
+        """``(1/n) sum_i ||x_i - x_bar||^2`` and its ratio to ``||x_bar||^2`` (a global collective)."""
+        flats = [b.params for _, buckets in self._buckets.values() for b in buckets]
+        if self.world_size == 1 or not flats:
+            return 0.0, 0.0
+        means = [x.clone() for x in flats]
+        average_all_reduce(means)
+        sums = torch.zeros(2, dtype=torch.float64, device=flats[0].device)
+        for x, mean in zip(flats, means):
+            sums[0] += (x - mean).double().pow(2).sum()
+            sums[1] += mean.double().pow(2).sum() / self.world_size
+        dist.all_reduce(sums)
+        distance = sums[0].item() / self.world_size
+        return distance, distance / max(sums[1].item(), torch.finfo(torch.float64).tiny)
+
+    # ---- evaluation on the network average -------------------------------------------------------
+    def _average_module_in_place(self) -> None:
+        """Replace parameters and floating-point buffers by their network average; keep a backup."""
+        if self.world_size == 1 or self.eval_model != "average" or self._eval_backup is not None:
+            return
+        tensors = _floating_tensors(self.lightning_module.state_dict())
+        averaged = network_average(tensors)
+        with torch.no_grad():
+            self._eval_backup = [(t, t.clone()) for t in tensors]
+            torch._foreach_copy_(tensors, averaged)
+
+    def _restore_local_replica(self) -> None:
+        if self._eval_backup is None:
+            return
+        with torch.no_grad():
+            targets, backups = zip(*self._eval_backup)
+            torch._foreach_copy_(list(targets), list(backups))
+        self._eval_backup = None
+
+    @override
+    def on_validation_start(self) -> None:
+        self._average_module_in_place()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._restore_local_replica()
+
+    @override
+    def on_test_start(self) -> None:
+        self._average_module_in_place()
+
+    @override
+    def on_test_end(self) -> None:
+        self._restore_local_replica()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._average_module_in_place()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._restore_local_replica()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The network-average model (every rank takes part in the all-reduce; replicas unchanged)."""
+        state = self.lightning_module.state_dict()
+        if self.world_size == 1:
+            return state
+        keys = [k for k, t in state.items() if t.is_floating_point()]
+        return {**state, **dict(zip(keys, network_average([state[k] for k in keys])))}
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "decentralized", cls, description="Decentralized (gossip) data parallel", start_method="popen"
+        )
+        strategy_registry.register(
+            "decentralized_spawn",
+            cls,
+            description="Decentralized (gossip) data parallel, spawn launcher",
+            start_method="spawn",
+        )
+
+
+def _floating_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in state.values() if t.is_floating_point()]
+
+
+@torch.no_grad()
+def network_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Averaged copies of ``tensors`` over all ranks: one all-reduce per dtype and device."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for index, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(index)
+    out: list[torch.Tensor] = list(tensors)
+    for indices in groups.values():
+        members = [tensors[i].detach() for i in indices]
+        flat = torch._utils._flatten_dense_tensors(members)
+        average_all_reduce([flat])
+        for i, t in zip(indices, torch._utils._unflatten_dense_tensors(flat, members)):
+            out[i] = t
+    return out
+
+
+if "decentralized" not in StrategyRegistry:
+    DecentralizedStrategy.register_strategies(StrategyRegistry)

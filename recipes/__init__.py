@@ -1,0 +1,1 @@
+"""Training tasks (LightningModules and DataModules) used by the Hydra application and the tests."""
