@@ -17,7 +17,7 @@ The strategy calls, for every optimizer step ``k``::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -89,6 +89,16 @@ class Algorithm(ABC):
 
     def transform_gradients(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:  # noqa: B027
         """Rewrite ``bucket.grads`` in place (only called when ``transforms_gradients``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.
+
+        Per-bucket tensors belong in ``bucket.state``; the strategy checkpoints those itself.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` returned."""
 
     @abstractmethod
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
