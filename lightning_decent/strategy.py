@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,9 +19,13 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_decent import checkpoint as ckpt
+from lightning_decent import rng
+from lightning_decent._version import __version__
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
 from lightning_decent.buckets import ParamBucket, build_buckets
 from lightning_decent.comm import (
@@ -31,6 +38,8 @@ from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import Topology, get_topology
 
 log = logging.getLogger(__name__)
+
+DECENTRALIZED_KEY = "decentralized"
 
 EvalModel = Literal["average", "local"]
 
@@ -59,6 +68,11 @@ class DecentralizedStrategy(DDPStrategy):
             it costs a global all-reduce).
         log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
         gossip_timeout: seconds to wait for a neighbour before failing with its rank named.
+        check_finite: stop with an error naming the rank when a value about to be sent is NaN/Inf,
+            instead of spreading it to the neighbours (one reduction per bucket and step).
+        resume_from_average: when resuming from a sharded checkpoint saved with another world size,
+            topology or algorithm, start every rank from its network-average model (fresh optimizer
+            and algorithm state) instead of refusing.
 
     The remaining arguments are Lightning's, as for ``DDPStrategy``.
     """
@@ -78,6 +92,8 @@ class DecentralizedStrategy(DDPStrategy):
         log_consensus_every: int = 0,
         log_comm_stats: bool = True,
         gossip_timeout: float = 60.0,
+        check_finite: bool = True,
+        resume_from_average: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -114,6 +130,9 @@ class DecentralizedStrategy(DDPStrategy):
         self.log_consensus_every = log_consensus_every
         self.log_comm_stats = log_comm_stats
         self.gossip_timeout = timedelta(seconds=gossip_timeout)
+        self.check_finite = check_finite
+        self.resume_from_average = resume_from_average
+        self._resumed_from_average = False
         self.topology: Topology | None = None
         self.communicator: Communicator | None = None
         self.gossip_step = 0
@@ -135,6 +154,7 @@ class DecentralizedStrategy(DDPStrategy):
     # ---- set-up ----------------------------------------------------------------------------------
     @override
     def setup_environment(self) -> None:
+        self._refuse_sync_batchnorm()
         world_size = self.num_nodes * self.num_processes
         self.topology = self._build_topology(world_size)  # fail before any process-group traffic
         super().setup_environment()
@@ -167,16 +187,21 @@ class DecentralizedStrategy(DDPStrategy):
         assert self.topology is not None
         if self._communicator_name == "allreduce":
             return AllReduceCommunicator(self.topology)
-        return P2PCommunicator(self.topology, self.global_rank, timeout=self.gossip_timeout)
+        return P2PCommunicator(
+            self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+        )
 
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
+    def _refuse_sync_batchnorm(self) -> None:
         if self._layer_sync is not None:
             raise ValueError(
                 "sync_batchnorm=True is not supported by DecentralizedStrategy: SyncBatchNorm all-reduces "
                 "over every rank in each forward pass, which defeats decentralized training. Remove "
                 "sync_batchnorm=True (each rank keeps local BatchNorm statistics; evaluation averages them)."
             )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._refuse_sync_batchnorm()
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -322,14 +347,113 @@ class DecentralizedStrategy(DDPStrategy):
         self._restore_local_replica()
 
     # ---- checkpoints -----------------------------------------------------------------------------
+    @property
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The network-average model (every rank takes part in the all-reduce; replicas unchanged)."""
-        state = self.lightning_module.state_dict()
+    def lightning_restore_optimizer(self) -> bool:
+        # A resume from the network average starts with fresh optimizer state.
+        return not self._resumed_from_average
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        """Write a sharded checkpoint directory (every rank calls this; see :mod:`lightning_decent.checkpoint`)."""
+        if storage_options is not None:
+            raise TypeError("DecentralizedStrategy.save_checkpoint does not accept storage_options.")
+        final = Path(self.broadcast(str(filepath)))
+        staging = ckpt.staging_path(final, self.broadcast(uuid.uuid4().hex[:12]))
+        if self.is_global_zero:
+            staging.mkdir(parents=True)
+        self.barrier("decentralized_checkpoint_staging")
+        checkpoint = {**checkpoint, DECENTRALIZED_KEY: self._decentralized_state()}
+        self.checkpoint_io.save_checkpoint(checkpoint, staging / ckpt.rank_file(self.global_rank))
+        average = self._average_state_dict(checkpoint["state_dict"])
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(_average_checkpoint(checkpoint, average), staging / ckpt.AVERAGE_FILE)
+        self.barrier("decentralized_checkpoint_written")
+        if self.is_global_zero:
+            ckpt.write_meta(staging, self._checkpoint_meta())
+            ckpt.commit(staging, final)
+        self.barrier("decentralized_checkpoint_committed")
+
+    def _average_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             return state
         keys = [k for k, t in state.items() if t.is_floating_point()]
         return {**state, **dict(zip(keys, network_average([state[k] for k in keys])))}
+
+    def _checkpoint_meta(self) -> ckpt.CheckpointMeta:
+        assert self.topology is not None
+        return ckpt.CheckpointMeta(
+            world_size=self.world_size,
+            topology=self.topology.name,
+            topology_fingerprint=self.topology.fingerprint(),
+            algorithm=self.algorithm.name,
+            communicator=self._communicator_name,
+            gossip_step=self.gossip_step,
+            library_version=__version__,
+        )
+
+    def _decentralized_state(self) -> dict[str, Any]:
+        return {
+            "gossip_step": self.gossip_step,
+            "algorithm": self.algorithm.state_dict(),
+            "buckets": [[dict(b.state) for b in buckets] for _, buckets in self._buckets.values()],
+            "rng": rng.collect_states(),
+        }
+
+    def _restore_decentralized_state(self, state: dict[str, Any]) -> None:
+        self.gossip_step = int(state["gossip_step"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        saved = state["buckets"]
+        current = [buckets for _, buckets in self._buckets.values()]
+        if [len(b) for b in saved] != [len(b) for b in current]:
+            raise ValueError(
+                "The checkpoint's parameter buckets do not match this run's (different model, optimizers or "
+                "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True."
+            )
+        with torch.no_grad():
+            for saved_group, buckets in zip(saved, current):
+                for saved_state, bucket in zip(saved_group, buckets):
+                    for key, tensor in saved_state.items():
+                        bucket.state[key].copy_(tensor)
+        rng.restore_states(state["rng"])
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Each rank reads its own shard of a sharded checkpoint (or, for a single file, the same file)."""
+        path = Path(checkpoint_path)
+        self._resumed_from_average = False
+        if not ckpt.is_sharded(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        meta = ckpt.read_meta(path)
+        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        assert self.topology is not None
+        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
+        if problems and fitting:
+            if not self.resume_from_average:
+                raise ValueError(
+                    f"Cannot resume {path} exactly: it was saved with {', '.join(problems)}. Resume with the "
+                    f"same configuration, or pass DecentralizedStrategy(resume_from_average=True) to start every "
+                    f"rank from the checkpoint's network-average model."
+                )
+            return self._load_from_average(path, weights_only)
+        own = path / ckpt.rank_file(self.global_rank if not problems else 0)
+        loaded = self.checkpoint_io.load_checkpoint(own, weights_only=weights_only)
+        state = loaded.pop(DECENTRALIZED_KEY, None)
+        if fitting and state is not None:
+            self._restore_decentralized_state(state)
+        return loaded
+
+    def _load_from_average(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        rank_zero_warn(f"Resuming every rank from the network-average model of {path} (fresh optimizer state).")
+        loaded = self.checkpoint_io.load_checkpoint(path / ckpt.rank_file(0), weights_only=weights_only)
+        average = self.checkpoint_io.load_checkpoint(path / ckpt.AVERAGE_FILE, weights_only=weights_only)
+        loaded.pop(DECENTRALIZED_KEY, None)
+        loaded.pop("optimizer_states", None)
+        loaded["state_dict"] = average["state_dict"]
+        self._resumed_from_average = True
+        return loaded
 
     @classmethod
     @override
@@ -343,6 +467,12 @@ class DecentralizedStrategy(DDPStrategy):
             description="Decentralized (gossip) data parallel, spawn launcher",
             start_method="spawn",
         )
+
+
+def _average_checkpoint(checkpoint: dict[str, Any], average: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A plain Lightning checkpoint of the average model: ``load_from_checkpoint`` and ``torch.load`` read it."""
+    keep = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "hparams_name")
+    return {**{k: checkpoint[k] for k in keep if k in checkpoint}, "state_dict": average}
 
 
 def _floating_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from lightning_decent.comm.allreduce import AllReduceCommunicator
 from lightning_decent.comm.base import CommStats, Communicator
-from lightning_decent.comm.p2p import P2PCommunicator, PeerTimeoutError
+from lightning_decent.comm.p2p import NonFiniteValueError, P2PCommunicator, PeerTimeoutError
 from lightning_decent.comm.simulated import SimulatedCommunicator
 
 COMMUNICATORS = ("p2p", "allreduce")
@@ -12,6 +12,7 @@ __all__ = [
     "AllReduceCommunicator",
     "CommStats",
     "Communicator",
+    "NonFiniteValueError",
     "P2PCommunicator",
     "PeerTimeoutError",
     "SimulatedCommunicator",

@@ -17,6 +17,10 @@ class PeerTimeoutError(RuntimeError):
     """A neighbour did not complete its part of a gossip round in time (it died or hangs)."""
 
 
+class NonFiniteValueError(FloatingPointError):
+    """This rank is about to send NaN or Inf to its neighbours."""
+
+
 class _Phase:
     """Who this rank talks to in one phase of the topology, and with what weights."""
 
@@ -39,6 +43,7 @@ class P2PCommunicator(Communicator):
         rank: this process's global rank.
         group: the process group (default: the world).
         timeout: how long to wait for a neighbour before raising :class:`PeerTimeoutError`.
+        check_finite: raise :class:`NonFiniteValueError` instead of sending NaN/Inf (one sum per buffer).
     """
 
     def __init__(
@@ -47,11 +52,13 @@ class P2PCommunicator(Communicator):
         rank: int,
         group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(seconds=60),
+        check_finite: bool = True,
     ) -> None:
         super().__init__(topology)
         self.rank = rank
         self.group = group
         self.timeout = timeout
+        self.check_finite = check_finite
         self._phases = [_Phase(topology, rank, k) for k in range(topology.period)]
         self._max_in = max(len(p.in_peers) for p in self._phases)
         self._recv: dict[tuple[int, torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
@@ -72,6 +79,8 @@ class P2PCommunicator(Communicator):
                 for buf in buffers:
                     buf.mul_(phase.self_weight)
             return
+        if self.check_finite:
+            self._refuse_non_finite(buffers, step)
         ops: list[dist.P2POp] = []
         peers: list[int] = []
         received: list[list[torch.Tensor]] = []
@@ -95,6 +104,16 @@ class P2PCommunicator(Communicator):
                 for (_, weight), r in zip(phase.in_peers, recv):
                     buf.add_(r, alpha=weight)
         self._count(buffers, phase)
+
+    def _refuse_non_finite(self, buffers: Sequence[torch.Tensor], step: int) -> None:
+        for index, buf in enumerate(buffers):
+            total = buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()
+            if not torch.isfinite(total):
+                raise NonFiniteValueError(
+                    f"rank {self.rank}: NaN or Inf in buffer {index} about to be sent at gossip step {step}; "
+                    f"stopping instead of spreading it to the neighbours. Lower the learning rate or clip "
+                    f"gradients (check_finite=False disables this check)."
+                )
 
     def _wait(self, work: dist.Work, peer: int, step: int) -> None:
         try:

@@ -1,0 +1,152 @@
+"""Spectral metrics of mixing matrices: how fast gossip averages (all float64).
+
+* ``rho = ||W - 11^T/n||_2`` (seeds 000/003/004): after ``k`` rounds of a static doubly stochastic W,
+  ``||x^k - x̄|| <= rho^k ||x^0 - x̄||``; the spectral gap is ``1 - rho``.
+* For column-stochastic digraphs (push-sum), with ``pi`` the equilibrium (``W pi = pi``, ``1^T pi = 1``):
+  ``beta_pi = ||diag(sqrt pi)^-1 (W - pi 1^T) diag(sqrt pi)||_2`` and ``kappa_pi = max pi / min pi``
+  (seed 004; Liang, Huang, Xin & Yuan, arXiv:2312.04928).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lightning_decent.topology.base import Topology
+
+MatrixLike = Topology | np.ndarray | torch.Tensor
+
+
+def _matrix(w: MatrixLike, step: int = 0) -> np.ndarray:
+    """``W(step)`` of a Topology, or the given tensor/array, as a float64 square numpy array."""
+    if isinstance(w, Topology):
+        return w.matrix(step)
+    m = np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"Expected a square n x n mixing matrix; got shape {m.shape}.")
+    return m
+
+
+def consensus_rate(w: MatrixLike, step: int = 0) -> float:
+    """``rho = ||W - 11^T/n||_2`` of a matrix (or of a Topology's phase ``step``): the factor by which
+    one gossip round with a doubly stochastic W at least shrinks the distance to the average."""
+    m = _matrix(w, step)
+    return float(np.linalg.norm(m - 1.0 / len(m), ord=2))
+
+
+def spectral_gap(w: MatrixLike, step: int = 0) -> float:
+    """``1 - rho`` with ``rho`` = :func:`consensus_rate`."""
+    return 1.0 - consensus_rate(w, step)
+
+
+def consensus_rate_per_round(topology: Topology) -> float:
+    """The worst single-round ``rho`` over the phases of a (possibly time-varying) topology."""
+    return max(consensus_rate(topology, k) for k in range(topology.period))
+
+
+def period_product(topology: Topology, start: int = 0) -> np.ndarray:
+    """``W(start + period - 1) ... W(start + 1) W(start)``: the mixing of one full period."""
+    product = np.eye(topology.n)
+    for k in range(start, start + topology.period):
+        product = topology.matrix(k) @ product
+    return product
+
+
+def consensus_rate_over_period(topology: Topology) -> float:
+    """``rho`` of :func:`period_product`: 0 when a period averages exactly (e.g. one-peer exponential
+    with n a power of two); equals the per-round ``rho`` for a static graph."""
+    return consensus_rate(period_product(topology))
+
+
+def lambda_min(w: MatrixLike, step: int = 0) -> float:
+    """Smallest eigenvalue of a symmetric W; Exact-Diffusion/D² need ``lambda_min(W) > -1/3``."""
+    m = _matrix(w, step)
+    if not np.allclose(m, m.T, atol=1e-10):
+        raise ValueError(
+            "lambda_min needs a symmetric W (an undirected graph); Exact-Diffusion's condition "
+            "lambda_min > -1/3 does not apply to a directed graph."
+        )
+    return float(np.linalg.eigvalsh(m)[0])
+
+
+def equilibrium(w: MatrixLike, step: int = 0) -> np.ndarray:
+    """The equilibrium ``pi`` of a column-stochastic W: ``W pi = pi``, ``1^T pi = 1`` (push-sum weights
+    converge to ``n pi``). Unique and positive when the graph is strongly connected."""
+    m = _matrix(w, step)
+    n = len(m)
+    if not np.allclose(m.sum(axis=0), 1.0, atol=1e-9):
+        raise ValueError("equilibrium needs a column-stochastic W (every column sums to 1).")
+    system = np.vstack([m - np.eye(n), np.ones((1, n))])
+    if np.linalg.matrix_rank(system, tol=1e-10) < n:
+        raise ValueError(
+            "W has no unique equilibrium: eigenvalue 1 is repeated because the graph is not strongly "
+            "connected; add edges so that every node can reach every other."
+        )
+    rhs = np.zeros(n + 1)
+    rhs[-1] = 1.0
+    return np.linalg.lstsq(system, rhs, rcond=None)[0]
+
+
+def generalized_consensus_rate(w: MatrixLike, step: int = 0) -> float:
+    """``beta_pi = ||diag(sqrt pi)^-1 (W - pi 1^T) diag(sqrt pi)||_2`` for a column-stochastic W
+    (seed 004): the push-sum analogue of ``rho``. Equals ``rho`` for a doubly stochastic W."""
+    m = _matrix(w, step)
+    pi = equilibrium(m)
+    root = np.sqrt(pi)
+    scaled = (m - np.outer(pi, np.ones(len(m)))) * root[None, :] / root[:, None]
+    return float(np.linalg.norm(scaled, ord=2))
+
+
+def equilibrium_skewness(w: MatrixLike, step: int = 0) -> float:
+    """``kappa_pi = max pi / min pi`` (seed 004); 1 for a doubly stochastic W."""
+    pi = equilibrium(w, step)
+    return float(pi.max() / pi.min())
+
+
+_TRANSIENT_FORMULAS = {
+    "iid": lambda rho, n: rho**4 * n**3 / (1.0 - rho) ** 2,
+    "non_iid": lambda rho, n: rho**4 * n**3 / (1.0 - rho) ** 4,
+    "strongly_convex_non_iid": lambda rho, n: rho**2 * n / (1.0 - rho) ** 2,
+}
+
+
+def transient_iterations(rho: float, n: int, setting: str = "iid") -> float:
+    """Order of the number of iterations before D-SGD reaches the linear speed-up of parallel SGD
+    (seeds 000/003; algorithms.md §3.5), constants such as sigma and b dropped:
+
+    * ``"iid"`` (non-convex, identical data):   ``rho^4 n^3 / (1 - rho)^2``
+    * ``"non_iid"`` (non-convex, heterogeneous): ``rho^4 n^3 / (1 - rho)^4``
+    * ``"strongly_convex_non_iid"``:             ``rho^2 n / (1 - rho)^2``
+
+    Returns ``inf`` when ``rho >= 1`` (no consensus in one round) and 0 when ``rho == 0`` (exact
+    averaging: D-SGD is parallel SGD). Meant for comparing graphs, not as an iteration count.
+    """
+    if setting not in _TRANSIENT_FORMULAS:
+        raise ValueError(f"Unknown setting {setting!r}; choose one of {', '.join(_TRANSIENT_FORMULAS)}.")
+    if rho >= 1.0:
+        return math.inf
+    return float(_TRANSIENT_FORMULAS[setting](rho, n))
+
+
+def consensus_error_curve(topology: Topology, rounds: int, seed: int = 0) -> np.ndarray:
+    """``||x^k - x̄|| / ||x^0 - x̄||`` for ``k = 0..rounds`` of repeated gossip from a fixed random
+    ``x^0`` (``numpy.random.default_rng(seed).standard_normal(n)``), ``x̄`` its average.
+
+    A column-stochastic topology runs push-sum (``z <- W z``, ``v <- W v`` from ``v = 1``, estimate
+    ``z / v``) so that a digraph also converges to ``x̄``; for a doubly stochastic W, ``v`` stays 1
+    and this is plain gossip. Any other W runs plain gossip.
+    """
+    x0 = np.random.default_rng(seed).standard_normal(topology.n)
+    target = x0.mean()
+    scale = np.linalg.norm(x0 - target)
+    push_sum = topology.column_stochastic
+    z, v = x0.copy(), np.ones(topology.n)
+    errors = [1.0]
+    for k in range(rounds):
+        m = topology.matrix(k)
+        z = m @ z
+        v = m @ v if push_sum else v
+        errors.append(float(np.linalg.norm(z / v - target) / scale) if scale > 0 else 0.0)
+    return np.array(errors)

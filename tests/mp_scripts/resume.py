@@ -1,0 +1,79 @@
+"""Exact resume in real multi-process runs; every rank saves its final parameters.
+
+``python resume.py OUT PHASE --algorithms dsgd,... [--devices 4] [--resume-from-average]``
+
+* ``PHASE=first``: per algorithm, train 2 epochs straight, then (fresh model) 1 epoch with a
+  checkpoint at its end.
+* ``PHASE=resume``: per algorithm, resume that checkpoint for the second epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_decent import DecentralizedStrategy
+from recipes.digits import DigitsClassifier, DigitsDataModule
+
+
+def make_trainer(devices: int, epochs: int, algorithm: str, callbacks=(), **strategy_kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=DecentralizedStrategy(topology="ring", algorithm=algorithm, **strategy_kwargs),
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        enable_checkpointing=bool(callbacks),
+    )
+
+
+def model() -> DigitsClassifier:
+    pl.seed_everything(0)
+    return DigitsClassifier(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4))
+
+
+def save_params(module: torch.nn.Module, path: Path) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save([p.detach().clone() for p in module.parameters()], f"{path}_rank{rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("phase", choices=["first", "resume"])
+    parser.add_argument("--algorithms", default="dsgd")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--resume-from-average", action="store_true")
+    args = parser.parse_args()
+    for algorithm in args.algorithms.split(","):
+        ckpt_dir = args.out / f"{algorithm}_ckpt"
+        if args.phase == "first":
+            m = model()
+            make_trainer(args.devices, 2, algorithm).fit(m, DigitsDataModule())
+            save_params(m, args.out / f"{algorithm}_straight")
+            m = model()
+            saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1, save_last=True)
+            make_trainer(args.devices, 1, algorithm, [saver]).fit(m, DigitsDataModule())
+        else:
+            m = model()
+            trainer = make_trainer(args.devices, 2, algorithm, resume_from_average=args.resume_from_average)
+            trainer.fit(m, DigitsDataModule(), ckpt_path=str(ckpt_dir / "last.ckpt"))
+            suffix = "_from_average" if args.resume_from_average else "_resumed"
+            save_params(m, args.out / f"{algorithm}{suffix}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
