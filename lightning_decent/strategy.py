@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,7 +22,9 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -36,10 +42,12 @@ from lightning_decent.comm import (
 )
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology.graphs import topology_options
 
 log = logging.getLogger(__name__)
 
 DECENTRALIZED_KEY = "decentralized"
+_CHILD_GRACE_SECONDS = 10.0
 
 EvalModel = Literal["average", "local"]
 
@@ -122,6 +130,8 @@ class DecentralizedStrategy(DDPStrategy):
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
+        if isinstance(topology, str):
+            _check_topology_options(topology, topology_options or {})
         self._topology_spec = topology
         self._topology_options = dict(topology_options or {})
         self._communicator_name = communicator
@@ -211,6 +221,7 @@ class DecentralizedStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             _optimizers_to_device(self.optimizers, self.root_device)
             self._build_buckets()
+            _make_sigterm_check_local(trainer)
         self.setup_precision_plugin()
 
     @torch.no_grad()
@@ -347,6 +358,19 @@ class DecentralizedStrategy(DDPStrategy):
         self._restore_local_replica()
 
     # ---- checkpoints -----------------------------------------------------------------------------
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Stop this node's other ranks too: a failed decentralized run must not leave hung processes.
+
+        Lightning leaves the processes it launched running when the launching rank fails; with
+        gossip, a hung neighbour (the usual cause of a ``PeerTimeoutError``) would then never exit.
+        """
+        super().on_exception(exception)
+        launcher = self.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and getattr(launcher, "procs", None):
+            _give_children_time_to_report(launcher.procs, seconds=_CHILD_GRACE_SECONDS)
+            launcher.kill(signal.SIGKILL)
+
     @property
     @override
     def lightning_restore_optimizer(self) -> bool:
@@ -467,6 +491,43 @@ class DecentralizedStrategy(DDPStrategy):
             description="Decentralized (gossip) data parallel, spawn launcher",
             start_method="spawn",
         )
+
+
+def _give_children_time_to_report(procs: list[subprocess.Popen], seconds: float) -> None:
+    """Let ranks that are failing too print their own error (naming their lost peer) before the kill."""
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _check_topology_options(name: str, options: dict[str, Any]) -> None:
+    """Fail at construction, before any process starts, on an unknown topology name or option."""
+    accepted = topology_options(name)  # raises for an unknown name, listing the valid ones
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"topology {name!r} does not take option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}."
+        )
+
+
+def _make_sigterm_check_local(trainer: pl.Trainer) -> None:
+    """Replace the per-step world broadcast of Lightning's SIGTERM flag by a local check.
+
+    Lightning (>= 2.5) broadcasts a SIGTERM flag from rank 0 before every training batch: a
+    world-wide synchronisation per step that ties every rank to the slowest one and, when a rank
+    hangs, blocks for the whole process-group timeout. Here each rank stops on its own SIGTERM;
+    its neighbours then stop with an error naming it.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+        return
+
+    def check_local_sigterm() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    epoch_loop._broadcast_sigterm_tensor = check_local_sigterm
 
 
 def _average_checkpoint(checkpoint: dict[str, Any], average: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -1,27 +1,90 @@
-"""What each node keeps and computes per step: D-SGD and the algorithms built on the same interface."""
+"""What each node keeps and computes per step: D-SGD and the algorithms built on the same interface.
+
+Build one by name with :func:`get_algorithm`; the modifiers ``global_average_every``,
+``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
 from lightning_decent.algorithms.dsgd import DSGD
+from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
+from lightning_decent.algorithms.gradient_tracking import GradientTracking
+from lightning_decent.algorithms.gut import GUT, QGGUT
+from lightning_decent.algorithms.modifiers import MODIFIER_OPTIONS, Modified, with_modifiers
+from lightning_decent.algorithms.qg_dsgdm import QGDSGDm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "dsgd": DSGD,
+    "qg_dsgdm": QGDSGDm,
+    "exact_diffusion": ExactDiffusion,
+    "gradient_tracking": GradientTracking,
+    "gut": GUT,
+    "qg_gut": QGGUT,
 }
+
+#: Short names accepted by :func:`get_algorithm`.
+ALIASES: dict[str, str] = {"d2": "exact_diffusion", "ed": "exact_diffusion", "gt": "gradient_tracking"}
+
+
+def algorithm_options(name: str) -> tuple[str, ...]:
+    """The keyword options an algorithm name accepts (its own, then the modifiers')."""
+    own = tuple(inspect.signature(ALGORITHMS[_resolve(name)]).parameters)
+    return own + MODIFIER_OPTIONS
+
+
+def _resolve(name: str) -> str:
+    key = name.strip().replace("-", "_").lower()
+    key = ALIASES.get(key, key)
+    if key not in ALGORITHMS:
+        raise ValueError(
+            f"Unknown algorithm {name!r}. Valid names: {', '.join(ALGORITHMS)} "
+            f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())})."
+        )
+    return key
 
 
 def get_algorithm(name: str | Algorithm, **options: Any) -> Algorithm:
-    """Build an algorithm by name (or return an already built one unchanged)."""
+    """Build an algorithm by name, e.g. ``get_algorithm("gut", mu=0.9, global_average_every=8)``.
+
+    ``options`` are the algorithm's own keyword arguments plus the modifiers of
+    :class:`~lightning_decent.algorithms.modifiers.Modified`. An already built algorithm is returned
+    as is, or wrapped when modifier options are given.
+    """
+    modifiers = {k: options.pop(k) for k in MODIFIER_OPTIONS if k in options}
     if isinstance(name, Algorithm):
         if options:
-            raise ValueError("Algorithm options are only accepted together with an algorithm name.")
-        return name
-    key = name.replace("-", "_").lower()
-    if key not in ALGORITHMS:
-        raise ValueError(f"Unknown algorithm {name!r}. Valid names: {', '.join(sorted(ALGORITHMS))}.")
-    return ALGORITHMS[key](**options)
+            raise ValueError(
+                f"Options {sorted(options)} only apply to an algorithm given by name; build the Algorithm with "
+                f"them (only the modifiers {', '.join(MODIFIER_OPTIONS)} can wrap a built algorithm)."
+            )
+        return with_modifiers(name, **modifiers)
+    key = _resolve(name)
+    accepted = algorithm_options(key)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{key} does not take option(s) {unknown}; its options are: {', '.join(accepted)}.")
+    return with_modifiers(ALGORITHMS[key](**options), **modifiers)
 
 
-__all__ = ["ALGORITHMS", "DSGD", "Algorithm", "Bucket", "get_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "ALIASES",
+    "DSGD",
+    "GUT",
+    "MODIFIER_OPTIONS",
+    "QGGUT",
+    "Algorithm",
+    "Bucket",
+    "ExactDiffusion",
+    "GradientTracking",
+    "Modified",
+    "QGDSGDm",
+    "algorithm_options",
+    "get_algorithm",
+    "require_plain_sgd",
+    "with_modifiers",
+]

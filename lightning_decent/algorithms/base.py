@@ -11,6 +11,7 @@ The strategy calls, for every optimizer step ``k``::
     forward + backward                              # gradients at the (possibly de-biased) model
     algorithm.transform_gradients(buckets, comm, k) # only if ``transforms_gradients``
     optimizer.step()                                # the user's local update (clipping, AMP, LR ...)
+    algorithm.observe_loss(loss)                    # this node's training loss (used by adaptive modifiers)
     algorithm.after_step(buckets, comm, k)          # gossip: x^{k+1} from the neighbours
 """
 
@@ -33,12 +34,17 @@ class Bucket:
         grads: a flat gradient buffer of the same shape, filled by the strategy before
             ``transform_gradients`` and copied back to the parameters' ``.grad`` after it; ``None``
             for algorithms that do not transform gradients.
+
+    ``state`` holds the algorithm's persistent per-bucket tensors (checkpointed by the strategy);
+    ``workspace`` holds scratch buffers allocated once in ``init_state`` and reused every step (not
+    checkpointed: their content is rewritten before it is read).
     """
 
     def __init__(self, params: torch.Tensor, grads: torch.Tensor | None = None) -> None:
         self.params = params
         self.grads = grads
         self.state: dict[str, torch.Tensor] = {}
+        self.workspace: dict[str, torch.Tensor] = {}
 
     def node_scalar(self, value: float = 0.0) -> torch.Tensor:
         """A per-node scalar buffer (``[1]`` for a rank, ``[n, 1]`` in the simulator)."""
@@ -64,8 +70,13 @@ class Algorithm(ABC):
     needs_doubly_stochastic: ClassVar[bool] = True
     transforms_gradients: ClassVar[bool] = False
 
-    def prepare_topology(self, topology: Topology) -> Topology:
+    def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         """Check that the graph suits the algorithm; return the graph to gossip on.
+
+        Args:
+            topology: the graph built for the world size.
+            global_averaging: a modifier replaces some gossip rounds by an exact average, so the mixing
+                operator changes between steps even on a static graph.
 
         Raises:
             ValueError: naming the fix, if the graph breaks the algorithm's assumptions.
@@ -90,6 +101,10 @@ class Algorithm(ABC):
     def transform_gradients(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:  # noqa: B027
         """Rewrite ``bucket.grads`` in place (only called when ``transforms_gradients``)."""
 
+    def observe_loss(self, loss: torch.Tensor) -> None:  # noqa: B027
+        """This step's local training loss (``[]`` on a rank, ``[n]`` in the simulator), reported before
+        ``after_step``. Only adaptive modifiers use it (the adaptive global-averaging period)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.
 
@@ -103,3 +118,18 @@ class Algorithm(ABC):
     @abstractmethod
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
         """Runs after the local optimizer step: gossip and the algorithm's own corrections."""
+
+
+def require_plain_sgd(optimizer: torch.optim.Optimizer, algorithm: str, beta: float) -> None:
+    """Refuse any optimizer but ``torch.optim.SGD`` without momentum, for algorithms that apply their
+    own momentum ``beta`` to the model's progress (a second, local momentum would change their math).
+
+    Raises:
+        ValueError: naming the fix.
+    """
+    fix = f"use torch.optim.SGD without momentum; {algorithm} applies momentum beta={beta:g} itself"
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"algorithm={algorithm!r} got {type(optimizer).__name__}: {fix}.")
+    momenta = sorted({float(group.get("momentum", 0.0)) for group in optimizer.param_groups} - {0.0})
+    if momenta:
+        raise ValueError(f"algorithm={algorithm!r} got SGD with momentum={momenta[0]:g}: {fix}.")

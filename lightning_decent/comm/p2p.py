@@ -82,22 +82,25 @@ class P2PCommunicator(Communicator):
         if self.check_finite:
             self._refuse_non_finite(buffers, step)
         ops: list[dist.P2POp] = []
-        peers: list[int] = []
+        receives: list[tuple[int, int]] = []  # (index into ops, peer)
+        sends: list[tuple[int, int]] = []
         received: list[list[torch.Tensor]] = []
         with record_function("gossip.send_recv"):
             for index, buf in enumerate(buffers):
                 for peer in phase.out_peers:
+                    sends.append((len(ops), peer))
                     ops.append(dist.P2POp(dist.isend, buf, peer, self.group))
-                    peers.append(peer)
                 recv = self._receive_buffers(index, buf)[: len(phase.in_peers)]
                 for (peer, _), r in zip(phase.in_peers, recv):
+                    receives.append((len(ops), peer))
                     ops.append(dist.P2POp(dist.irecv, r, peer, self.group))
-                    peers.append(peer)
                 received.append(recv)
             works = dist.batch_isend_irecv(ops)
         with record_function("gossip.wait"):
-            for work, peer in zip(works, peers):
-                self._wait(work, peer, step)
+            # Receives first: a hung neighbour shows up as the receive that never completes, where a
+            # send may also stall on a healthy peer that is itself stuck behind the hung one.
+            for position, peer in receives + sends:
+                self._wait(works[position], peer, step)
         with record_function("gossip.combine"):
             for buf, recv in zip(buffers, received):
                 buf.mul_(phase.self_weight)
@@ -120,14 +123,13 @@ class P2PCommunicator(Communicator):
             completed = work.wait(self.timeout)
         except RuntimeError as err:
             raise PeerTimeoutError(
-                f"rank {self.rank}: gossip with rank {peer} failed at gossip step {step} "
-                f"(timeout {self.timeout.total_seconds():.0f}s): rank {peer} died or hangs. "
-                f"Underlying error: {err}"
+                f"rank {self.rank}: lost rank {peer} at gossip step {step}: it died, hangs or its connection "
+                f"broke (gossip_timeout={self.timeout.total_seconds():g}s). Underlying error: {err}"
             ) from err
         if completed is False:
             raise PeerTimeoutError(
-                f"rank {self.rank}: rank {peer} did not answer within {self.timeout.total_seconds():.0f}s "
-                f"at gossip step {step}: it died or hangs."
+                f"rank {self.rank}: lost rank {peer} at gossip step {step}: no answer within "
+                f"gossip_timeout={self.timeout.total_seconds():g}s (it died or hangs)."
             )
 
     def _count(self, buffers: Sequence[torch.Tensor], phase: _Phase) -> None:

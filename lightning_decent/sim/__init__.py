@@ -1,0 +1,20 @@
+"""n virtual nodes in one process: the library's algorithms and topologies on stacked ``[n, dim]`` tensors."""
+
+from lightning_decent.sim.problems import PROBLEMS, Digits, LeastSquares, Logistic, Problem, Quadratic, get_problem
+from lightning_decent.sim.runner import BASELINE, AlgorithmSpec, SimResult, compare, simulate, transient_step
+
+__all__ = [
+    "BASELINE",
+    "PROBLEMS",
+    "AlgorithmSpec",
+    "Digits",
+    "LeastSquares",
+    "Logistic",
+    "Problem",
+    "Quadratic",
+    "SimResult",
+    "compare",
+    "get_problem",
+    "simulate",
+    "transient_step",
+]

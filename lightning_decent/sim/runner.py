@@ -1,0 +1,259 @@
+"""Run the library's algorithms on n virtual nodes in one process.
+
+The parameters of all nodes are one stacked tensor ``[n, dim]``; the local optimizer is a
+``torch.optim.SGD`` over it (element-wise, hence identical to n separate optimizers), mixing is
+``W(k) @ X`` through :class:`~lightning_decent.comm.SimulatedCommunicator`, and every step calls the
+algorithm's hooks in the strategy's order::
+
+    before_step -> forward/backward -> (transform_gradients) -> optimizer.step -> observe_loss -> after_step
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
+from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.sim.problems import Problem
+from lightning_decent.topology import Topology, get_topology
+
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
+
+#: Name of the parallel-SGD baseline in results (D-SGD on the complete graph: exact averaging).
+BASELINE = "p_sgd"
+
+
+@dataclass
+class AlgorithmSpec:
+    """An algorithm to simulate, parsed from ``name:key=value:key=value`` (e.g. ``dsgd:momentum=0.9``,
+    ``dsgd:global_average_every=4``, ``gut:mu=0.5``). ``lr``, ``momentum`` and ``weight_decay`` go to
+    the local SGD optimizer, every other key to :func:`~lightning_decent.algorithms.get_algorithm`."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> AlgorithmSpec:
+        name, *pairs = [part.strip() for part in text.strip().split(":")]
+        options: dict[str, Any] = {}
+        optimizer: dict[str, float] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"Cannot parse {pair!r} in algorithm spec {text!r}; write name:key=value:key=value.")
+            parsed = _parse_value(value)
+            if key in OPTIMIZER_KEYS:
+                optimizer[key] = float(parsed)
+            else:
+                options[key] = parsed
+        return cls(label=text.strip(), name=name, options=options, optimizer=optimizer)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+@dataclass
+class SimResult:
+    """What one simulated run produced.
+
+    ``series`` maps ``loss`` (``f(xbar)``), ``excess_loss`` (``f(xbar) - f*`` when ``f*`` is known),
+    ``grad_norm_sq`` (``||grad f(xbar)||^2``), ``consensus`` (``(1/n) sum_i ||x_i - xbar||^2``) and, for
+    classification, ``accuracy`` of ``xbar`` to their values at the steps in ``steps``.
+    """
+
+    label: str
+    algorithm: str
+    topology: str
+    steps: list[int]
+    series: dict[str, list[float]]
+    params: torch.Tensor
+    seconds: float
+    rounds_per_step: int
+    buffers_per_round: int
+    extra_memory: float
+    bytes_sent_per_node_step: float
+    transient: int | None = None
+
+    def final(self, metric: str) -> float:
+        return self.series[metric][-1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "topology": self.topology,
+            "steps": self.steps,
+            **self.series,
+            "transient_step": self.transient,
+            "seconds": self.seconds,
+            "rounds_per_step": self.rounds_per_step,
+            "buffers_per_round": self.buffers_per_round,
+            "extra_memory": self.extra_memory,
+            "bytes_sent_per_node_step": self.bytes_sent_per_node_step,
+        }
+
+
+def _metrics(problem: Problem, params: torch.Tensor, optimum_loss: float | None) -> dict[str, float]:
+    xbar = params.detach().mean(dim=0).requires_grad_(True)
+    loss = problem.global_loss(xbar)
+    (grad,) = torch.autograd.grad(loss, xbar)
+    values = {
+        "loss": loss.item(),
+        "grad_norm_sq": grad.pow(2).sum().item(),
+        "consensus": (params.detach() - xbar.detach()).pow(2).sum(dim=1).mean().item(),
+    }
+    if optimum_loss is not None:
+        values["excess_loss"] = values["loss"] - optimum_loss
+    with torch.no_grad():
+        accuracy = problem.accuracy(xbar.detach())
+    if accuracy is not None:
+        values["accuracy"] = accuracy
+    return values
+
+
+def simulate(
+    problem: Problem,
+    algorithm: str | Algorithm = "dsgd",
+    topology: str | Topology = "ring",
+    *,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    noise: float = 0.0,
+    eval_every: int = 10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    label: str | None = None,
+    **algorithm_options: Any,
+) -> SimResult:
+    """Run ``steps`` steps of ``algorithm`` on ``problem`` over ``topology`` (built for ``problem.n``).
+
+    Args:
+        problem: the local objectives; its data must have ``dtype``.
+        algorithm: a name for :func:`~lightning_decent.algorithms.get_algorithm` (with
+            ``algorithm_options``) or a built algorithm.
+        topology: a name for :func:`~lightning_decent.topology.get_topology` or a built topology.
+        steps, lr, momentum, weight_decay: the local SGD optimizer's schedule (constant ``lr``).
+        noise: standard deviation of Gaussian noise added to every gradient coordinate (0: exact
+            local gradients, or the problem's own mini-batches).
+        eval_every: record metrics every this many steps (and at the first and last step).
+        seed: seeds the gradient noise and mini-batch sampling (the problem has its own seed).
+        dtype: the parameters' dtype.
+        label: the name of the run in results (default: the algorithm's name).
+    """
+    algo = get_algorithm(algorithm, **algorithm_options)
+    graph = algo.prepare_topology(get_topology(topology, problem.n))
+    comm = SimulatedCommunicator(graph)
+    params = torch.nn.Parameter(problem.initial_params().to(dtype).expand(problem.n, -1).clone())
+    optimizer = torch.optim.SGD([params], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    algo.check_optimizer(optimizer)
+    params.grad = torch.zeros_like(params)
+    bucket = Bucket(params.data, params.grad if algo.transforms_gradients else None)
+    algo.init_state(bucket)
+    generator = torch.Generator().manual_seed(seed)
+    noise_buffer = torch.empty_like(params) if noise > 0 else None
+    optimum_loss = problem.optimum_loss()
+
+    history: dict[str, list[float]] = {}
+    recorded: list[int] = []
+
+    def record(step: int) -> None:
+        recorded.append(step)
+        for key, value in _metrics(problem, params, optimum_loss).items():
+            history.setdefault(key, []).append(value)
+
+    record(0)
+    start = time.perf_counter()
+    for k in range(steps):
+        algo.before_step([bucket], comm, k)
+        optimizer.zero_grad(set_to_none=False)
+        losses = problem.local_losses(params, batch=problem.sample_batch(generator))
+        losses.sum().backward()
+        if noise_buffer is not None:
+            params.grad.add_(
+                torch.randn(noise_buffer.shape, generator=generator, dtype=dtype, out=noise_buffer), alpha=noise
+            )
+        if algo.transforms_gradients:
+            bucket.grads = params.grad
+            algo.transform_gradients([bucket], comm, k)
+        optimizer.step()
+        algo.observe_loss(losses.detach())
+        algo.after_step([bucket], comm, k)
+        if (k + 1) % eval_every == 0 or k + 1 == steps:
+            record(k + 1)
+    seconds = time.perf_counter() - start
+    return SimResult(
+        label=label or algo.name,
+        algorithm=algo.name,
+        topology=graph.name,
+        steps=recorded,
+        series=history,
+        params=params.detach().clone(),
+        seconds=seconds,
+        rounds_per_step=algo.rounds_per_step,
+        buffers_per_round=algo.buffers_per_round,
+        extra_memory=algo.extra_memory,
+        bytes_sent_per_node_step=comm.stats.bytes_sent / max(steps, 1) / problem.n,
+    )
+
+
+def transient_step(result: SimResult, baseline: SimResult, metric: str, factor: float = 2.0) -> int | None:
+    """First recorded step from which ``result`` stays within ``factor`` times the baseline's ``metric``
+    (e.g. ``excess_loss``) at every later recorded step; values below ``1e-10`` times the initial value
+    count as converged. ``None`` if it is not within the factor at the end."""
+    ours, theirs = result.series[metric], baseline.series[metric]
+    floor = 1e-10 * abs(ours[0])
+    within = [a <= factor * b + floor for a, b in zip(ours, theirs)]
+    if not within or not within[-1]:
+        return None
+    first = len(within) - 1
+    while first > 0 and within[first - 1]:
+        first -= 1
+    return result.steps[first]
+
+
+def compare(
+    problem: Problem,
+    specs: list[str | AlgorithmSpec],
+    topology: str | Topology = "ring",
+    *,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    factor: float = 2.0,
+    **run_options: Any,
+) -> dict[str, SimResult]:
+    """Simulate every spec on ``topology`` and the parallel-SGD baseline (:data:`BASELINE`: D-SGD on the
+    complete graph, i.e. exact averaging every step, with the same optimizer), and fill each result's
+    transient step against it (on ``excess_loss`` when the optimum is known, else ``loss``)."""
+    baseline = simulate(
+        problem, "dsgd", "complete", steps=steps, lr=lr, momentum=momentum, label=BASELINE, **run_options
+    )
+    metric = "excess_loss" if "excess_loss" in baseline.series else "loss"
+    results = {BASELINE: baseline}
+    for spec in specs:
+        spec = spec if isinstance(spec, AlgorithmSpec) else AlgorithmSpec.parse(spec)
+        settings = {"lr": lr, "momentum": momentum, **spec.optimizer}
+        result = simulate(
+            problem, spec.name, topology, steps=steps, label=spec.label, **settings, **run_options, **spec.options
+        )
+        result.transient = transient_step(result, baseline, metric, factor)
+        results[spec.label] = result
+    return results

@@ -1,0 +1,85 @@
+"""Exact resume and failure handling in real 4-process gloo runs.
+
+Each test launches ``tests/mp_scripts/*.py`` in a subprocess (Lightning's popen launcher starts
+the other ranks), so every run is a real set of processes that is stopped and started again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mp_scripts"
+RANKS = 4
+
+
+def launch(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def params(out: Path, name: str, rank: int) -> list[torch.Tensor]:
+    return torch.load(out / f"{name}_rank{rank}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume")
+    for phase in ("first", "resume"):  # two separate launches: the processes stop in between
+        proc = launch("resume.py", str(out), phase, "--algorithms", "dsgd", cwd=out)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    return out
+
+
+def test_stop_and_resume_equals_training_straight_bitwise_on_every_rank(resumed: Path) -> None:
+    for rank in range(RANKS):
+        straight, resumed_params = params(resumed, "dsgd_straight", rank), params(resumed, "dsgd_resumed", rank)
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed_params)), f"rank {rank} differs"
+    assert not torch.equal(params(resumed, "dsgd_straight", 0)[0], params(resumed, "dsgd_straight", 1)[0])
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_is_refused_then_works_from_the_average(resumed: Path) -> None:
+    proc = launch("resume.py", str(resumed), "resume", "--devices", "2", cwd=resumed)
+    assert proc.returncode != 0
+    assert "saved with world size 4 (now 2)" in proc.stderr and "resume_from_average=True" in proc.stderr
+    proc = launch("resume.py", str(resumed), "resume", "--devices", "2", "--resume-from-average", cwd=resumed)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert len(params(resumed, "dsgd_from_average", 0)) == len(params(resumed, "dsgd_straight", 0))
+
+
+def run_failure(tmp_path: Path, mode: str, gossip_timeout: float) -> tuple[float, str]:
+    proc = launch("failure.py", str(tmp_path), "--mode", mode, "--gossip-timeout", str(gossip_timeout), cwd=tmp_path)
+    exited = time.time()
+    assert proc.returncode != 0
+    died = float((tmp_path / "victim_time").read_text())
+    return exited - died, proc.stderr
+
+
+def test_a_killed_rank_stops_the_others_with_its_rank_and_step_named(tmp_path: Path) -> None:
+    elapsed, stderr = run_failure(tmp_path, "kill", gossip_timeout=60)
+    assert elapsed < 30, f"took {elapsed:.1f}s to stop after rank 2 was killed"
+    assert "rank 1: lost rank 2 at gossip step 5" in stderr
+    assert "rank 3: lost rank 2 at gossip step 5" in stderr
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_others_after_the_gossip_timeout(tmp_path: Path) -> None:
+    elapsed, stderr = run_failure(tmp_path, "hang", gossip_timeout=5)
+    assert 5 <= elapsed < 30, f"took {elapsed:.1f}s to stop after rank 2 hung"
+    assert "rank 1: lost rank 2 at gossip step 5" in stderr
+    assert "gossip_timeout=5s" in stderr
