@@ -1,22 +1,21 @@
 """The embedded default task: scikit-learn's handwritten digits (1,797 8x8 images) and a small CNN.
 
-Nothing is downloaded: the images ship with scikit-learn, so this recipe runs on any laptop.
+Nothing is downloaded: the images ship with scikit-learn, so this recipe runs on any laptop and
+has no ``data.root``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from functools import partial
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+from lightning_decent.data import Partition
+from recipes.classification import ImageClassifier
+from recipes.common import OptimizerFactory, RecipeDataModule, ScheduleFactory
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,37 +27,49 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target, dtype=torch.long)
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(RecipeDataModule):
     """A fixed, seeded train/validation split of the digits (360 validation images by default).
 
     Args:
         batch_size: per-rank batch size.
         val_size: number of held-out images.
         split_seed: seed of the split (the same on every rank).
+        num_workers: ``DataLoader`` workers per rank.
+        partition: the training split over ranks (default ``iid``).
     """
 
-    def __init__(self, batch_size: int = 32, val_size: int = 360, split_seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_size: int = 360,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        partition: Partition | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, partition, eval_batch_size=256)
+        self.val_size = val_size
+        self.split_seed = split_seed
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         images, labels = load_digits_tensors()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        val, train = order[: self.hparams.val_size], order[self.hparams.val_size :]
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        val, train = order[: self.val_size], order[self.val_size :]
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
 
+    def train_labels(self) -> Sequence[int]:
+        assert self.train_set is not None
+        return self.train_set.tensors[1]
+
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers
-        )
+        return self._train_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.hparams.num_workers)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -79,7 +90,7 @@ def digits_cnn(width: int = 32, hidden: int = 128) -> nn.Sequential:
     )
 
 
-class DigitsClassifier(pl.LightningModule):
+class DigitsClassifier(ImageClassifier):
     """Cross-entropy classification of the digits with accuracy from torchmetrics.
 
     Args:
@@ -92,39 +103,13 @@ class DigitsClassifier(pl.LightningModule):
         self,
         net: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        scheduler: ScheduleFactory | None = None,
     ) -> None:
-        super().__init__()
-        self.net = net if net is not None else digits_cnn()
-        self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.05, momentum=0.9)
-        self.scheduler_factory = scheduler
-        self.val_accuracy = MulticlassAccuracy(num_classes=10, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=10, average="micro")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.val_accuracy(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc", self.val_accuracy, prog_bar=True)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.test_accuracy(self(images), labels)
-        self.log("test/acc", self.test_accuracy)
-
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        super().__init__(
+            net if net is not None else digits_cnn(),
+            num_classes=10,
+            optimizer=optimizer or partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+            scheduler=scheduler,
+            top5=False,
+            decay_bias_and_norm=True,
+        )

@@ -30,7 +30,7 @@ class TrainingThroughput(Callback):
     :attr:`train_time_s` hold the whole run's average and training time.
 
     Args:
-        window: optimizer steps in the rolling average shown in the progress bar.
+        window: training batches in the rolling average shown in the progress bar.
     """
 
     def __init__(self, window: int = 10) -> None:

@@ -1,0 +1,163 @@
+"""What every recipe shares: optimizer/schedule wiring, partition-aware loaders and data-root checks."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_decent.data import Partition
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""``params -> Optimizer``: a Hydra ``_partial_: true`` optimizer config, or ``functools.partial``."""
+
+ScheduleFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+"""``optimizer -> LRScheduler``, e.g. ``partial(StepLR, step_size=30)``. A factory whose signature
+names ``total_steps`` or ``steps_per_epoch`` also gets the run's length (see :mod:`recipes.schedules`)."""
+
+RUN_LENGTH_KEYWORDS = frozenset({"total_steps", "steps_per_epoch"})
+
+
+class DataRootError(FileNotFoundError):
+    """The data root is missing or does not have the layout the recipe reads."""
+
+
+def require_paths(recipe: str, root: str | Path | None, layout: str, *relative: str) -> Path:
+    """``root`` as a ``Path``, after checking that it and every ``root / r`` for ``r`` in ``relative`` exist.
+
+    Args:
+        recipe: the recipe's name, for the message.
+        root: the data root from the config (``data.root``).
+        layout: the expected directory layout, written for the user.
+        relative: paths under ``root`` that must exist.
+
+    Raises:
+        DataRootError: naming the missing path and the expected layout.
+    """
+    if root is None or not Path(root).is_dir():
+        raise DataRootError(
+            f"{recipe}: data root {root!r} is not a directory. Pass data.root=/path/to/data with the layout\n{layout}"
+        )
+    missing = [str(Path(root) / r) for r in relative if not (Path(root) / r).exists()]
+    if missing:
+        raise DataRootError(f"{recipe}: {', '.join(missing)} not found. Expected the layout\n{layout}")
+    return Path(root)
+
+
+def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Two optimizer groups: matrices and kernels with weight decay, biases and norm weights without.
+
+    Every parameter with at most one dimension (biases, BatchNorm/LayerNorm scales and shifts) is
+    exempt from weight decay, the usual rule for ResNets and transformers.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim > 1]},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+class RecipeModule(pl.LightningModule):
+    """Base of the recipes' LightningModules: the optimizer and its per-step schedule.
+
+    Args:
+        optimizer: ``params -> Optimizer``.
+        scheduler: an optional :data:`ScheduleFactory`, stepped after every optimizer step.
+        decay_bias_and_norm: also apply the optimizer's weight decay to biases and norm weights
+            (``False``: they form a second parameter group with ``weight_decay=0``).
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory,
+        scheduler: ScheduleFactory | None = None,
+        decay_bias_and_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.decay_bias_and_norm = decay_bias_and_norm
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        params = self.parameters() if self.decay_bias_and_norm else parameter_groups(self)
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self._build_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        assert self.scheduler_factory is not None
+        wanted = RUN_LENGTH_KEYWORDS & set(inspect.signature(self.scheduler_factory).parameters)
+        return self.scheduler_factory(optimizer, **{key: self._run_length()[key] for key in wanted})
+
+    def _run_length(self) -> dict[str, int]:
+        """The run's optimizer steps in total and per epoch (known once the trainer has seen the data)."""
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        per_epoch = total_steps if math.isinf(batches) else int(batches) // self.trainer.accumulate_grad_batches
+        return {"total_steps": total_steps, "steps_per_epoch": max(1, per_epoch)}
+
+
+class RecipeDataModule(pl.LightningDataModule):
+    """Base of the recipes' DataModules: loaders, and the training split over ranks.
+
+    With ``partition.scheme == "iid"`` the training loader shuffles and Lightning shards it with
+    its own ``DistributedSampler``; otherwise every rank gets a
+    :class:`~lightning_decent.data.LabelPartitionSampler` over the labels from :meth:`train_labels`.
+
+    Args:
+        batch_size: per-rank batch size.
+        num_workers: ``DataLoader`` worker processes per rank.
+        partition: the training split over ranks (default ``iid``).
+        eval_batch_size: per-rank batch size of validation/test loaders (default ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 0,
+        partition: Partition | None = None,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.partition = partition or Partition()
+
+    def train_labels(self) -> Sequence[int]:
+        """One integer label per training sample (only needed by non-iid partitions)."""
+        raise NotImplementedError(f"{type(self).__name__} has no labels, so data.partition.scheme must be iid.")
+
+    def _train_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+        sampler = None
+        if self.partition.scheme != "iid":
+            if self.trainer is None:
+                raise RuntimeError("A non-iid partition needs the trainer's rank: use the DataModule with a Trainer.")
+            sampler = self.partition.sampler(self.train_labels(), self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
