@@ -10,10 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_decent.data import Partition
+from lightning_decent.optim import weight_decay_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 """``params -> Optimizer``: a Hydra ``_partial_: true`` optimizer config, or ``functools.partial``."""
@@ -51,19 +51,6 @@ def require_paths(recipe: str, root: str | Path | None, layout: str, *relative: 
     return Path(root)
 
 
-def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
-    """Two optimizer groups: matrices and kernels with weight decay, biases and norm weights without.
-
-    Every parameter with at most one dimension (biases, BatchNorm/LayerNorm scales and shifts) is
-    exempt from weight decay, the usual rule for ResNets and transformers.
-    """
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim > 1]},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-
-
 class RecipeModule(pl.LightningModule):
     """Base of the recipes' LightningModules: the optimizer and its per-step schedule.
 
@@ -86,7 +73,7 @@ class RecipeModule(pl.LightningModule):
         self.decay_bias_and_norm = decay_bias_and_norm
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        params = self.parameters() if self.decay_bias_and_norm else parameter_groups(self)
+        params = self.parameters() if self.decay_bias_and_norm else weight_decay_groups(self)
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
