@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -448,6 +449,17 @@ class DecentralizedStrategy(DDPStrategy):
         """Each rank reads its own shard of a sharded checkpoint (or, for a single file, the same file)."""
         path = Path(checkpoint_path)
         self._resumed_from_average = False
+        weights_only = True if weights_only is None else weights_only
+        try:
+            return self._load_checkpoint(path, weights_only)
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(
+                f"{path} holds objects that torch.load(weights_only=True) refuses (e.g. hyper-parameters that "
+                f"are not plain data). If you trust this checkpoint, pass weights_only=False to fit/validate/test. "
+                f"{err}"
+            ) from err
+
+    def _load_checkpoint(self, path: Path, weights_only: bool) -> dict[str, Any]:
         if not ckpt.is_sharded(path):
             return super().load_checkpoint(path, weights_only=weights_only)
         meta = ckpt.read_meta(path)
