@@ -8,7 +8,7 @@ the recipe with the configured strategy (optionally a second one with Lightning'
 
 Lightning's popen launcher re-executes this module for ranks 1..n-1 with ``hydra.run.dir`` set
 to rank 0's directory; the run's name travels in ``$LIGHTNING_DECENT_RUN_ID`` so that sweeps
-(``-m``) resolve the same directories in every rank too. See ``docs/app.md``.
+(``-m``) resolve the same directories in every rank too. See the README.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def _build(names: Sequence[str], n: int, options: dict[str, object]) -> list[Top
     unused = sorted(set(options) - set().union(*accepted.values()))
     if unused:
         raise ValueError(
-            f"No topology among {list(names)} takes option(s) {unused}; see each builder's options in docs/topology.md."
+            f"No topology among {list(names)} takes option(s) {unused}; see the topology table in the README."
         )
     return [get_topology(name, n, **{k: v for k, v in options.items() if k in accepted[name]}) for name in names]
 
