@@ -54,7 +54,7 @@ class GUT(Algorithm):
     when ``beta > 0``, plus 1 model of workspace.
 
     Args:
-        mu: scaling factor of the tracking correction (README: 0.9 for GUT).
+        mu: scaling factor of the tracking correction (the authors' README: 0.9 for GUT).
         beta: quasi-global momentum factor (0 for GUT).
     """
 

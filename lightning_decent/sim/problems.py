@@ -16,9 +16,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lightning_decent.data import partition_indices
 
 
 class Problem(ABC):
@@ -66,7 +67,7 @@ class Problem(ABC):
     def to(self, dtype: torch.dtype) -> Problem:
         """Cast the problem's floating-point data to ``dtype`` (in place; returns ``self``)."""
         for key, value in vars(self).items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "optimum":
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
                 setattr(self, key, value.to(dtype))
         return self
 
@@ -196,31 +197,11 @@ class Logistic(_LinearModelProblem):
         return F.softplus(-margins).mean(-1) + 0.5 * self.l2 * (params * params).sum(-1)
 
 
-def dirichlet_split(labels: np.ndarray, n: int, alpha: float, seed: int, min_samples: int = 8) -> list[np.ndarray]:
-    """Split sample indices over ``n`` nodes with per-class node proportions ``~ Dirichlet(alpha)``
-    (Hsu et al. 2019): small ``alpha`` gives each node few classes, large ``alpha`` an iid split.
-    Redraws until every node has at least ``min_samples`` samples."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0; got {alpha}.")
-    if n * min_samples > len(labels):
-        raise ValueError(f"{len(labels)} samples cannot give n={n} nodes {min_samples} each; use fewer nodes.")
-    rng = np.random.default_rng(seed)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n)]
-        for c in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet(np.full(n, alpha))) * len(members)).astype(int)[:-1]
-            for node, chunk in enumerate(np.split(members, cuts)):
-                parts[node].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_samples:
-            return [np.sort(np.array(p)) for p in parts]
-    raise ValueError(f"Could not split the data with alpha={alpha} so that every node has {min_samples} samples.")
-
-
 class Digits(Problem):
     """A one-hidden-layer MLP (64 -> hidden -> 10, ReLU) on scikit-learn's 8x8 digits, the training
-    images split over the nodes by a Dirichlet(``alpha``) label distribution (``alpha = 0.1``: very
-    non-iid, ``100``: nearly iid). Accuracy is measured on a fixed held-out set of 360 images.
+    images split over the nodes by a Dirichlet(``alpha``) label distribution
+    (:func:`~lightning_decent.data.partition_indices`; ``alpha = 0.1``: very non-iid, ``100``: nearly
+    iid). Accuracy is measured on a fixed held-out set of 360 images.
 
     The ``n`` per-node MLPs run as batched matrix products over zero-padded local data sets; losses
     are averaged over each node's own samples (or a mini-batch of ``batch_size`` drawn with
@@ -246,7 +227,7 @@ class Digits(Problem):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         test, train = order[:test_size], order[test_size:]
         self.test_images, self.test_labels = images[test], labels[test]
-        parts = dirichlet_split(labels[train].numpy(), n, alpha, seed)
+        parts = partition_indices(labels[train], n, "dirichlet", alpha=alpha, seed=seed)
         longest = max(len(p) for p in parts)
         self.images = torch.zeros(n, longest, 64, dtype=torch.float64)
         self.labels = torch.zeros(n, longest, dtype=torch.long)

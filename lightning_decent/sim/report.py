@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from lightning_decent.sim.runner import BASELINE, SimResult
 
 #: y-axis labels of the plotted series.
@@ -77,7 +79,8 @@ def plot(results: Mapping[str, SimResult], path: str | os.PathLike, title: str =
     colors = plt.get_cmap("tab10")
     baseline = results.get(BASELINE)
     for ax, panel in zip(axes.flat, panels):
-        for index, (label, r) in enumerate(results.items()):
+        runs = [label for label in results if label != BASELINE]
+        for label, r in results.items():
             is_baseline = label == BASELINE
             if panel == "ratio":
                 if baseline is None or is_baseline:
@@ -89,24 +92,33 @@ def plot(results: Mapping[str, SimResult], path: str | os.PathLike, title: str =
                 values = r.series[panel]
             if panel != "accuracy":  # log axes: zeros (e.g. consensus at step 0) are left out
                 values = [v if v > 0 else math.nan for v in values]
-            style = {"color": "k", "ls": "--", "lw": 2} if is_baseline else {"color": colors(index % 10), "lw": 1.6}
+            if is_baseline:
+                style = {"color": "k", "ls": "--", "lw": 2}
+            else:
+                index = runs.index(label)
+                style = {"color": colors(index % 10), "ls": "-" if index < 10 else "-.", "lw": 1.6}
             ax.plot(r.steps, values, label="P-SGD (exact averaging)" if is_baseline else label, **style)
         if panel == "ratio":
             ax.axhline(factor, color="grey", ls=":", lw=1.2, label=f"transient factor {factor:g}")
             ax.set_ylabel(f"{LABELS[primary]} ÷ P-SGD's")
         else:
             ax.set_ylabel(LABELS[panel])
-        if panel != "accuracy":
+        if panel == "accuracy":  # zoom on the end, where the runs differ
+            ax.set_ylim(max(0.0, min(r.final("accuracy") for r in results.values()) - 0.1), 1.0)
+        else:
             ax.set_yscale("log")
+        if panel in ("consensus", primary, "grad_norm_sq"):  # hide rounding-floor spikes (1e-30)
+            top = max((np.nanmax(np.asarray(line.get_ydata(), dtype=float)) for line in ax.get_lines()), default=1.0)
+            ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-12 * top))
         ax.set_xlabel("step")
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    columns = min(len(labels), 3)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     if title:
         fig.suptitle(title)
-    legend_rows = math.ceil(len(labels) / 4)
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * legend_rows, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(labels) / columns), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
