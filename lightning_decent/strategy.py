@@ -61,6 +61,16 @@ class DecentralizedStrategy(DDPStrategy):
     After every real optimizer step the algorithm mixes the parameters with the neighbours given by
     the topology at the current gossip step.
 
+    With ``overlap=True`` (D-SGD only) that exchange runs during the next step's data loading,
+    forward and backward instead: ``x^{k+1} = W x^k - lr d^k`` with the gradient taken at the
+    un-mixed ``x^k`` (see :class:`~lightning_decent.algorithms.DSGD`). The exchange is completed
+    inside :meth:`optimizer_step`, after the closure (forward, backward, clipping) and the optimizer
+    update, never in gradient hooks, so clipping, AMP scaling, LR schedulers and optimizer state
+    behave as without overlap. Evaluation, consensus measurement and checkpoints first wait for the
+    transfer in flight (parameters unchanged: a checkpoint holds ``x^k`` and a resumed run restarts
+    the exchange of ``x^k``, which continues exactly); at the end of ``fit`` the last exchange is
+    applied, so every replica ends as ``(W x^K)_i``.
+
     Args:
         topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology``;
             a name is built for the world size at setup.
@@ -82,6 +92,8 @@ class DecentralizedStrategy(DDPStrategy):
         resume_from_average: when resuming from a sharded checkpoint saved with another world size,
             topology or algorithm, start every rank from its network-average model (fresh optimizer
             and algorithm state) instead of refusing.
+        overlap: overlap each step's neighbour exchange with the next step's computation (one-step
+            delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
 
     The remaining arguments are Lightning's, as for ``DDPStrategy``.
     """
@@ -103,6 +115,7 @@ class DecentralizedStrategy(DDPStrategy):
         gossip_timeout: float = 60.0,
         check_finite: bool = True,
         resume_from_average: bool = False,
+        overlap: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -131,6 +144,8 @@ class DecentralizedStrategy(DDPStrategy):
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
+        if overlap:
+            _enable_overlap(self.algorithm, communicator)
         if isinstance(topology, str):
             _check_topology_options(topology, topology_options or {})
         self._topology_spec = topology
@@ -155,6 +170,11 @@ class DecentralizedStrategy(DDPStrategy):
     def comm_stats(self) -> CommStats:
         """Messages and bytes this rank sent and received through the communicator so far."""
         return self.communicator.stats if self.communicator is not None else CommStats()
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the neighbour exchange overlaps the next step's computation."""
+        return self.algorithm.overlap
 
     @property
     @override
@@ -302,6 +322,7 @@ class DecentralizedStrategy(DDPStrategy):
     @torch.no_grad()
     def consensus_distance(self) -> tuple[float, float]:
         """``(1/n) sum_i ||x_i - x_bar||^2`` and its ratio to ``||x_bar||^2`` (a global collective)."""
+        self.algorithm.wait_pending()
         flats = [b.params for _, buckets in self._buckets.values() for b in buckets]
         if self.world_size == 1 or not flats:
             return 0.0, 0.0
@@ -318,6 +339,7 @@ class DecentralizedStrategy(DDPStrategy):
     # ---- evaluation on the network average -------------------------------------------------------
     def _average_module_in_place(self) -> None:
         """Replace parameters and floating-point buffers by their network average; keep a backup."""
+        self.algorithm.wait_pending()
         if self.world_size == 1 or self.eval_model != "average" or self._eval_backup is not None:
             return
         tensors = _floating_tensors(self.lightning_module.state_dict())
@@ -333,6 +355,13 @@ class DecentralizedStrategy(DDPStrategy):
             targets, backups = zip(*self._eval_backup)
             torch._foreach_copy_(list(targets), list(backups))
         self._eval_backup = None
+
+    @override
+    def on_train_end(self) -> None:
+        """Apply the exchange still in flight (overlap): it was sent already, and it brings the replicas closer."""
+        for _, buckets in self._buckets.values():
+            self.algorithm.finish_pending(buckets)
+        super().on_train_end()
 
     @override
     def on_validation_start(self) -> None:
@@ -385,6 +414,7 @@ class DecentralizedStrategy(DDPStrategy):
         """Write a sharded checkpoint directory (every rank calls this; see :mod:`lightning_decent.checkpoint`)."""
         if storage_options is not None:
             raise TypeError("DecentralizedStrategy.save_checkpoint does not accept storage_options.")
+        self.algorithm.wait_pending()
         final = Path(self.broadcast(str(filepath)))
         staging = ckpt.staging_path(final, self.broadcast(uuid.uuid4().hex[:12]))
         if self.is_global_zero:
@@ -511,6 +541,16 @@ def _give_children_time_to_report(procs: list[subprocess.Popen], seconds: float)
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _enable_overlap(algorithm: Algorithm, communicator: str) -> None:
+    """Switch ``algorithm`` to its overlapped form, or fail at construction naming the fix."""
+    if communicator != "p2p":
+        raise ValueError(
+            f"overlap=True overlaps the neighbour exchange of communicator='p2p'; communicator={communicator!r} "
+            f"has no background transfer. Use communicator='p2p', or overlap=False."
+        )
+    algorithm.enable_overlap()
 
 
 def _check_topology_options(name: str, options: dict[str, Any]) -> None:

@@ -1,7 +1,10 @@
 """What each node keeps and computes per step: D-SGD and the algorithms built on the same interface.
 
 Build one by name with :func:`get_algorithm`; the modifiers ``global_average_every``,
-``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm.
+``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm, except that
+``push_diging`` and ``mg_push_diging`` take their gossip rounds as ``rounds=R`` (they refuse
+``gossip_rounds``). On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
+``mg_push_diging``; the other algorithms need a doubly stochastic matrix.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
 from lightning_decent.algorithms.gut import GUT, QGGUT
 from lightning_decent.algorithms.modifiers import MODIFIER_OPTIONS, Modified, with_modifiers
+from lightning_decent.algorithms.push_sum import (
+    PUSH_SUM_ALGORITHMS,
+    MGPushDIGing,
+    PushDIGing,
+    PushSum,
+    recommended_gossip_rounds,
+)
 from lightning_decent.algorithms.qg_dsgdm import QGDSGDm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -24,10 +34,17 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "gradient_tracking": GradientTracking,
     "gut": GUT,
     "qg_gut": QGGUT,
+    "push_sum": PushSum,
+    "push_diging": PushDIGing,
+    "mg_push_diging": MGPushDIGing,
 }
 
 #: Short names accepted by :func:`get_algorithm`.
-ALIASES: dict[str, str] = {"d2": "exact_diffusion", "ed": "exact_diffusion", "gt": "gradient_tracking"}
+ALIASES: dict[str, str] = {
+    "d2": "exact_diffusion",
+    "ed": "exact_diffusion",
+    "gt": "gradient_tracking",
+}
 
 
 def algorithm_options(name: str) -> tuple[str, ...]:
@@ -61,13 +78,32 @@ def get_algorithm(name: str | Algorithm, **options: Any) -> Algorithm:
                 f"Options {sorted(options)} only apply to an algorithm given by name; build the Algorithm with "
                 f"them (only the modifiers {', '.join(MODIFIER_OPTIONS)} can wrap a built algorithm)."
             )
+        _check_modifiers(name, modifiers)
         return with_modifiers(name, **modifiers)
     key = _resolve(name)
     accepted = algorithm_options(key)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{key} does not take option(s) {unknown}; its options are: {', '.join(accepted)}.")
-    return with_modifiers(ALGORITHMS[key](**options), **modifiers)
+    algorithm = ALGORITHMS[key](**options)
+    _check_modifiers(algorithm, modifiers)
+    return with_modifiers(algorithm, **modifiers)
+
+
+def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
+    """Refuse modifier combinations that would be ambiguous.
+
+    ``push_diging``/``mg_push_diging`` already repeat every exchange ``rounds`` times (and MG-Push-DIGing's
+    recommended ``R`` is computed from the graph), so a second repetition factor is refused. Global
+    averaging composes with every algorithm, push-sum included: averaging ``x`` and ``v`` together gives
+    ``v = 1`` and ``z = x`` equal to the exact network average.
+    """
+    rounds = modifiers.get("gossip_rounds", 1)
+    if isinstance(algorithm, PushDIGing) and rounds != 1:
+        raise ValueError(
+            f"{algorithm.name} takes its gossip rounds per exchange as rounds=R (got gossip_rounds={rounds!r}); "
+            f"use get_algorithm({algorithm.name!r}, rounds={rounds!r}) instead."
+        )
 
 
 __all__ = [
@@ -76,15 +112,20 @@ __all__ = [
     "DSGD",
     "GUT",
     "MODIFIER_OPTIONS",
+    "PUSH_SUM_ALGORITHMS",
     "QGGUT",
     "Algorithm",
     "Bucket",
     "ExactDiffusion",
     "GradientTracking",
+    "MGPushDIGing",
     "Modified",
+    "PushDIGing",
+    "PushSum",
     "QGDSGDm",
     "algorithm_options",
     "get_algorithm",
+    "recommended_gossip_rounds",
     "require_plain_sgd",
     "with_modifiers",
 ]

@@ -61,6 +61,11 @@ class Algorithm(ABC):
             the user's optimizer state.
         needs_doubly_stochastic: refuse column-stochastic (directed) graphs.
         transforms_gradients: the algorithm rewrites the gradient before the optimizer step.
+
+    ``overlap`` is True once :meth:`enable_overlap` switched an algorithm to its overlapped form, in
+    which the exchange started in ``after_step`` of step ``k`` runs during the forward and backward
+    of step ``k + 1``; such an algorithm may have rounds in flight between steps (see
+    :meth:`wait_pending` and :meth:`finish_pending`).
     """
 
     name: ClassVar[str]
@@ -69,6 +74,7 @@ class Algorithm(ABC):
     extra_memory: ClassVar[float] = 0.0
     needs_doubly_stochastic: ClassVar[bool] = True
     transforms_gradients: ClassVar[bool] = False
+    overlap: bool = False
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         """Check that the graph suits the algorithm; return the graph to gossip on.
@@ -84,8 +90,8 @@ class Algorithm(ABC):
         if self.needs_doubly_stochastic and not topology.doubly_stochastic:
             raise ValueError(
                 f"algorithm={self.name!r} needs a doubly stochastic mixing matrix, but topology "
-                f"{topology.name!r} is only column-stochastic (a directed graph). Use a push-sum "
-                f"algorithm for directed graphs, or an undirected topology."
+                f"{topology.name!r} is only column-stochastic (a directed graph). For directed graphs use a "
+                f"push-sum algorithm: push_sum, push_diging or mg_push_diging; or an undirected topology."
             )
         return topology
 
@@ -104,6 +110,26 @@ class Algorithm(ABC):
     def observe_loss(self, loss: torch.Tensor) -> None:  # noqa: B027
         """This step's local training loss (``[]`` on a rank, ``[n]`` in the simulator), reported before
         ``after_step``. Only adaptive modifiers use it (the adaptive global-averaging period)."""
+
+    def enable_overlap(self) -> None:
+        """Switch to the overlapped (one-step-delayed) form; algorithms without one refuse.
+
+        Raises:
+            ValueError: naming the fix.
+        """
+        raise ValueError(
+            f"algorithm={self.name!r} cannot overlap its gossip with computation: its next local step needs "
+            f"the neighbours' values of this step. Use overlap=False, or algorithm='dsgd' (D-SGD, whose "
+            f"one-step-delayed form x^(k+1) = W x^k - lr d^k can overlap)."
+        )
+
+    def wait_pending(self) -> None:  # noqa: B027
+        """Complete every transfer in flight without changing parameters or state (the strategy calls
+        it before evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any."""
+
+    def finish_pending(self, buckets: list[Bucket]) -> None:  # noqa: B027
+        """Complete and apply the rounds in flight for ``buckets`` (end of training); the next
+        ``before_step`` starts afresh."""
 
     def state_dict(self) -> dict[str, Any]:
         """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.

@@ -1,4 +1,8 @@
-"""The communicator interface: the only place where nodes exchange data."""
+"""The communicator interface: the only place where nodes exchange data.
+
+``mix`` is one blocking gossip round. ``start_mix`` splits it in two so that the transfer can run
+while the caller computes: it returns a :class:`PendingMix` whose ``finish`` completes the round.
+"""
 
 from __future__ import annotations
 
@@ -41,11 +45,79 @@ class Communicator(ABC):
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.stats = CommStats()
+        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
 
     @abstractmethod
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
         """In place, for every buffer: ``x_i <- sum_j W[i, j](step) x_j``."""
 
+    def start_mix(self, buffers: Sequence[torch.Tensor], step: int) -> PendingMix:
+        """Begin the round ``x_i <- sum_j W[i, j](step) x_j`` for ``buffers`` and return at once.
+
+        The buffers are read by the transport until the round is finished: do not write them before
+        :meth:`PendingMix.finish` (or :meth:`PendingMix.wait`) returned. This default moves nothing
+        until ``finish`` (which then runs :meth:`mix`); transports that can send in the background
+        override it.
+        """
+        return DeferredMix(self, buffers, step)
+
+    def is_silent(self, step: int) -> bool:
+        """True if mixing at ``step`` sends nothing and leaves this node's buffers unchanged (no
+        neighbours and self weight 1), so callers may skip preparing a round."""
+        return False
+
+    def _scratch(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like ``like``, allocated once per ``key`` and reused."""
+        full_key = (*key, like.shape, like.dtype, like.device)
+        if full_key not in self._scratch_buffers:
+            self._scratch_buffers[full_key] = torch.empty_like(like)
+        return self._scratch_buffers[full_key]
+
     @abstractmethod
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         """In place, for every buffer: ``x_i <- (1/n) sum_j x_j`` (a collective over all nodes)."""
+
+
+class PendingMix(ABC):
+    """A started gossip round over some buffers (see :meth:`Communicator.start_mix`).
+
+    ``finish(index)`` completes buffer ``index`` in one of two ways:
+
+    * ``finish(index)``: the buffer becomes ``(W x)_i = sum_j W[i, j] x_j``, as after ``mix``;
+    * ``finish(index, into=t)``: ``t += (W x)_i - x_i`` and the buffer keeps ``x_i``. This adds the
+      neighbours' correction to a tensor that has moved on since the round started (the one-step
+      delayed mixing ``x^{k+1} = W x^k - lr d^k`` of overlapped D-SGD), in a single pass per peer.
+    """
+
+    def __init__(self, buffers: Sequence[torch.Tensor], step: int) -> None:
+        self.buffers = list(buffers)
+        self.step = step
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Complete every transfer of the round without changing any tensor (idempotent)."""
+
+    @abstractmethod
+    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+        """Wait for buffer ``index`` and combine it (see the class docstring). Call once per buffer."""
+
+
+class DeferredMix(PendingMix):
+    """The round runs when it is finished: nothing is in flight in between (simulator, all-reduce)."""
+
+    def __init__(self, comm: Communicator, buffers: Sequence[torch.Tensor], step: int) -> None:
+        super().__init__(buffers, step)
+        self.comm = comm
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+        buffer = self.buffers[index]
+        if into is None:
+            self.comm.mix([buffer], self.step)
+            return
+        mixed = self.comm._scratch(("deferred",), buffer)
+        mixed.copy_(buffer)
+        self.comm.mix([mixed], self.step)
+        into.add_(mixed).sub_(buffer)

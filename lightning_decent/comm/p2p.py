@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import Communicator, nbytes
+from lightning_decent.comm.base import Communicator, PendingMix, nbytes
+from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
 
@@ -22,21 +24,48 @@ class NonFiniteValueError(FloatingPointError):
 
 
 class _Phase:
-    """Who this rank talks to in one phase of the topology, and with what weights."""
+    """What this rank does in one phase of the topology, in the order of the link schedule.
+
+    ``rounds`` lists, for every round of :func:`~lightning_decent.comm.schedule.gossip_rounds` this
+    rank takes part in, the peer it sends to and the peer it receives from (``None``: idle).
+    """
 
     def __init__(self, topology: Topology, rank: int, phase: int) -> None:
-        self.self_weight = topology.self_weight(rank, phase)
-        self.in_peers = topology.in_neighbors(rank, phase)
-        self.out_peers = [peer for peer, _ in topology.out_neighbors(rank, phase)]
+        matrix = topology.matrix(phase)
+        self.self_weight = float(matrix[rank, rank])
+        self.rounds: list[tuple[int | None, int | None]] = []
+        for edges in gossip_rounds(matrix):
+            send_to = next((v for u, v in edges if u == rank), None)
+            receive_from = next((u for u, v in edges if v == rank), None)
+            if send_to is not None or receive_from is not None:
+                self.rounds.append((send_to, receive_from))
+        self.out_peers = [peer for peer, _ in self.rounds if peer is not None]
+        self.in_peers = [(peer, float(matrix[rank, peer])) for _, peer in self.rounds if peer is not None]
+
+    @property
+    def isolated(self) -> bool:
+        return not self.rounds
 
 
 class P2PCommunicator(Communicator):
     """Gossip with ``isend``/``irecv``: only ranks with a non-zero weight exchange data.
 
-    Every buffer is sent whole (one message per buffer and out-neighbour) and received into a
-    receive buffer that is allocated once and reused, then combined with the weights of row
-    ``rank`` of ``W(step)``. Sends and receives of one round are issued together, so directed and
-    time-varying graphs, where the send and receive sets differ, cannot deadlock.
+    Every buffer is sent whole (one message per buffer and out-neighbour) into receive buffers that
+    are allocated once and reused, then combined with row ``rank`` of ``W(step)``.
+
+    Link schedule: the edges of a phase are split into rounds in which every rank sends to at most
+    one peer and receives from at most one (:func:`~lightning_decent.comm.schedule.gossip_rounds`),
+    so a rank with ``d`` peers moves ``d`` models through its link one after another instead of
+    ``d`` streams fighting for it. A blocking :meth:`mix` posts every receive first (nothing flows
+    until a sender sends, and directed or time-varying graphs cannot deadlock), then sends round by
+    round, and combines each buffer as soon as its messages are in while later buffers still travel.
+    The two directions between a pair of ranks travel on separate connections (a second process
+    group), so a pair exchanging models at once uses both directions of its link at full speed; one
+    gloo connection carrying bulk data both ways was measured at half the rate.
+
+    :meth:`start_mix` posts the same messages (every round at once: nothing runs to pace the rounds
+    while the caller computes) and returns; the transfer then runs in the background (used by D-SGD
+    with ``overlap``).
 
     Args:
         topology: the graph; node ``i`` is global rank ``i``.
@@ -61,62 +90,111 @@ class P2PCommunicator(Communicator):
         self.check_finite = check_finite
         self._phases = [_Phase(topology, rank, k) for k in range(topology.period)]
         self._max_in = max(len(p.in_peers) for p in self._phases)
-        self._recv: dict[tuple[int, torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._recv: dict[tuple, list[torch.Tensor]] = {}
+        self._pending_keys: set[tuple] = set()
+        self._reverse = _reverse_channel(topology, group)
 
-    def _receive_buffers(self, index: int, like: torch.Tensor) -> list[torch.Tensor]:
-        key = (index, like.shape, like.dtype, like.device)
-        bufs = self._recv.get(key)
+    # ---- transport ---------------------------------------------------------------------------------
+    def _channel(self, src: int, dst: int) -> dist.ProcessGroup | None:
+        """The process group carrying ``src -> dst``: the reverse one when ``src > dst`` (if any)."""
+        return self._reverse if src > dst and self._reverse is not None else self.group
+
+    def _post_receives(self, phase: _Phase, received: list[list[torch.Tensor]]) -> list[list[tuple[dist.Work, int]]]:
+        """Post every receive of the round: ``(work, peer)`` per buffer, in round order."""
+        return [
+            [(dist.irecv(r, peer, self._channel(peer, self.rank)), peer) for (peer, _), r in zip(phase.in_peers, recv)]
+            for recv in received
+        ]
+
+    def _post_sends(self, phase: _Phase, buffers: Sequence[torch.Tensor]) -> list[list[tuple[dist.Work, int]]]:
+        """Post every send of the round at once: ``(work, peer)`` per buffer, in round order."""
+        return [
+            [(dist.isend(buf, peer, self._channel(self.rank, peer)), peer) for peer in phase.out_peers]
+            for buf in buffers
+        ]
+
+    def _receive_buffers(self, key: tuple, like: torch.Tensor) -> list[torch.Tensor]:
+        full_key = (*key, like.shape, like.dtype, like.device)
+        bufs = self._recv.get(full_key)
         if bufs is None:
             bufs = [torch.empty_like(like) for _ in range(self._max_in)]
-            self._recv[key] = bufs
+            self._recv[full_key] = bufs
         return bufs
 
+    # ---- blocking round ----------------------------------------------------------------------------
     @torch.no_grad()
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
         phase = self._phases[step % len(self._phases)]
-        if not phase.in_peers and not phase.out_peers:
-            if phase.self_weight != 1.0:
-                for buf in buffers:
-                    buf.mul_(phase.self_weight)
+        if phase.isolated:
+            _scale(buffers, phase.self_weight)
             return
-        if self.check_finite:
-            self._refuse_non_finite(buffers, step)
-        ops: list[dist.P2POp] = []
-        receives: list[tuple[int, int]] = []  # (index into ops, peer)
-        sends: list[tuple[int, int]] = []
-        received: list[list[torch.Tensor]] = []
-        with record_function("gossip.send_recv"):
+        received = [self._receive_buffers((index,), buf)[: len(phase.in_peers)] for index, buf in enumerate(buffers)]
+        with record_function("gossip.post_receives"):
+            receives = self._post_receives(phase, received)
+        last_sends: list[tuple[dist.Work, int]] = []
+        for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
+            sends = []
             for index, buf in enumerate(buffers):
-                for peer in phase.out_peers:
-                    sends.append((len(ops), peer))
-                    ops.append(dist.P2POp(dist.isend, buf, peer, self.group))
-                recv = self._receive_buffers(index, buf)[: len(phase.in_peers)]
-                for (peer, _), r in zip(phase.in_peers, recv):
-                    receives.append((len(ops), peer))
-                    ops.append(dist.P2POp(dist.irecv, r, peer, self.group))
-                received.append(recv)
-            works = dist.batch_isend_irecv(ops)
-        with record_function("gossip.wait"):
-            # Receives first: a hung neighbour shows up as the receive that never completes, where a
-            # send may also stall on a healthy peer that is itself stuck behind the hung one.
-            for position, peer in receives + sends:
-                self._wait(works[position], peer, step)
-        with record_function("gossip.combine"):
-            for buf, recv in zip(buffers, received):
-                buf.mul_(phase.self_weight)
-                for (_, weight), r in zip(phase.in_peers, recv):
-                    buf.add_(r, alpha=weight)
+                if position == 0 and self.check_finite:  # checked while the previous buffer is on the wire
+                    self._refuse_non_finite(buf, index, step)
+                with record_function("gossip.send"):
+                    sends.append((dist.isend(buf, peer, self._channel(self.rank, peer)), peer))
+            if position == len(phase.out_peers) - 1:
+                last_sends = sends
+                break
+            with record_function("gossip.wait"):
+                for work, _ in sends:
+                    self._wait(work, peer, step)
+        for index, (buf, recv) in enumerate(zip(buffers, received)):  # combine while later buffers travel
+            with record_function("gossip.wait"):
+                for work, peer in receives[index] + last_sends[index : index + 1]:
+                    self._wait(work, peer, step)
+            with record_function("gossip.combine"):
+                _combine(buf, recv, phase)
         self._count(buffers, phase)
 
-    def _refuse_non_finite(self, buffers: Sequence[torch.Tensor], step: int) -> None:
-        for index, buf in enumerate(buffers):
-            total = buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()
-            if not torch.isfinite(total):
-                raise NonFiniteValueError(
-                    f"rank {self.rank}: NaN or Inf in buffer {index} about to be sent at gossip step {step}; "
-                    f"stopping instead of spreading it to the neighbours. Lower the learning rate or clip "
-                    f"gradients (check_finite=False disables this check)."
-                )
+    # ---- split round -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start_mix(self, buffers: Sequence[torch.Tensor], step: int) -> PendingMix:
+        """Post this round's receives and sends and return; see :class:`~lightning_decent.comm.PendingMix`.
+
+        Each buffer gets its own receive buffers (keyed by its storage), so several buffers may have
+        rounds in flight at once; the same buffer may not have two.
+        """
+        phase = self._phases[step % len(self._phases)]
+        if phase.isolated:
+            return _P2PPendingMix(self, phase, buffers, step, [[] for _ in buffers], [[] for _ in buffers], [])
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                self._refuse_non_finite(buf, index, step)
+        keys = [("pending", buf.data_ptr()) for buf in buffers]
+        busy = [key for key in keys if key in self._pending_keys]
+        if busy:
+            raise RuntimeError(
+                f"rank {self.rank}: a buffer already has a gossip round in flight; finish it before starting another."
+            )
+        self._pending_keys.update(keys)
+        received = [self._receive_buffers(key, buf)[: len(phase.in_peers)] for key, buf in zip(keys, buffers)]
+        with record_function("gossip.start"):
+            receives = self._post_receives(phase, received)
+            sends = self._post_sends(phase, buffers)
+        self._count(buffers, phase)
+        works = [r + s for r, s in zip(receives, sends)]
+        return _P2PPendingMix(self, phase, buffers, step, received, works, keys)
+
+    def is_silent(self, step: int) -> bool:
+        phase = self._phases[step % len(self._phases)]
+        return phase.isolated and phase.self_weight == 1.0
+
+    # ---- checks and bookkeeping --------------------------------------------------------------------
+    def _refuse_non_finite(self, buf: torch.Tensor, index: int, step: int) -> None:
+        total = buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()
+        if not torch.isfinite(total):
+            raise NonFiniteValueError(
+                f"rank {self.rank}: NaN or Inf in buffer {index} about to be sent at gossip step {step}; "
+                f"stopping instead of spreading it to the neighbours. Lower the learning rate or clip "
+                f"gradients (check_finite=False disables this check)."
+            )
 
     def _wait(self, work: dist.Work, peer: int, step: int) -> None:
         try:
@@ -142,6 +220,99 @@ class P2PCommunicator(Communicator):
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         average_all_reduce(buffers, self.group)
+
+
+class _P2PPendingMix(PendingMix):
+    """A round posted by :meth:`P2PCommunicator.start_mix`; ``works[i]`` are buffer ``i``'s receives
+    then sends (receives first: a hung neighbour shows up as the receive that never completes)."""
+
+    def __init__(
+        self,
+        comm: P2PCommunicator,
+        phase: _Phase,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        received: list[list[torch.Tensor]],
+        works: list[list[tuple[dist.Work, int]]],
+        keys: list[tuple],
+    ) -> None:
+        super().__init__(buffers, step)
+        self.comm = comm
+        self.phase = phase
+        self.received = received
+        self.works = works
+        self.keys = keys
+        self.finished = [False] * len(self.buffers)
+
+    def _wait_buffer(self, index: int) -> None:
+        with record_function("gossip.wait"):
+            for work, peer in self.works[index]:
+                self.comm._wait(work, peer, self.step)
+        self.works[index] = []
+
+    def wait(self) -> None:
+        for index in range(len(self.buffers)):
+            self._wait_buffer(index)
+
+    @torch.no_grad()
+    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+        if self.finished[index]:
+            raise RuntimeError(f"buffer {index} of this gossip round was already finished.")
+        self._wait_buffer(index)
+        buf, recv = self.buffers[index], self.received[index]
+        with record_function("gossip.combine"):
+            if into is None:
+                _combine(buf, recv, self.phase)
+            else:
+                _add_correction(into, buf, recv, self.phase)
+        self.finished[index] = True
+        if self.keys:
+            self.comm._pending_keys.discard(self.keys[index])
+
+
+def _scale(buffers: Sequence[torch.Tensor], weight: float) -> None:
+    if weight != 1.0:
+        for buf in buffers:
+            buf.mul_(weight)
+
+
+def _combine(buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase) -> None:
+    """``x_i <- a x_i + sum_j w_j x_j`` as a chain of fused ``lerp`` passes.
+
+    With ``s_m = a + w_1 + ... + w_m``, ``y <- lerp(y, x_m, w_m / s_m)`` keeps ``y = (a x_i + sum_{l<=m}
+    w_l x_l) / s_m``; a final scaling by ``s_d`` is needed only for rows that do not sum to one
+    (column-stochastic push-sum graphs). One pass per in-neighbour instead of ``1 + d``.
+    """
+    total = phase.self_weight
+    for (_, weight), r in zip(phase.in_peers, received):
+        total += weight
+        buf.lerp_(r, weight / total)
+    if abs(total - 1.0) > 1e-12:
+        buf.mul_(total)
+
+
+def _add_correction(into: torch.Tensor, buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase) -> None:
+    """``into += (a - 1) x_i + sum_j w_j x_j``, i.e. ``into += (W x)_i - x_i``."""
+    if phase.self_weight != 1.0:
+        into.add_(buf, alpha=phase.self_weight - 1.0)
+    for (_, weight), r in zip(phase.in_peers, received):
+        into.add_(r, alpha=weight)
+
+
+def _reverse_channel(topology: Topology, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A second process group for the ``higher -> lower`` rank direction, created only when some phase
+    has a pair of ranks sending to each other (every rank decides the same from the topology)."""
+    if not any(_has_two_way_pair(topology.matrix(k)) for k in range(topology.period)):
+        return None
+    if group is None:
+        return dist.new_group()
+    return dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+
+
+def _has_two_way_pair(matrix: np.ndarray) -> bool:
+    linked = matrix != 0
+    np.fill_diagonal(linked, False)
+    return bool((linked & linked.T).any())
 
 
 def average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:

@@ -1,10 +1,21 @@
 """n virtual nodes in one process: the library's algorithms and topologies on stacked ``[n, dim]`` tensors."""
 
 from lightning_decent.sim.problems import PROBLEMS, Digits, LeastSquares, Logistic, Problem, Quadratic, get_problem
-from lightning_decent.sim.runner import BASELINE, AlgorithmSpec, SimResult, compare, simulate, transient_step
+from lightning_decent.sim.runner import (
+    BASELINE,
+    OPTIMIZERS,
+    AlgorithmSpec,
+    SimResult,
+    compare,
+    make_optimizer,
+    network_average,
+    simulate,
+    transient_step,
+)
 
 __all__ = [
     "BASELINE",
+    "OPTIMIZERS",
     "PROBLEMS",
     "AlgorithmSpec",
     "Digits",
@@ -15,6 +26,8 @@ __all__ = [
     "SimResult",
     "compare",
     "get_problem",
+    "make_optimizer",
+    "network_average",
     "simulate",
     "transient_step",
 ]

@@ -7,6 +7,10 @@ Examples::
         --heterogeneity 1.0 --noise 0 --seed 0 --json out.json --plot out.png
     python -m lightning_decent.sim --problem digits --alpha 0.1 --n 16 --algorithms dsgd,gut,qg_gut --lr 0.1
     python -m lightning_decent.sim --algorithms "dsgd,dsgd:momentum=0.9,dsgd:global_average_every=8"
+    python -m lightning_decent.sim --problem digits --topology ring --optimizer adam --lr 0.003 \
+        --algorithms "dsgd,dsgd:opt=accum_adam:accum_iter=4"
+    python -m lightning_decent.sim --problem quadratic --n 8 --topology challenging_digraph --lr 0.05 \
+        --algorithms "push_sum,push_diging,mg_push_diging"
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from lightning_decent.sim.problems import PROBLEMS, Problem, get_problem
 from lightning_decent.sim.report import format_table, plot, write_json
-from lightning_decent.sim.runner import AlgorithmSpec, compare
+from lightning_decent.sim.runner import OPTIMIZERS, AlgorithmSpec, compare
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,11 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--algorithms",
         default="dsgd,gradient_tracking,exact_diffusion",
-        help="comma-separated specs name[:key=value...]; lr/momentum/weight_decay keys set the local SGD",
+        help="comma-separated specs name[:key=value...]; the keys opt, lr, momentum, weight_decay, accum_iter, "
+        "beta1, beta2, eps set that spec's local optimizer",
     )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.0, help="local SGD momentum (default for every spec)")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=list(OPTIMIZERS),
+        help="local optimizer for every spec and the baseline (adam: DAdam; accum_adam: AccumAdam)",
+    )
+    p.add_argument("--accum-iter", type=int, default=4, help="AccumAdam's accumulation length s")
     p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to gradients (0: exact)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the gradient noise")
     p.add_argument("--eval-every", type=int, default=0, help="record metrics every k steps (0: about 200 points)")
@@ -83,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         lr=args.lr,
         momentum=args.momentum,
+        optimizer=args.optimizer,
+        accum_iter=args.accum_iter,
         noise=args.noise,
         eval_every=eval_every,
         seed=args.seed,
         dtype=dtype,
         factor=args.factor,
     )
-    title = f"{problem.name}, n={problem.n}, {args.topology}, lr={args.lr:g}, noise={args.noise:g}"
+    title = f"{problem.name}, n={problem.n}, {args.topology}, {args.optimizer}, lr={args.lr:g}, noise={args.noise:g}"
     print(title)
     print(format_table(results))
     if args.json:

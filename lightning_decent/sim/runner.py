@@ -1,11 +1,17 @@
 """Run the library's algorithms on n virtual nodes in one process.
 
-The parameters of all nodes are one stacked tensor ``[n, dim]``; the local optimizer is a
-``torch.optim.SGD`` over it (element-wise, hence identical to n separate optimizers), mixing is
+The parameters of all nodes are one stacked tensor ``[n, dim]``; the local optimizer is
+``torch.optim.SGD``, ``torch.optim.Adam`` (DAdam) or :class:`~lightning_decent.optim.AccumAdam` over
+it (all element-wise, hence identical to n separate optimizers with per-node state), mixing is
 ``W(k) @ X`` through :class:`~lightning_decent.comm.SimulatedCommunicator`, and every step calls the
 algorithm's hooks in the strategy's order::
 
     before_step -> forward/backward -> (transform_gradients) -> optimizer.step -> observe_loss -> after_step
+
+For the push-sum algorithms (``push_sum``, ``push_diging``, ``mg_push_diging``) the parameters hold the
+de-biased models ``z_i = x_i / v_i``; the metrics' network average is ``xbar = (1/n) sum_i v_i z_i``
+(``= (1/n) sum_i x_i``, the quantity push-sum preserves), and ``consensus`` is
+``(1/n) sum_i ||z_i - xbar||^2``. :attr:`SimResult.push_weights` keeps the final ``v``.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ import torch
 
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.optim import AccumAdam
 from lightning_decent.sim.problems import Problem
 from lightning_decent.topology import Topology, get_topology
 
-OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "opt", "accum_iter", "beta1", "beta2", "eps")
+
+#: Local optimizers of the simulator: ``sgd`` (momentum, weight decay), ``adam`` (DAdam: Adam on every
+#: node, moments never communicated) and ``accum_adam`` (:class:`~lightning_decent.optim.AccumAdam`).
+OPTIMIZERS = ("sgd", "adam", "accum_adam")
 
 #: Name of the parallel-SGD baseline in results (D-SGD on the complete graph: exact averaging).
 BASELINE = "p_sgd"
@@ -30,29 +41,79 @@ BASELINE = "p_sgd"
 @dataclass
 class AlgorithmSpec:
     """An algorithm to simulate, parsed from ``name:key=value:key=value`` (e.g. ``dsgd:momentum=0.9``,
-    ``dsgd:global_average_every=4``, ``gut:mu=0.5``). ``lr``, ``momentum`` and ``weight_decay`` go to
-    the local SGD optimizer, every other key to :func:`~lightning_decent.algorithms.get_algorithm`."""
+    ``dsgd:global_average_every=4``, ``gut:mu=0.5``, ``dsgd:opt=adam:lr=0.001``,
+    ``dsgd:opt=accum_adam:accum_iter=4``, ``push_diging:rounds=3``).
+
+    The optimizer keys go to the local optimizer (``optimizer`` holds :func:`simulate`'s keyword
+    arguments): ``opt`` (one of :data:`OPTIMIZERS`), ``lr``, ``momentum`` (SGD only), ``weight_decay``
+    (L2 for all three), ``accum_iter`` (AccumAdam's ``s``), ``beta1``, ``beta2`` and ``eps`` (Adam and
+    AccumAdam). Every other key goes to :func:`~lightning_decent.algorithms.get_algorithm`."""
 
     label: str
     name: str
     options: dict[str, Any] = field(default_factory=dict)
-    optimizer: dict[str, float] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> AlgorithmSpec:
         name, *pairs = [part.strip() for part in text.strip().split(":")]
         options: dict[str, Any] = {}
-        optimizer: dict[str, float] = {}
+        raw: dict[str, Any] = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:
                 raise ValueError(f"Cannot parse {pair!r} in algorithm spec {text!r}; write name:key=value:key=value.")
             parsed = _parse_value(value)
             if key in OPTIMIZER_KEYS:
-                optimizer[key] = float(parsed)
+                raw[key] = parsed
             else:
                 options[key] = parsed
-        return cls(label=text.strip(), name=name, options=options, optimizer=optimizer)
+        return cls(label=text.strip(), name=name, options=options, optimizer=_optimizer_settings(raw, text))
+
+
+def _optimizer_settings(raw: dict[str, Any], text: str) -> dict[str, Any]:
+    """Spec keys (``opt``, ``beta1`` ...) as :func:`simulate` keyword arguments (``optimizer``, ``betas`` ...)."""
+    settings: dict[str, Any] = {}
+    for key in ("lr", "momentum", "weight_decay", "eps"):
+        if key in raw:
+            settings[key] = float(raw[key])
+    if "opt" in raw:
+        settings["optimizer"] = str(raw["opt"]).lower()
+        if settings["optimizer"] not in OPTIMIZERS:
+            raise ValueError(f"Unknown opt={raw['opt']!r} in {text!r}; valid: {', '.join(OPTIMIZERS)}.")
+    if "accum_iter" in raw:
+        settings["accum_iter"] = int(raw["accum_iter"])
+    if "beta1" in raw or "beta2" in raw:
+        settings["betas"] = (float(raw.get("beta1", 0.9)), float(raw.get("beta2", 0.999)))
+    return settings
+
+
+def make_optimizer(
+    params: torch.Tensor,
+    optimizer: str = "sgd",
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    accum_iter: int = 4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """The local optimizer over the stacked ``[n, dim]`` parameters (element-wise: one per node).
+
+    Raises:
+        ValueError: for an unknown name, or ``momentum`` given to an Adam variant.
+    """
+    name = optimizer.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
+    if name == "sgd":
+        return torch.optim.SGD([params], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if momentum:
+        raise ValueError(f"momentum={momentum:g} is an SGD option; {name} uses betas={betas} instead.")
+    if name == "adam":
+        return torch.optim.Adam([params], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return AccumAdam([params], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, accum_iter=accum_iter)
 
 
 def _parse_value(text: str) -> Any:
@@ -75,7 +136,9 @@ class SimResult:
 
     ``series`` maps ``loss`` (``f(xbar)``), ``excess_loss`` (``f(xbar) - f*`` when ``f*`` is known),
     ``grad_norm_sq`` (``||grad f(xbar)||^2``), ``consensus`` (``(1/n) sum_i ||x_i - xbar||^2``) and, for
-    classification, ``accuracy`` of ``xbar`` to their values at the steps in ``steps``.
+    classification, ``accuracy`` of ``xbar`` to their values at the steps in ``steps``. ``params`` are
+    the final parameters (``z`` for push-sum algorithms) and ``push_weights`` the final push-sum
+    weights ``v`` (``[n, 1]``; ``None`` for the other algorithms).
     """
 
     label: str
@@ -90,6 +153,7 @@ class SimResult:
     extra_memory: float
     bytes_sent_per_node_step: float
     transient: int | None = None
+    push_weights: torch.Tensor | None = None
 
     def final(self, metric: str) -> float:
         return self.series[metric][-1]
@@ -109,8 +173,16 @@ class SimResult:
         }
 
 
-def _metrics(problem: Problem, params: torch.Tensor, optimum_loss: float | None) -> dict[str, float]:
-    xbar = params.detach().mean(dim=0).requires_grad_(True)
+def network_average(params: torch.Tensor, push_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(1/n) sum_i x_i``: the plain row mean, or ``(1/n) sum_i v_i z_i`` for push-sum (``params = z``)."""
+    params = params.detach()
+    return params.mean(dim=0) if push_weights is None else (push_weights.detach() * params).mean(dim=0)
+
+
+def _metrics(
+    problem: Problem, params: torch.Tensor, optimum_loss: float | None, push_weights: torch.Tensor | None = None
+) -> dict[str, float]:
+    xbar = network_average(params, push_weights).requires_grad_(True)
     loss = problem.global_loss(xbar)
     (grad,) = torch.autograd.grad(loss, xbar)
     values = {
@@ -136,6 +208,10 @@ def simulate(
     lr: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    accum_iter: int = 4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     noise: float = 0.0,
     eval_every: int = 10,
     seed: int = 0,
@@ -150,7 +226,10 @@ def simulate(
         algorithm: a name for :func:`~lightning_decent.algorithms.get_algorithm` (with
             ``algorithm_options``) or a built algorithm.
         topology: a name for :func:`~lightning_decent.topology.get_topology` or a built topology.
-        steps, lr, momentum, weight_decay: the local SGD optimizer's schedule (constant ``lr``).
+        steps, lr, momentum, weight_decay: the local optimizer's schedule (constant ``lr``; ``momentum``
+            is SGD's only).
+        optimizer: ``sgd``, ``adam`` (DAdam) or ``accum_adam`` (AccumAdam with ``accum_iter``), see
+            :func:`make_optimizer`; ``betas`` and ``eps`` are the Adam variants'.
         noise: standard deviation of Gaussian noise added to every gradient coordinate (0: exact
             local gradients, or the problem's own mini-batches).
         eval_every: record metrics every this many steps (and at the first and last step).
@@ -162,11 +241,21 @@ def simulate(
     graph = algo.prepare_topology(get_topology(topology, problem.n))
     comm = SimulatedCommunicator(graph)
     params = torch.nn.Parameter(problem.initial_params().to(dtype).expand(problem.n, -1).clone())
-    optimizer = torch.optim.SGD([params], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    algo.check_optimizer(optimizer)
+    local = make_optimizer(
+        params,
+        optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        accum_iter=accum_iter,
+        betas=betas,
+        eps=eps,
+    )
+    algo.check_optimizer(local)
     params.grad = torch.zeros_like(params)
     bucket = Bucket(params.data, params.grad if algo.transforms_gradients else None)
     algo.init_state(bucket)
+    push_weights = bucket.state.get("push_weight")
     generator = torch.Generator().manual_seed(seed)
     noise_buffer = torch.empty_like(params) if noise > 0 else None
     optimum_loss = problem.optimum_loss()
@@ -176,14 +265,14 @@ def simulate(
 
     def record(step: int) -> None:
         recorded.append(step)
-        for key, value in _metrics(problem, params, optimum_loss).items():
+        for key, value in _metrics(problem, params, optimum_loss, push_weights).items():
             history.setdefault(key, []).append(value)
 
     record(0)
     start = time.perf_counter()
     for k in range(steps):
         algo.before_step([bucket], comm, k)
-        optimizer.zero_grad(set_to_none=False)
+        local.zero_grad(set_to_none=False)
         losses = problem.local_losses(params, batch=problem.sample_batch(generator))
         losses.sum().backward()
         if noise_buffer is not None:
@@ -193,7 +282,7 @@ def simulate(
         if algo.transforms_gradients:
             bucket.grads = params.grad
             algo.transform_gradients([bucket], comm, k)
-        optimizer.step()
+        local.step()
         algo.observe_loss(losses.detach())
         algo.after_step([bucket], comm, k)
         if (k + 1) % eval_every == 0 or k + 1 == steps:
@@ -211,6 +300,7 @@ def simulate(
         buffers_per_round=algo.buffers_per_round,
         extra_memory=algo.extra_memory,
         bytes_sent_per_node_step=comm.stats.bytes_sent / max(steps, 1) / problem.n,
+        push_weights=None if push_weights is None else push_weights.detach().clone(),
     )
 
 
@@ -242,7 +332,10 @@ def compare(
 ) -> dict[str, SimResult]:
     """Simulate every spec on ``topology`` and the parallel-SGD baseline (:data:`BASELINE`: D-SGD on the
     complete graph, i.e. exact averaging every step, with the same optimizer), and fill each result's
-    transient step against it (on ``excess_loss`` when the optimum is known, else ``loss``)."""
+    transient step against it (on ``excess_loss`` when the optimum is known, else ``loss``).
+
+    ``run_options`` go to every :func:`simulate` call (e.g. ``optimizer="adam"`` for all, baseline
+    included); a spec's own optimizer keys override them for that spec."""
     baseline = simulate(
         problem, "dsgd", "complete", steps=steps, lr=lr, momentum=momentum, label=BASELINE, **run_options
     )
@@ -250,10 +343,10 @@ def compare(
     results = {BASELINE: baseline}
     for spec in specs:
         spec = spec if isinstance(spec, AlgorithmSpec) else AlgorithmSpec.parse(spec)
-        settings = {"lr": lr, "momentum": momentum, **spec.optimizer}
-        result = simulate(
-            problem, spec.name, topology, steps=steps, label=spec.label, **settings, **run_options, **spec.options
-        )
+        settings = {"lr": lr, "momentum": momentum, **run_options, **spec.optimizer}
+        if settings.get("optimizer", "sgd") != "sgd" and "momentum" not in spec.optimizer:
+            settings["momentum"] = 0.0  # the shared SGD momentum does not apply to an Adam spec
+        result = simulate(problem, spec.name, topology, steps=steps, label=spec.label, **settings, **spec.options)
         result.transient = transient_step(result, baseline, metric, factor)
         results[spec.label] = result
     return results

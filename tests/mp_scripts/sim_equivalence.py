@@ -39,6 +39,10 @@ CASES = [
     ("gut_one_peer", "logistic", "one_peer_exponential", "gut", {"mu": 0.3}, 0.0),
     ("dsgd_pga_rounds", "logistic", "ring", "dsgd", {"global_average_every": 4, "gossip_rounds": 2}, 0.0),
     ("gut_digits", "digits", "ring", "gut", {}, 0.0),
+    # directed (column-stochastic) graph: the push-sum weights v move away from 1
+    ("push_sum_digraph", "logistic", "challenging_digraph", "push_sum", {}, 0.9),
+    ("push_diging_digraph", "logistic", "challenging_digraph", "push_diging", {}, 0.0),
+    ("mg_push_diging_digraph", "logistic", "challenging_digraph", "mg_push_diging", {"rounds": 2}, 0.0),
 ]
 
 

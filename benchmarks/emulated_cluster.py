@@ -1,0 +1,288 @@
+"""Gossip vs AllReduce on an emulated cluster: one network namespace per rank, shaped links (needs root).
+
+Builds an N-rank "cluster" with :class:`lightning_decent.emulation.EmulatedCluster`, starts one
+process per namespace (gloo bound to the namespace's shaped interface through
+``GLOO_SOCKET_IFNAME``; ranks from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``), runs
+the measurements of :mod:`benchmarks.cluster.cases` and prints the tables and the goals of issue 7.
+Every namespace and process is removed at the end, also on failure or Ctrl-C. Baselines are always
+measured in the same run: this machine is shared and noisy.
+
+Usage (from the repository root)::
+
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/emulated_cluster.py --ranks 8 --bandwidth 1gbit \\
+        --model mlp16m --steps 20 --json benchmarks/results/emulated_cluster.json
+
+``--suites`` picks among ``core`` (communication rounds, compute-only, DDP, decent-dp, ours with and
+without overlap), ``overhead`` (one rank: the strategy against plain Lightning, no network),
+``straggler``, ``scaling`` (extra clusters of ``--scaling-ranks``) and ``accuracy`` (digits, DDP vs
+gossip, time to DDP's final accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.cluster import report  # noqa: E402
+from benchmarks.cluster.workloads import ModelSpec  # noqa: E402
+from lightning_decent.emulation import EmulatedCluster, available  # noqa: E402
+
+SUITES = ("core", "overhead", "straggler", "scaling", "accuracy")
+MASTER_PORT = 29731
+GOSSIP_ACCURACY = "accuracy:one_peer_exponential:overlap"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--bandwidth", default="1gbit", help="per-link rate in tc units (1gbit, 500mbit, ...)")
+    parser.add_argument("--model", default="mlp16m", help="a named model (mlp16m: 4 x 2048^2 + head, 16.8M params)")
+    parser.add_argument("--model-mb", type=float, default=None, help="instead of --model: an MLP of about this size")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (or rounds) per case")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16, help="per-rank batch size")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
+    parser.add_argument(
+        "--cases", default=None, help="instead of the core suite's cases: these (see benchmarks.cluster.cases)"
+    )
+    parser.add_argument("--scaling-ranks", default="4,8,16")
+    parser.add_argument("--straggler-delays", default="0.1,0.3", help="seconds of extra work per step on one rank")
+    parser.add_argument("--epochs", type=int, default=10, help="accuracy suite: epochs of digits for both runs")
+    parser.add_argument("--accuracy-hidden", type=int, default=16384, help="accuracy suite: digits_cnn hidden width")
+    parser.add_argument("--accuracy-lr", type=float, default=0.05)
+    parser.add_argument("--mtu", type=int, default=1500, help="link MTU (1500: Ethernet; 9000: jumbo frames)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before a cluster run is stopped")
+    parser.add_argument("--cases-per-launch", type=int, default=5, help="cases run by one set of processes")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    parser.add_argument("--from-json", type=Path, default=None, help="print the report of a saved --json run")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy the ranks' logs and results here")
+    return parser.parse_args()
+
+
+def core_cases(ranks: int) -> list[str]:
+    cases = [
+        "raw_exchange",
+        "raw_allreduce",
+        "comm:one_peer_exponential",
+        "comm:ring",
+        "comm:alternating_pairs",
+        "comm:allreduce",
+        "lightning_local",
+        "isolated",
+        "torch_ddp",
+        "lightning_ddp",
+    ]
+    power_of_two = ranks & (ranks - 1) == 0
+    cases += [f"decent_dp:{t}" for t, ok in [("one-peer-exp", power_of_two), ("ring", ranks % 2 == 0)] if ok]
+    cases.append("decent_dp:complete")
+    cases += [f"ours:{t}{m}" for t in ("one_peer_exponential", "ring") for m in ("", ":overlap")]
+    if ranks % 2 == 0:
+        cases.append("ours:alternating_pairs:overlap")
+    return cases
+
+
+#: One rank, no network: plain Lightning against the strategy (blocking and overlapped), interleaved
+#: three times so that a drift of the machine's load hits all of them alike.
+OVERHEAD_CASES = ["lightning_local", "isolated", "ours:ring:overlap"] * 3
+
+
+def straggler_cases(delays: list[float]) -> list[str]:
+    return [f"{name}@slow={d:g}" for d in delays for name in ("lightning_ddp", "ours:one_peer_exponential:overlap")]
+
+
+SCALING_CASES = ["comm:allreduce", "comm:one_peer_exponential", "lightning_ddp", "ours:one_peer_exponential:overlap"]
+
+
+def _set_mtu(cluster: EmulatedCluster, mtu: int) -> None:
+    for index, host in enumerate(cluster.hosts):
+        for namespace, device in ((host.namespace, "eth0"), (cluster.switch, f"p{index}")):
+            subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", device, "mtu", str(mtu)], check=True)
+
+
+def launches(cases: list[str], per_launch: int) -> list[list[str]]:
+    """Cases in groups that share one set of processes: memory freed by a case is not always returned
+    to the system, so a long list in one process would run out of memory. decent-dp gets its own group."""
+    theirs = [c for c in cases if c.startswith("decent_dp")]
+    ours = [c for c in cases if not c.startswith("decent_dp")]
+    groups = [ours[i : i + per_launch] for i in range(0, len(ours), per_launch)]
+    return groups + ([theirs] if theirs else [])
+
+
+def run_cluster(args: argparse.Namespace, ranks: int, cases: list[str], logs: Path) -> dict[str, list[dict[str, Any]]]:
+    """Run ``cases`` on a fresh ``ranks``-host cluster; ``{case: [rank 0's result, rank 1's, ...]}``."""
+    out = logs / f"ranks{ranks}"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank*.*"):
+        stale.unlink()
+    options = ["--out", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    options += ["--epochs", str(args.epochs), "--accuracy-hidden", str(args.accuracy_hidden)]
+    options += ["--accuracy-lr", str(args.accuracy_lr)]
+    options += ["--model-mb", str(args.model_mb)] if args.model_mb else ["--model", args.model]
+    with EmulatedCluster(ranks, args.bandwidth) as cluster:
+        if args.mtu != 1500:
+            _set_mtu(cluster, args.mtu)
+        per_launch = args.cases_per_launch if ranks <= 8 else 1  # 16 processes of ~1 GB each: one case at a time
+        for index, group in enumerate(launches(cases, per_launch)):
+            print(f"[{time.strftime('%H:%M:%S')}] {ranks} ranks: {', '.join(group)}", flush=True)
+            worker = [sys.executable, "-m", "benchmarks.cluster.worker", *options, "--cases", ",".join(group)]
+            _launch(cluster, worker, str(MASTER_PORT + index), out, args.timeout)
+    return _collect(out, ranks)
+
+
+def _launch(cluster: EmulatedCluster, worker: list[str], port: str, out: Path, timeout: float) -> None:
+    """One process per host running ``worker``; all of them are stopped when this returns or raises."""
+    ranks = len(cluster.hosts)
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(ranks)}
+    base.update(MASTER_ADDR=cluster.hosts[0].address, MASTER_PORT=port, LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(ranks):
+            env = {**base, "RANK": str(rank), "NODE_RANK": str(rank)}
+            with (out / f"rank{rank}.log").open("a") as log:
+                procs.append(cluster.popen(rank, worker, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        _wait_all(procs, timeout, out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float, out: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"rank {failed[0]} failed; its log ends with:\n{_tail(out / f'rank{failed[0]}.log')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the cluster run took more than {timeout:g}s; rank 0's log ends with:\n"
+                               f"{_tail(out / 'rank0.log')}")  # fmt: skip
+        time.sleep(1)
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"rank {failed[0]} failed; its log ends with:\n{_tail(out / f'rank{failed[0]}.log')}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def _collect(out: Path, ranks: int) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    for rank in range(ranks):
+        for line in (out / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            results.setdefault(record["case"], []).append(record)
+    return results
+
+
+def planned_cases(args: argparse.Namespace, suites: list[str], delays: list[float], scaling: list[int]) -> list[str]:
+    """The cases of the main ``--ranks`` cluster."""
+    cases = []
+    if "core" in suites:
+        cases += args.cases.split(",") if args.cases else core_cases(args.ranks)
+    if "scaling" in suites and args.ranks in scaling:
+        cases += [c for c in SCALING_CASES if c not in cases]
+    if "straggler" in suites:
+        cases += straggler_cases(delays)
+    if "accuracy" in suites:
+        cases += ["accuracy:ddp", GOSSIP_ACCURACY]
+    return cases
+
+
+def measure(args: argparse.Namespace, suites: list[str], delays: list[float], scaling: list[int]) -> dict[str, Any]:
+    """Run every cluster: ``{"main": ..., "overhead": ..., "scaling": {ranks: ...}}`` of per-case results."""
+    cases = planned_cases(args, suites, delays, scaling)
+    with TemporaryDirectory(prefix="emulated_cluster_") as tmp:
+        logs = args.keep_logs or Path(tmp)
+        main_results = run_cluster(args, args.ranks, cases, logs) if cases else {}
+        overhead = run_cluster(args, 1, OVERHEAD_CASES, logs) if "overhead" in suites else {}
+        by_ranks = {args.ranks: main_results} if args.ranks in scaling else {}
+        for ranks in scaling:
+            if ranks != args.ranks:
+                by_ranks[ranks] = run_cluster(args, ranks, SCALING_CASES, logs)
+    return {"main": main_results, "overhead": overhead, "scaling": {str(n): r for n, r in by_ranks.items()}}
+
+
+def render(
+    args: argparse.Namespace, suites: list[str], delays: list[float], spec: ModelSpec, raw: dict[str, Any]
+) -> tuple[str, list[report.Goal], dict[str, Any]]:
+    """The tables and goals of a run's results."""
+    bandwidth = report.bandwidth_bytes_per_second(args.bandwidth)
+    model_bytes = spec.parameters * 4
+    main_results, overhead = raw["main"], raw["overhead"]
+    by_ranks = {int(n): r for n, r in raw["scaling"].items()}
+    header = (
+        f"# Emulated cluster: {args.ranks} ranks, {args.bandwidth} links (MTU {args.mtu}), "
+        f"model {spec.parameters / 1e6:.1f}M parameters ({model_bytes / 1e6:.1f} MB), batch {args.batch} per rank, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, one thread per rank\n"
+        f"# command: {' '.join(sys.argv)}\n"
+    )
+    sections, goals, summary = [header], [], {}
+    if "core" in suites:
+        text, goals, summary = report.core_report(main_results, args.ranks, model_bytes, bandwidth, args.mtu)
+        sections.append(text)
+    if overhead:
+        text, overhead_goals = report.overhead_report(overhead)
+        sections.append(text)
+        goals += overhead_goals
+    if by_ranks:
+        sections.append(report.scaling_report(by_ranks, model_bytes, bandwidth))
+    if "straggler" in suites:
+        sections.append(report.straggler_report(main_results, delays, args.batch))
+    if "accuracy" in suites:
+        text, goal = report.accuracy_report(main_results, GOSSIP_ACCURACY)
+        sections.append(text)
+        goals.append(goal)
+    if goals:
+        sections.append(report.goals_table(goals))
+    return "\n".join(sections), goals, summary
+
+
+def main() -> None:
+    args = parse_args()
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        sys.exit(f"Unknown suite(s) {unknown}; choose from {', '.join(SUITES)}.")
+    spec = ModelSpec.of_size(args.model_mb) if args.model_mb else ModelSpec.named(args.model)
+    delays = [float(d) for d in args.straggler_delays.split(",") if d.strip()]
+    scaling = sorted({int(n) for n in args.scaling_ranks.split(",")}) if "scaling" in suites else []
+    if args.from_json:
+        raw = json.loads(args.from_json.read_text())["results"]
+    else:
+        ok, why = available()
+        if not ok:
+            sys.exit(f"The emulated cluster {why}.")
+        started = time.time()
+        raw = measure(args, suites, delays, scaling)
+        print(f"(measured in {time.time() - started:.0f}s)", flush=True)
+    payload: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model_parameters": spec.parameters,
+        "results": raw,
+    }
+    if args.json:  # the raw numbers first: a report that fails to render loses nothing
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1))
+    text, goals, summary = render(args, suites, delays, spec, raw)
+    print(text, flush=True)
+    if args.json:
+        payload["summary"] = summary
+        payload["goals"] = [{"goal": g.name, "value": g.value, "limit": g.limit, "status": g.status} for g in goals]
+        args.json.write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()

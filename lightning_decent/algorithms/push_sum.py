@@ -1,0 +1,193 @@
+"""Push-sum algorithms for directed (column-stochastic) graphs: SGP, Push-DIGing, MG-Push-DIGing.
+
+On a column-stochastic ``W`` (``1^T W = 1^T`` only) plain gossip converges to the ``pi``-weighted
+average, not the average. Push-sum carries a weight ``v_i`` (``v^0 = 1``) mixed with the same ``W``;
+``sum_i x_i`` and ``sum_i v_i = n`` are preserved, and the de-biased ``z_i = x_i / v_i`` reaches the
+average. Between steps the parameters hold ``z_i`` (so evaluation, checkpoints and gradients see
+the de-biased model); the numerator is rebuilt for sending as ``x_i = v_i z_i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.comm import Communicator
+from lightning_decent.topology import Topology
+from lightning_decent.topology.metrics import equilibrium_skewness, generalized_consensus_rate
+
+PUSH_SUM_ALGORITHMS = ("push_sum", "push_diging", "mg_push_diging")
+
+
+def _require_column_stochastic(topology: Topology, name: str) -> None:
+    if not topology.column_stochastic:
+        raise ValueError(
+            f"algorithm={name!r} needs a column-stochastic mixing matrix (every node's out-weights sum to 1); "
+            f"topology {topology.name!r} is not. Build directed graphs with directed_graph(edges=...) or "
+            f"from_matrix(W, require='column')."
+        )
+
+
+def _numerator_from_step(bucket: Bucket) -> None:
+    """``x^{k+1/2} = v z^k - lr d`` from the optimizer's ``z^k - lr d`` and the saved ``z^k``.
+
+    (The optimizer stepped the de-biased ``z``; push-sum applies the step to the numerator ``x``.)
+    """
+    previous, weight = bucket.workspace["previous"], bucket.state["push_weight"]
+    bucket.params.add_(previous.mul_(weight - 1))
+
+
+class PushSum(Algorithm):
+    """Stochastic Gradient Push (Assran, Loizou, Ballas & Rabbat, ICML 2019)::
+
+        z_i^k       = x_i^k / v_i^k                            (gradients at the de-biased model)
+        x_i^{k+1/2} = x_i^k - lr d_i(grad F(z_i^k))             (the user's optimizer direction)
+        x_i^{k+1}   = sum_j W[i, j](k) x_j^{k+1/2}    }
+        v_i^{k+1}   = sum_j W[i, j](k) v_j^k          }  one round: the model and one scalar
+
+    ``W`` only needs to be column-stochastic: static digraphs and time-varying directed graphs
+    (e.g. ``one_peer_exponential``) work; on doubly stochastic graphs ``v`` stays 1 and this is D-SGD.
+    Any optimizer (SGP's recipes use Nesterov momentum, which stays local).
+
+    Communication: 1 round x (1 buffer + 1 scalar) per step. Extra memory: a push-sum scalar, plus 1
+    model of workspace (the parameters before the step).
+    """
+
+    name = "push_sum"
+    needs_doubly_stochastic = False
+
+    def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
+        _require_column_stochastic(topology, self.name)
+        return topology
+
+    def init_state(self, bucket: Bucket) -> None:
+        bucket.state["push_weight"] = bucket.node_scalar(1.0)
+        bucket.workspace["previous"] = torch.empty_like(bucket.params)
+
+    @torch.no_grad()
+    def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        for b in buckets:
+            b.workspace["previous"].copy_(b.params)
+
+    @torch.no_grad()
+    def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        for b in buckets:
+            _numerator_from_step(b)
+        comm.mix([t for b in buckets for t in (b.params, b.state["push_weight"])], step)
+        for b in buckets:
+            b.params.div_(b.state["push_weight"])
+
+
+def recommended_gossip_rounds(topology: Topology) -> int:
+    """MG-Push-DIGing's ``R = (1 + sqrt(ln kappa_pi))^2 / (1 - beta_pi)`` (Liang, Huang, Xin & Yuan 2023),
+    rounded up, from the graph's first phase."""
+    w = topology.matrix(0)
+    beta, kappa = generalized_consensus_rate(w), equilibrium_skewness(w)
+    if beta >= 1.0:
+        raise ValueError(
+            f"topology {topology.name!r} has beta_pi = {beta:.3g} >= 1 in its first phase, so no number of "
+            f"gossip rounds is recommended; pass rounds=R explicitly."
+        )
+    return math.ceil((1 + math.sqrt(math.log(kappa))) ** 2 / (1 - beta))
+
+
+class PushDIGing(Algorithm):
+    """Push-DIGing: push-sum gradient tracking (Nedić, Olshevsky & Shi, SIAM J. Optim. 2017), in the
+    form of Liang, Huang, Xin & Yuan 2023 (the tracker is combined after adding the new gradient),
+    with ``R`` gossip rounds per exchange (``W^R``; ``R > 1`` is MG-Push-DIGing)::
+
+        x^{k+1} = W^R (x^k - lr y^k)          v^{k+1} = W^R v^k          z^{k+1} = x^{k+1} / v^{k+1}
+        y^{k+1} = W^R (y^k + g(z^{k+1}) - g(z^k))                        y^0 = g(z^0)
+
+    ``g`` is the mini-batch gradient at the de-biased model; MG-Push-DIGing also averages ``R``
+    samples per step (give it an ``R`` times larger batch). The tracker exchange of iteration ``k``
+    runs once ``g(z^{k+1})`` exists, i.e. inside the next step. Exact with a constant step size on
+    heterogeneous data, on any column-stochastic ``W``. The optimizer must be plain SGD (the update
+    is ``x - lr y``).
+
+    Communication: 2 sequential exchanges of ``R`` rounds x 1 buffer (+1 scalar with ``x``) per step.
+    Extra memory: 2 models (tracker ``y``, previous gradient) and a push-sum scalar, plus 1 model of
+    workspace.
+
+    Args:
+        rounds: gossip rounds ``R`` per exchange; ``None`` picks :func:`recommended_gossip_rounds`.
+    """
+
+    name = "push_diging"
+    needs_doubly_stochastic = False
+    transforms_gradients = True
+    extra_memory = 2.0
+
+    def __init__(self, rounds: int | None = 1) -> None:
+        if rounds is not None and (int(rounds) != rounds or rounds < 1):
+            raise ValueError(f"{self.name} needs rounds >= 1 (or None for the recommended value); got {rounds}.")
+        self.rounds = rounds
+        self.rounds_per_step = 2 * (rounds or 1)
+
+    def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
+        _require_column_stochastic(topology, self.name)
+        if self.rounds is None:
+            self.rounds = recommended_gossip_rounds(topology)
+            self.rounds_per_step = 2 * self.rounds
+        return topology
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        plain = type(optimizer) is torch.optim.SGD and all(
+            g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups
+        )
+        if not plain:
+            raise ValueError(
+                f"{self.name} steps along its tracked gradient, x - lr y: use torch.optim.SGD without momentum "
+                f"and weight decay (got {type(optimizer).__name__} with {optimizer.defaults})."
+            )
+
+    def init_state(self, bucket: Bucket) -> None:
+        bucket.state["push_weight"] = bucket.node_scalar(1.0)
+        bucket.state["tracker"] = torch.zeros_like(bucket.params)
+        bucket.state["previous_grad"] = torch.zeros_like(bucket.params)
+        bucket.workspace["previous"] = torch.empty_like(bucket.params)
+
+    def _mix(self, buffers: list[torch.Tensor], comm: Communicator, step: int) -> None:
+        rounds = self.rounds or 1
+        for r in range(rounds):
+            comm.mix(buffers, step * rounds + r)
+
+    @torch.no_grad()
+    def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        for b in buckets:
+            b.workspace["previous"].copy_(b.params)
+
+    @torch.no_grad()
+    def transform_gradients(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        for b in buckets:
+            assert b.grads is not None
+            tracker = b.state["tracker"]
+            if step == 0:
+                tracker.copy_(b.grads)
+            else:
+                tracker.add_(b.grads).sub_(b.state["previous_grad"])
+            b.state["previous_grad"].copy_(b.grads)
+        if step > 0:
+            self._mix([b.state["tracker"] for b in buckets], comm, step)
+        for b in buckets:
+            b.grads.copy_(b.state["tracker"])
+
+    @torch.no_grad()
+    def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        for b in buckets:
+            _numerator_from_step(b)
+        self._mix([t for b in buckets for t in (b.params, b.state["push_weight"])], comm, step)
+        for b in buckets:
+            b.params.div_(b.state["push_weight"])
+
+
+class MGPushDIGing(PushDIGing):
+    """MG-Push-DIGing (Liang, Huang, Xin & Yuan 2023): :class:`PushDIGing` with ``R`` rounds per
+    exchange, by default ``R = ceil((1 + sqrt(ln kappa_pi))^2 / (1 - beta_pi))``."""
+
+    name = "mg_push_diging"
+
+    def __init__(self, rounds: int | None = None) -> None:
+        super().__init__(rounds)
