@@ -289,6 +289,8 @@ class DecentralizedStrategy(DDPStrategy):
         if self.algorithm.transforms_gradients:
             closure = self._closure_with_gradient_transform(closure, param_buckets, buckets, step)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if isinstance(output, torch.Tensor):  # the training loss, for adaptive global averaging
+            self.algorithm.observe_loss(output.detach())
         self.algorithm.after_step(buckets, comm, step)
         self.gossip_step += 1
         if self.log_comm_stats:
