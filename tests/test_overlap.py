@@ -71,7 +71,9 @@ def simulate_overlapped(topology: str, steps: int, finish: bool = False) -> torc
 
 @pytest.mark.parametrize("topology", ["ring", "one_peer_exponential", "exponential", "directed_ring"])
 def test_simulated_overlap_is_the_one_step_delayed_recursion(topology: str) -> None:
-    torch.testing.assert_close(simulate_overlapped(topology, STEPS), lian_reference(topology, STEPS), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        simulate_overlapped(topology, STEPS), lian_reference(topology, STEPS), rtol=0, atol=1e-12
+    )
 
 
 def test_finishing_the_pending_round_applies_the_last_mixing() -> None:
