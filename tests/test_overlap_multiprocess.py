@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from mp_launch import launch_and_read_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 RANKS = 4
 
 pytestmark = pytest.mark.slow
@@ -19,18 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("overlap_checks")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "mp_scripts" / "overlap_checks.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), "--devices", str(RANKS)],
-        env=env,
-        cwd=out,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    return launch_and_read_ranks("overlap_checks.py", out, RANKS)
 
 
 def test_training_with_overlap_is_the_one_step_delayed_recursion(ranks: list[dict]) -> None:

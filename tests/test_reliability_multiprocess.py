@@ -6,32 +6,16 @@ the other ranks), so every run is a real set of processes that is stopped and st
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from mp_launch import launch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "mp_scripts"
 RANKS = 4
 #: Exact resume is checked for these (issue 6): plain gossip, a tracker state, push-sum weights on a digraph.
 RESUME_ALGORITHMS = ("dsgd", "gradient_tracking", "push_sum")
-
-
-def launch(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / script), *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def params(out: Path, name: str, rank: int) -> list[torch.Tensor]:

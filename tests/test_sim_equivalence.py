@@ -6,13 +6,11 @@ every rank compares its parameters after 20 steps with the simulator's row for i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mp_launch import launch_and_read_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 4
@@ -23,18 +21,7 @@ from sim_equivalence import CASES, STEPS  # noqa: E402
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("sim_equivalence")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "mp_scripts" / "sim_equivalence.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), "--devices", str(RANKS)],
-        env=env,
-        cwd=out,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    return launch_and_read_ranks("sim_equivalence.py", out, RANKS)
 
 
 @pytest.mark.slow

@@ -5,33 +5,16 @@ The launch script is ``tests/mp_scripts/strategy_checks.py``; every rank writes 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from mp_launch import launch_and_read_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 RANKS = 4
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("strategy_checks")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "mp_scripts" / "strategy_checks.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), "--devices", str(RANKS)],
-        env=env,
-        cwd=out,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    return launch_and_read_ranks("strategy_checks.py", out, RANKS)
 
 
 def test_complete_graph_with_plain_sgd_equals_ddp(ranks: list[dict]) -> None:
