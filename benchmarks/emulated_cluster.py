@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ def core_cases(ranks: int) -> list[str]:
         "isolated",
         "torch_ddp",
         "lightning_ddp",
+        "raw_overlap",
     ]
     power_of_two = ranks & (ranks - 1) == 0
     cases += [f"decent_dp:{t}" for t, ok in [("one-peer-exp", power_of_two), ("ring", ranks % 2 == 0)] if ok]
@@ -101,7 +103,12 @@ def straggler_cases(delays: list[float]) -> list[str]:
     return [f"{name}@slow={d:g}" for d in delays for name in ("lightning_ddp", "ours:one_peer_exponential:overlap")]
 
 
-SCALING_CASES = ["comm:allreduce", "comm:one_peer_exponential", "lightning_ddp", "ours:one_peer_exponential:overlap"]
+def scaling_cases(ranks: int) -> list[str]:
+    """Per cluster size: the rounds, the compute-only step, the raw overlap floor and the three trainers."""
+    cases = ["comm:allreduce", "comm:one_peer_exponential", "lightning_local", "raw_overlap", "lightning_ddp"]
+    if ranks & (ranks - 1) == 0:
+        cases.append("decent_dp:one-peer-exp")
+    return [*cases, "ours:one_peer_exponential:overlap"]
 
 
 def _set_mtu(cluster: EmulatedCluster, mtu: int) -> None:
@@ -193,7 +200,7 @@ def planned_cases(args: argparse.Namespace, suites: list[str], delays: list[floa
     if "core" in suites:
         cases += args.cases.split(",") if args.cases else core_cases(args.ranks)
     if "scaling" in suites and args.ranks in scaling:
-        cases += [c for c in SCALING_CASES if c not in cases]
+        cases += [c for c in scaling_cases(args.ranks) if c not in cases]
     if "straggler" in suites:
         cases += straggler_cases(delays)
     if "accuracy" in suites:
@@ -211,7 +218,7 @@ def measure(args: argparse.Namespace, suites: list[str], delays: list[float], sc
         by_ranks = {args.ranks: main_results} if args.ranks in scaling else {}
         for ranks in scaling:
             if ranks != args.ranks:
-                by_ranks[ranks] = run_cluster(args, ranks, SCALING_CASES, logs)
+                by_ranks[ranks] = run_cluster(args, ranks, scaling_cases(ranks), logs)
     return {"main": main_results, "overhead": overhead, "scaling": {str(n): r for n, r in by_ranks.items()}}
 
 
@@ -251,6 +258,8 @@ def render(
 
 
 def main() -> None:
+    # A kill (SIGTERM) unwinds like Ctrl-C, so the ranks are stopped and the namespaces removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = sorted(set(suites) - set(SUITES))

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_decent.comm import NonFiniteValueError, P2PCommunicator
+from lightning_decent.comm.p2p import FUSED_SLICE, _add_correction, _Phase
 from lightning_decent.comm.schedule import directed_edges, gossip_rounds
 from lightning_decent.topology import TOPOLOGIES, Topology, get_topology
 
@@ -206,3 +207,20 @@ def test_a_buffer_cannot_have_two_rounds_in_flight(gloo_results: dict) -> None:
 
 def test_non_finite_values_are_refused_before_sending(gloo_results: dict) -> None:
     assert all(gloo_results[("double_start", rank)][1] for rank in range(WORLD))
+
+
+@pytest.mark.parametrize("name", ["one_peer_exponential", "exponential", "directed_ring"])
+@pytest.mark.parametrize("refill", [False, True])
+def test_fused_correction_equals_the_unfused_update_across_slices(name: str, refill: bool) -> None:
+    """``into += (W x)_i - x_i`` done slice by slice (and the refill of the snapshot) equals the
+    plain formula on a buffer of several slices plus a ragged tail."""
+    phase = _Phase(get_topology(name, 8), rank=3, phase=0)
+    size = 2 * FUSED_SLICE + FUSED_SLICE // 2 + 7
+    gen = torch.Generator().manual_seed(0)
+    own, into = (torch.randn(size, generator=gen, dtype=torch.float64) for _ in range(2))
+    received = [torch.randn(size, generator=gen, dtype=torch.float64) for _ in phase.in_peers]
+    expected = into + (phase.self_weight - 1.0) * own + sum(w * r for (_, w), r in zip(phase.in_peers, received))
+    snapshot = own.clone()
+    _add_correction(into, snapshot, received, phase, refill)
+    torch.testing.assert_close(into, expected, rtol=0, atol=1e-14)
+    assert torch.equal(snapshot, into if refill else own)

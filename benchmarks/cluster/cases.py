@@ -11,6 +11,8 @@ curve. Names may carry ``@slow=SECONDS``: the last rank then does that much extr
 * ``lightning_local``: plain Lightning on one device per rank, no communication (compute only).
 * ``isolated``: ``DecentralizedStrategy`` on a graph without edges (the strategy, no network).
 * ``torch_ddp``, ``lightning_ddp``: AllReduce data parallelism (torch, and Lightning's DDPStrategy).
+* ``raw_overlap``: plain torch training while raw gloo moves one model ``i -> i - 1`` each step, and
+  nothing else: the fastest an overlapped one-peer step can be on this machine.
 * ``decent_dp:<topology>``: decent-dp's ``DecentralizedDataParallel`` (if installed).
 * ``ours:<topology>[:overlap]``: ``DecentralizedStrategy`` (D-SGD), blocking or overlapped; besides the
   library's topologies, ``alternating_pairs`` is decent-dp's "ring" (perfect matchings of neighbours,
@@ -207,6 +209,25 @@ def torch_ddp(ctx: Context, slow: float = 0.0) -> dict[str, Any]:
     return _loop(ctx, step)
 
 
+def raw_overlap(ctx: Context, slow: float = 0.0) -> dict[str, Any]:
+    """The machine's floor for an overlapped one-peer step: plain torch forward/backward/SGD while raw
+    gloo moves one model-sized message ``i -> i - 1``, with nothing else (no copy, no combine)."""
+    torch.manual_seed(0)
+    model = ctx.spec.build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=0.9)
+    sent, received = torch.randn(ctx.spec.parameters), torch.empty(ctx.spec.parameters)
+
+    def step(inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        works = [dist.irecv(received, (ctx.rank + 1) % ctx.world), dist.isend(sent, (ctx.rank - 1) % ctx.world)]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+        for work in works:
+            work.wait()
+
+    return _loop(ctx, step)
+
+
 def decent_dp(ctx: Context, topology: str, slow: float = 0.0) -> dict[str, Any]:
     try:
         from decent_dp.ddp import DecentralizedDataParallel
@@ -289,6 +310,7 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "lightning_local": lightning_local,
     "isolated": isolated,
     "torch_ddp": torch_ddp,
+    "raw_overlap": raw_overlap,
     "lightning_ddp": lightning_ddp,
     "decent_dp": decent_dp,
     "ours": ours,

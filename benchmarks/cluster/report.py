@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 #: Goals of issue 7 (ratios measured in the same run).
@@ -99,8 +100,11 @@ def core_report(
     t = timings(results)
     link = model_bytes / bandwidth
 
-    def med(name: str) -> float | None:
+    def med(name: str) -> float | None:  # rounds: the median of isolated rounds
         return t[name].median if name in t else None
+
+    def step(name: str) -> float | None:  # training: the mean step, i.e. the throughput
+        return t[name].mean if name in t else None
 
     def div(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a / b
@@ -123,14 +127,15 @@ def core_report(
         comm_rows,
     )
 
-    compute = med("lightning_local")
-    ddp = med("lightning_ddp")
+    compute = step("lightning_local")
+    ddp = step("lightning_ddp")
     step_rows = []
     for name, label in [
         ("lightning_local", "compute only: plain Lightning, one device per rank"),
         ("isolated", "DecentralizedStrategy, graph without edges (no network)"),
         ("torch_ddp", "torch DDP (AllReduce)"),
         ("lightning_ddp", "Lightning DDPStrategy (AllReduce)"),
+        ("raw_overlap", "floor: plain torch + raw one-peer exchange, overlapped"),
         ("decent_dp:one-peer-exp", "decent-dp one-peer-exp"),
         ("decent_dp:ring", "decent-dp ring"),
         ("decent_dp:complete", "decent-dp complete (all-reduce)"),
@@ -141,12 +146,13 @@ def core_report(
         ("ours:alternating_pairs:overlap", "ours alternating pairs (= decent-dp ring), overlap"),
     ]:
         if name in results and results[name] and "skipped" in results[name][0]:
-            step_rows.append([label, "skipped", "-", "-", results[name][0]["skipped"]])
+            step_rows.append([label, "skipped", "-", "-", "-", results[name][0]["skipped"]])
             continue
-        step_rows.append([label, _ms(med(name)), _ratio(div(med(name), compute)), _ratio(div(med(name), ddp)), ""])
+        mean = step(name)
+        step_rows.append([label, _ms(mean), _ms(med(name)), _ratio(div(mean, compute)), _ratio(div(mean, ddp)), ""])
     text += "\n" + table(
-        f"Training step, {ranks} ranks (median over ranks and steps)",
-        ["run", "median ms", "x compute", "x Lightning DDP", "note"],
+        f"Training step, {ranks} ranks: mean step (= throughput; ratios use it) and median, over ranks and steps",
+        ["run", "mean ms", "median ms", "x compute", "x Lightning DDP", "note"],
         step_rows,
     )
 
@@ -165,14 +171,14 @@ def core_report(
         goals.append(
             Goal(
                 f"{topology} overlap step / max(compute, round)",
-                div(med(f"ours:{topology}:overlap"), slowest),
+                div(step(f"ours:{topology}:overlap"), slowest),
                 OVERLAP_STEP,
             )
         )
     goals.append(
-        Goal("one_peer overlap step / Lightning DDP", div(med("ours:one_peer_exponential:overlap"), ddp), VERSUS_DDP)
+        Goal("one_peer overlap step / Lightning DDP", div(step("ours:one_peer_exponential:overlap"), ddp), VERSUS_DDP)
     )
-    goals.append(Goal("ring overlap step / Lightning DDP", div(med("ours:ring:overlap"), ddp), VERSUS_DDP))
+    goals.append(Goal("ring overlap step / Lightning DDP", div(step("ours:ring:overlap"), ddp), VERSUS_DDP))
     for ours, theirs in [
         ("ours:one_peer_exponential:overlap", "decent_dp:one-peer-exp"),
         ("ours:alternating_pairs:overlap", "decent_dp:ring"),
@@ -185,7 +191,7 @@ def core_report(
         if ours == "ours:ring:overlap":
             note = note or "ours sends 2 models per step, decent-dp's ring 1"
         label = f"{ours.split(':')[1]} overlap / decent-dp {theirs.split(':')[1]}"
-        goals.append(Goal(label, div(med(ours), med(theirs)), VERSUS_DECENT_DP, note))
+        goals.append(Goal(label, div(step(ours), step(theirs)), VERSUS_DECENT_DP, note))
     summary = {name: {"median_s": v.median, "mean_s": v.mean} for name, v in t.items()}
     return text, goals, summary
 
@@ -193,9 +199,9 @@ def core_report(
 def overhead_report(results: dict[str, list[dict[str, Any]]]) -> tuple[str, list[Goal]]:
     """One rank, no network: the strategy's cost over plain Lightning."""
     t = timings(results)
-    local = t["lightning_local"].median
+    local = t["lightning_local"].mean
     rows = [
-        [label, _ms(t[name].median), _ratio(t[name].median / local)]
+        [label, _ms(t[name].mean), _ratio(t[name].mean / local)]
         for name, label in [
             ("lightning_local", "plain Lightning, one device"),
             ("isolated", "DecentralizedStrategy (one rank)"),
@@ -203,36 +209,48 @@ def overhead_report(results: dict[str, list[dict[str, Any]]]) -> tuple[str, list
         ]
     ]
     goals = [
-        Goal("overhead without network / plain Lightning", t["isolated"].median / local, OVERHEAD),
-        Goal("overhead without network, overlap / plain Lightning", t["ours:ring:overlap"].median / local, OVERHEAD),
+        Goal("overhead without network / plain Lightning", t["isolated"].mean / local, OVERHEAD),
+        Goal("overhead without network, overlap / plain Lightning", t["ours:ring:overlap"].mean / local, OVERHEAD),
     ]
-    return table("Overhead without network cost (1 rank, median step)", ["run", "median ms", "ratio"], rows), goals
+    return table("Overhead without network cost (1 rank, mean step)", ["run", "mean ms", "ratio"], rows), goals
+
+
+def _timing_of(t: dict[str, Timing], name: str, median: bool = False) -> float | None:
+    """A case's median (rounds) or mean (steps; the throughput), ``None`` if it did not run."""
+    return None if name not in t else (t[name].median if median else t[name].mean)
 
 
 def scaling_report(by_ranks: dict[int, dict[str, list[dict[str, Any]]]], model_bytes: int, bandwidth: float) -> str:
+    """Rounds (median) and steps (mean) per cluster size, and the overlap step's ratios in each."""
     link = model_bytes / bandwidth
     rows = []
     for ranks in sorted(by_ranks):
-        t = timings(by_ranks[ranks])
-        cells = [str(ranks)]
-        for name in (
-            "comm:allreduce",
-            "comm:one_peer_exponential",
-            "lightning_ddp",
-            "ours:one_peer_exponential:overlap",
-        ):
-            cells.append(_ms(t[name].median) if name in t else "-")
-        cells.append(_ms(link * 2 * (ranks - 1) / ranks))
-        rows.append(cells)
+        get = partial(_timing_of, timings(by_ranks[ranks]))
+
+        ours, round_ = get("ours:one_peer_exponential:overlap"), get("comm:one_peer_exponential", median=True)
+        slowest = max((v for v in (get("lightning_local"), round_) if v is not None), default=None)
+        ratios = [(ours, slowest), (ours, get("lightning_ddp")), (ours, get("decent_dp:one-peer-exp"))]
+        rows.append(
+            [str(ranks), _ms(link * 2 * (ranks - 1) / ranks), _ms(get("comm:allreduce", median=True)), _ms(round_)]
+            + [_ms(get(n)) for n in ("lightning_local", "raw_overlap", "lightning_ddp", "decent_dp:one-peer-exp")]
+            + [_ms(ours)]
+            + [_ratio(None if a is None or b is None else a / b) for a, b in ratios]
+        )
     return table(
-        "Scaling: AllReduce grows with n, one-peer gossip stays flat (median ms)",
+        "Scaling: AllReduce grows with n, one-peer gossip stays flat (rounds: median ms; steps: mean ms)",
         [
             "ranks",
+            "all-reduce bound",
             "all-reduce round",
             "one-peer round",
-            "Lightning DDP step",
-            "ours one-peer overlap step",
-            "all-reduce bound",
+            "compute step",
+            "raw overlap floor",
+            "Lightning DDP",
+            "decent-dp one-peer",
+            "ours one-peer overlap",
+            "ours / max(compute, round)",
+            "ours / DDP",
+            "ours / decent-dp",
         ],
         rows,
     )

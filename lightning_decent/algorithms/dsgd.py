@@ -31,7 +31,7 @@ class DSGD(Algorithm):
     starts as soon as ``x^k`` exists (``after_step`` of step ``k - 1``, per bucket) and runs while step
     ``k`` loads data and does its forward and backward. ``x^k`` travels from a snapshot, because the
     local optimizer then updates the parameters in place; ``after_step`` applies the exchange as the
-    correction ``x_i^{k+1} = (x_i^k - lr d_i^k) + ((W x^k)_i - x_i^k)`` (one pass per peer), so the
+    correction ``x_i^{k+1} = (x_i^k - lr d_i^k) + ((W x^k)_i - x_i^k)`` (fused with the next snapshot), so the
     optimizer sees exactly the point its gradient was taken at (clipping, AMP loss scaling, weight
     decay and schedulers as without gossip), and a bucket's next exchange starts while later buckets
     are still arriving. Same messages per step; extra memory: one model (the snapshot).
@@ -68,24 +68,29 @@ class DSGD(Algorithm):
             comm.mix([b.params for b in buckets], step)
             return
         for bucket in buckets:
-            self._apply(bucket)
-            self._start(bucket, comm, step + 1)
+            snapshot_taken = self._apply(bucket, refill=True)
+            self._start(bucket, comm, step + 1, snapshot_taken)
 
     @torch.no_grad()
-    def _start(self, bucket: Bucket, comm: Communicator, step: int) -> None:
+    def _start(self, bucket: Bucket, comm: Communicator, step: int, snapshot_taken: bool = False) -> None:
         if comm.is_silent(step):
             self._pending[id(bucket)] = None
             return
         sent = bucket.workspace[SENT]
-        with record_function("gossip.snapshot"):
-            sent.copy_(bucket.params)
+        if not snapshot_taken:
+            with record_function("gossip.snapshot"):
+                sent.copy_(bucket.params)
         self._pending[id(bucket)] = comm.start_mix([sent], step)
 
     @torch.no_grad()
-    def _apply(self, bucket: Bucket) -> None:
+    def _apply(self, bucket: Bucket, refill: bool = False) -> bool:
+        """Add the bucket's finished exchange to the parameters; with ``refill`` the snapshot also takes
+        the new parameters (fused into the same pass). Whether there was an exchange to apply."""
         pending = self._pending.pop(id(bucket))
-        if pending is not None:
-            pending.finish(0, into=bucket.params)
+        if pending is None:
+            return False
+        pending.finish(0, into=bucket.params, refill=refill)
+        return refill
 
     def wait_pending(self) -> None:
         for pending in self._pending.values():

@@ -86,7 +86,10 @@ class PendingMix(ABC):
     * ``finish(index)``: the buffer becomes ``(W x)_i = sum_j W[i, j] x_j``, as after ``mix``;
     * ``finish(index, into=t)``: ``t += (W x)_i - x_i`` and the buffer keeps ``x_i``. This adds the
       neighbours' correction to a tensor that has moved on since the round started (the one-step
-      delayed mixing ``x^{k+1} = W x^k - lr d^k`` of overlapped D-SGD), in a single pass per peer.
+      delayed mixing ``x^{k+1} = W x^k - lr d^k`` of overlapped D-SGD);
+    * ``finish(index, into=t, refill=True)``: the same, then the buffer takes ``t``'s new value, ready
+      to be sent in the next round. Implementations may fuse the two (the point-to-point one does
+      both in one cache-sized pass over ``t``, the buffer and the received models).
     """
 
     def __init__(self, buffers: Sequence[torch.Tensor], step: int) -> None:
@@ -98,7 +101,7 @@ class PendingMix(ABC):
         """Complete every transfer of the round without changing any tensor (idempotent)."""
 
     @abstractmethod
-    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         """Wait for buffer ``index`` and combine it (see the class docstring). Call once per buffer."""
 
 
@@ -112,7 +115,7 @@ class DeferredMix(PendingMix):
     def wait(self) -> None:
         pass
 
-    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         buffer = self.buffers[index]
         if into is None:
             self.comm.mix([buffer], self.step)
@@ -121,3 +124,5 @@ class DeferredMix(PendingMix):
         mixed.copy_(buffer)
         self.comm.mix([mixed], self.step)
         into.add_(mixed).sub_(buffer)
+        if refill:
+            buffer.copy_(into)

@@ -255,7 +255,7 @@ class _P2PPendingMix(PendingMix):
             self._wait_buffer(index)
 
     @torch.no_grad()
-    def finish(self, index: int, into: torch.Tensor | None = None) -> None:
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         if self.finished[index]:
             raise RuntimeError(f"buffer {index} of this gossip round was already finished.")
         self._wait_buffer(index)
@@ -264,7 +264,7 @@ class _P2PPendingMix(PendingMix):
             if into is None:
                 _combine(buf, recv, self.phase)
             else:
-                _add_correction(into, buf, recv, self.phase)
+                _add_correction(into, buf, recv, self.phase, refill)
         self.finished[index] = True
         if self.keys:
             self.comm._pending_keys.discard(self.keys[index])
@@ -291,12 +291,32 @@ def _combine(buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase)
         buf.mul_(total)
 
 
-def _add_correction(into: torch.Tensor, buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase) -> None:
-    """``into += (a - 1) x_i + sum_j w_j x_j``, i.e. ``into += (W x)_i - x_i``."""
-    if phase.self_weight != 1.0:
-        into.add_(buf, alpha=phase.self_weight - 1.0)
-    for (_, weight), r in zip(phase.in_peers, received):
-        into.add_(r, alpha=weight)
+#: Elements per slice of a fused pass: a slice of the parameters, of the snapshot and of one received
+#: model (3 x 512 KiB in float32) stay in a core's L2 cache between the passes over them.
+FUSED_SLICE = 1 << 17
+
+
+def _add_correction(
+    into: torch.Tensor, buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase, refill: bool
+) -> None:
+    """``into += (a - 1) x_i + sum_j w_j x_j``, i.e. ``into += (W x)_i - x_i``; then ``x_i <- into`` if ``refill``.
+
+    Runs slice by slice (:data:`FUSED_SLICE` elements): each slice of ``into`` is read from memory once
+    and stays in cache for the passes of every term and the refill copy, so the whole update streams
+    ``into``, ``x_i`` and the received models once instead of once per pass (a third fewer bytes moved
+    for one peer; the Python loop costs about 2 us per slice).
+    """
+    into, buf = into.view(-1), buf.view(-1)
+    received = [r.view(-1) for r in received]
+    for start in range(0, into.numel(), FUSED_SLICE):
+        length = min(FUSED_SLICE, into.numel() - start)
+        target, own = into.narrow(0, start, length), buf.narrow(0, start, length)
+        if phase.self_weight != 1.0:
+            target.add_(own, alpha=phase.self_weight - 1.0)
+        for (_, weight), r in zip(phase.in_peers, received):
+            target.add_(r.narrow(0, start, length), alpha=weight)
+        if refill:
+            own.copy_(target)
 
 
 def _reverse_channel(topology: Topology, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
