@@ -345,7 +345,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1 or self.eval_model != "average" or self._eval_backup is not None:
             return
         tensors = _floating_tensors(self.lightning_module.state_dict())
-        averaged = network_average(tensors)
+        averaged = network_average(tensors, self._average_weight())
         with torch.no_grad():
             self._eval_backup = [(t, t.clone()) for t in tensors]
             torch._foreach_copy_(tensors, averaged)
@@ -437,7 +437,11 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1:
             return state
         keys = [k for k, t in state.items() if t.is_floating_point()]
-        return {**state, **dict(zip(keys, network_average([state[k] for k in keys])))}
+        return {**state, **dict(zip(keys, network_average([state[k] for k in keys], self._average_weight())))}
+
+    def _average_weight(self) -> float:
+        """This rank's weight in the network average (push-sum: ``v_i``; otherwise 1)."""
+        return self.algorithm.average_weight([b for _, buckets in self._buckets.values() for b in buckets])
 
     def _checkpoint_meta(self) -> ckpt.CheckpointMeta:
         assert self.topology is not None
@@ -595,8 +599,10 @@ def _floating_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def network_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Averaged copies of ``tensors`` over all ranks: one all-reduce per dtype and device."""
+def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[torch.Tensor]:
+    """``(1/n) sum_i weight_i t_i`` for every tensor, as new tensors: one all-reduce per dtype and device.
+
+    ``weight`` is this rank's ``weight_i`` (push-sum's ``v_i``, which sum to ``n``; 1 otherwise)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(index)
@@ -604,6 +610,8 @@ def network_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for indices in groups.values():
         members = [tensors[i].detach() for i in indices]
         flat = torch._utils._flatten_dense_tensors(members)
+        if weight != 1.0:
+            flat.mul_(weight)
         average_all_reduce([flat])
         for i, t in zip(indices, torch._utils._unflatten_dense_tensors(flat, members)):
             out[i] = t

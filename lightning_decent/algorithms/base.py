@@ -131,6 +131,11 @@ class Algorithm(ABC):
         """Complete and apply the rounds in flight for ``buckets`` (end of training); the next
         ``before_step`` starts afresh."""
 
+    def average_weight(self, buckets: list[Bucket]) -> float:
+        """This rank's weight ``w_i`` in the network average ``(1/n) sum_i w_i x_i`` that evaluation and
+        ``average.ckpt`` use: 1 (the plain mean of the replicas), except for push-sum (see there)."""
+        return 1.0
+
     def state_dict(self) -> dict[str, Any]:
         """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.
 

@@ -30,6 +30,16 @@ def _require_column_stochastic(topology: Topology, name: str) -> None:
         )
 
 
+class _PushSumAverage(Algorithm):
+    """The network average of push-sum methods, weighted by the push-sum weights."""
+
+    def average_weight(self, buckets: list[Bucket]) -> float:
+        """``v_i``: the average is ``(1/n) sum_i v_i z_i = (1/n) sum_i x_i``, the quantity push-sum preserves
+        (``sum_i v_i = n``), not the mean of the de-biased ``z_i``, which differs before consensus. Every
+        bucket is mixed in the same rounds, so they share ``v_i``."""
+        return float(buckets[0].state["push_weight"]) if buckets else 1.0
+
+
 def _numerator_from_step(bucket: Bucket) -> None:
     """``x^{k+1/2} = v z^k - lr d`` from the optimizer's ``z^k - lr d`` and the saved ``z^k``.
 
@@ -39,7 +49,7 @@ def _numerator_from_step(bucket: Bucket) -> None:
     bucket.params.add_(previous.mul_(weight - 1))
 
 
-class PushSum(Algorithm):
+class PushSum(_PushSumAverage):
     """Stochastic Gradient Push (Assran, Loizou, Ballas & Rabbat, ICML 2019)::
 
         z_i^k       = x_i^k / v_i^k                            (gradients at the de-biased model)
@@ -93,7 +103,7 @@ def recommended_gossip_rounds(topology: Topology) -> int:
     return math.ceil((1 + math.sqrt(math.log(kappa))) ** 2 / (1 - beta))
 
 
-class PushDIGing(Algorithm):
+class PushDIGing(_PushSumAverage):
     """Push-DIGing: push-sum gradient tracking (Nedić, Olshevsky & Shi, SIAM J. Optim. 2017), in the
     form of Liang, Huang, Xin & Yuan 2023 (the tracker is combined after adding the new gradient),
     with ``R`` gossip rounds per exchange (``W^R``; ``R > 1`` is MG-Push-DIGing)::

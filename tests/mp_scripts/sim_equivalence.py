@@ -3,7 +3,8 @@
 Each rank trains a LightningModule whose loss is its own node's objective of the simulator's problem
 (full local data, so exact gradients; float64), for 20 steps, then runs the simulator on the same
 problem, graph and algorithm and records the largest difference between its parameters and the
-simulator's row for its node. Used by ``tests/test_sim_equivalence.py`` (one launch, all cases).
+simulator's row for its node, and between the network average that evaluation uses and the
+simulator's (``(1/n) sum_i v_i z_i`` for push-sum). Used by ``tests/test_sim_equivalence.py`` (one launch, all cases).
 Usage: ``python sim_equivalence.py OUT_DIR [--devices 4]``.
 """
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightning_decent import DecentralizedStrategy
-from lightning_decent.sim import Problem, get_problem, simulate
+from lightning_decent.sim import Problem, get_problem, network_average, simulate
 
 STEPS = 20
 LR = 0.1
@@ -94,8 +95,12 @@ def run(out: Path, devices: int) -> None:
             problem, algorithm, topology, steps=STEPS, lr=LR, momentum=momentum, eval_every=STEPS, **options
         )
         rank = trainer.global_rank
+        evaluated = strategy._average_state_dict({"x": model.x.detach()})["x"]  # what evaluation and average.ckpt see
+        expected_average = network_average(simulated.params, simulated.push_weights)
         results[case] = {
             "max_abs_diff": (model.x.detach() - simulated.params[rank]).abs().max().item(),
+            "average_max_abs_diff": (evaluated - expected_average).abs().max().item(),
+            "plain_mean_gap": (simulated.params.mean(dim=0) - expected_average).abs().max().item(),
             "gossip_step": strategy.gossip_step,
             "moved": (model.x.detach() - problem.initial_params()).abs().max().item(),
         }
