@@ -609,7 +609,7 @@ def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[to
     out: list[torch.Tensor] = list(tensors)
     for indices in groups.values():
         members = [tensors[i].detach() for i in indices]
-        flat = torch._utils._flatten_dense_tensors(members)
+        flat = torch.cat([m.reshape(-1) for m in members])  # a copy, also of a single tensor
         if weight != 1.0:
             flat.mul_(weight)
         average_all_reduce([flat])

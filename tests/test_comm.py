@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator
+from lightning_decent.strategy import network_average
 from lightning_decent.topology import get_topology
 
 N = 4
@@ -70,6 +71,12 @@ def _worker(rank: int, port: int, queue) -> None:
         mean = initial_values(N)[rank].clone()
         AllReduceCommunicator(get_topology("ring", N)).mix([mean], 0)
         queue.put(("allreduce", rank, mean, 1.0, {}))
+        # One float64 tensor alone in its dtype group, two float32 ones; weight_i = i + 1.
+        inputs = [initial_values(N)[rank].clone(), torch.ones(3) * rank, torch.ones(2, 2) * rank]
+        kept = [t.clone() for t in inputs]
+        averaged = network_average(inputs, weight=rank + 1.0)
+        unchanged = all(torch.equal(a, b) for a, b in zip(inputs, kept))
+        queue.put(("network_average", rank, averaged, float(unchanged), {}))
     finally:
         dist.destroy_process_group()
 
@@ -83,7 +90,7 @@ def p2p_results() -> dict:
     for p in processes:
         p.start()
     results = {}
-    for _ in range(N * (len(CASES) + 1)):
+    for _ in range(N * (len(CASES) + 2)):
         name, rank, x, scalar, stats = queue.get(timeout=120)
         results[(name, rank)] = (x, scalar, stats)
     for p in processes:
@@ -108,6 +115,20 @@ def test_p2p_mix_equals_matrix_product(p2p_results: dict, name: str, options: di
         assert stats["messages_sent"] == 2 * out_messages  # two buffers per round
         assert stats["messages_received"] == 2 * in_messages
         assert stats["bytes_sent"] == out_messages * (DIM + 1) * 8
+
+
+def test_network_average_is_weighted_and_leaves_the_inputs_alone(p2p_results: dict) -> None:
+    """``(1/n) sum_i w_i t_i`` (push-sum's evaluation model), on copies: a tensor alone in its dtype
+    group once came back as a view of the input, and the all-reduce averaged the live parameter."""
+    weights = torch.arange(1, N + 1, dtype=torch.float64)
+    expected = (weights[:, None] * initial_values(N)).sum(0) / N
+    scalar_expected = float((weights * torch.arange(N)).sum() / N)
+    for rank in range(N):
+        averaged, unchanged, _ = p2p_results[("network_average", rank)]
+        assert unchanged == 1.0
+        torch.testing.assert_close(averaged[0], expected, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(averaged[1], torch.full((3,), scalar_expected))
+        assert torch.allclose(averaged[2], torch.full((2, 2), scalar_expected))
 
 
 def test_allreduce_communicator_gives_the_exact_mean(p2p_results: dict) -> None:
