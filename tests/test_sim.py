@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -211,9 +210,8 @@ def test_compare_fills_transients_against_parallel_sgd() -> None:
 
 
 @pytest.mark.slow
-def test_1024_nodes_logistic_1000_steps_well_under_a_minute() -> None:
-    problem = Logistic(n=1024, dim=100)
-    start = time.perf_counter()
-    result = simulate(problem, "dsgd", "ring", steps=1000, lr=0.05, eval_every=100)
-    assert time.perf_counter() - start < 30
+def test_1024_nodes_logistic_1000_steps_converge() -> None:
+    """The scale of the simulator's speed benchmark (``benchmarks/algorithms.py --only scale``) runs and
+    converges; its time is measured there, not here."""
+    result = simulate(Logistic(n=1024, dim=100), "dsgd", "ring", steps=1000, lr=0.05, eval_every=100)
     assert result.final("excess_loss") < 0.01 * result.series["excess_loss"][0]
