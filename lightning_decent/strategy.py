@@ -83,6 +83,10 @@ class DecentralizedStrategy(DDPStrategy):
         eval_model: ``"average"`` evaluates the network-average model (one all-reduce before
             validation/test/predict, local replicas restored afterwards); ``"local"`` evaluates
             each rank's own replica.
+        final_model: ``"average"`` replaces every replica by the network average when ``fit``
+            ends (one all-reduce), so the model ``fit`` leaves behind, on every rank and in the
+            process that called a spawn launcher, is the one validation reported on; ``"local"``
+            leaves each rank its own replica.
         log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
             it costs a global all-reduce).
         log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
@@ -110,6 +114,7 @@ class DecentralizedStrategy(DDPStrategy):
         algorithm_options: dict[str, Any] | None = None,
         bucket_size_mb: float = 25.0,
         eval_model: EvalModel = "average",
+        final_model: EvalModel = "average",
         log_consensus_every: int = 0,
         log_comm_stats: bool = True,
         gossip_timeout: float = 60.0,
@@ -137,8 +142,9 @@ class DecentralizedStrategy(DDPStrategy):
         )
         if communicator not in ("p2p", "allreduce"):
             raise ValueError(f"communicator={communicator!r} is not one of 'p2p', 'allreduce'.")
-        if eval_model not in ("average", "local"):
-            raise ValueError(f"eval_model={eval_model!r} is not one of 'average', 'local'.")
+        for name, value in (("eval_model", eval_model), ("final_model", final_model)):
+            if value not in ("average", "local"):
+                raise ValueError(f"{name}={value!r} is not one of 'average', 'local'.")
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
         if log_consensus_every < 0:
@@ -153,6 +159,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._communicator_name = communicator
         self._bucket_bytes = int(bucket_size_mb * 2**20)
         self.eval_model = eval_model
+        self.final_model = final_model
         self.log_consensus_every = log_consensus_every
         self.log_comm_stats = log_comm_stats
         self.gossip_timeout = timedelta(seconds=gossip_timeout)
@@ -344,11 +351,15 @@ class DecentralizedStrategy(DDPStrategy):
         self.algorithm.wait_pending()
         if self.world_size == 1 or self.eval_model != "average" or self._eval_backup is not None:
             return
-        tensors = _floating_tensors(self.lightning_module.state_dict())
-        averaged = network_average(tensors, self._average_weight())
+        tensors, averaged = self._module_average()
         with torch.no_grad():
             self._eval_backup = [(t, t.clone()) for t in tensors]
             torch._foreach_copy_(tensors, averaged)
+
+    def _module_average(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The module's parameters and floating-point buffers, and their network average (new tensors)."""
+        tensors = _floating_tensors(self.lightning_module.state_dict())
+        return tensors, network_average(tensors, self._average_weight())
 
     def _restore_local_replica(self) -> None:
         if self._eval_backup is None:
@@ -360,9 +371,13 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
-        """Apply the exchange still in flight (overlap): it was sent already, and it brings the replicas closer."""
+        """Apply the exchange still in flight (overlap): it was sent already, and it brings the replicas
+        closer; then, with ``final_model="average"``, make every replica the network average."""
         for _, buckets in self._buckets.values():
             self.algorithm.finish_pending(buckets)
+        if self.final_model == "average" and self.world_size > 1:
+            with torch.no_grad():
+                torch._foreach_copy_(*self._module_average())
         super().on_train_end()
 
     @override

@@ -71,6 +71,17 @@ def test_directed_and_time_varying_graphs_receive_from_in_neighbours(ranks: list
         assert result["bytes_received"] == result["expected_in_degree_sum"] * result["param_bytes"]
 
 
+@pytest.mark.parametrize("topology", ["exponential", "one_peer_exponential"])
+def test_fit_leaves_every_rank_the_network_average(ranks: list[dict], topology: str) -> None:
+    """``final_model="average"``: after ``fit`` every replica is the mean of the local replicas at
+    the end of training (checked through two linear functionals of the parameters)."""
+    local = [r[topology + "_short"]["local_checksums_at_end"] for r in ranks]
+    assert len({round(c[0], 4) for c in local}) > 1  # the replicas really differed
+    mean = [sum(c[k] for c in local) / RANKS for k in range(2)]
+    for r in ranks:
+        assert r[topology + "_short"]["final_checksums"] == pytest.approx(mean, rel=1e-6, abs=1e-6)
+
+
 def test_accumulation_gossips_once_per_optimizer_step_with_bf16_clipping_and_scheduler(ranks: list[dict]) -> None:
     for r in ranks:
         result = r["accumulate"]

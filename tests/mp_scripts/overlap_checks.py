@@ -102,7 +102,7 @@ def check_recursion(devices: int) -> dict:
     pl.seed_everything(0)
     model = FullBatch()
     initial = flat(model).double()
-    strategy = DecentralizedStrategy(topology="one_peer_exponential", overlap=True)
+    strategy = DecentralizedStrategy(topology="one_peer_exponential", overlap=True, final_model="local")
     t = trainer(
         devices,
         strategy,
@@ -123,7 +123,7 @@ def check_recursion(devices: int) -> dict:
 # ---- 2. accumulation, bf16, clipping, scheduler -----------------------------------------------------
 def check_accumulate(devices: int) -> dict:
     pl.seed_everything(0)
-    strategy = DecentralizedStrategy(topology="ring", overlap=True)
+    strategy = DecentralizedStrategy(topology="ring", overlap=True, final_model="local")
     scheduler = partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5)
     model = DigitsClassifier(scheduler=scheduler)
     t = trainer(
@@ -181,7 +181,7 @@ class SeenByValidation(pl.Callback):
 def check_evaluation(devices: int) -> dict:
     pl.seed_everything(0)
     seen = SeenByValidation()
-    strategy = DecentralizedStrategy(topology="ring", overlap=True)
+    strategy = DecentralizedStrategy(topology="ring", overlap=True, final_model="local")
     model = DigitsClassifier()
     t = trainer(
         devices,
@@ -211,7 +211,7 @@ def check_evaluation(devices: int) -> dict:
 def resume_trainer(devices: int, epochs: int, callbacks=()) -> pl.Trainer:
     return trainer(
         devices,
-        DecentralizedStrategy(topology="one_peer_exponential", overlap=True),
+        DecentralizedStrategy(topology="one_peer_exponential", overlap=True, final_model="local"),
         max_epochs=epochs,
         num_sanity_val_steps=0,
         limit_val_batches=0,

@@ -34,7 +34,7 @@ def make_trainer(devices: int, epochs: int, algorithm: str, callbacks=(), **stra
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=DecentralizedStrategy(topology=topology, algorithm=algorithm, **strategy_kwargs),
+        strategy=DecentralizedStrategy(topology=topology, algorithm=algorithm, final_model="local", **strategy_kwargs),
         max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,

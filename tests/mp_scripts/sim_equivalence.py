@@ -78,7 +78,9 @@ def run(out: Path, devices: int) -> None:
     for case, problem_name, topology, algorithm, options, momentum in CASES:
         problem = build_problem(problem_name, devices)
         model = NodeObjective(problem, momentum)
-        strategy = DecentralizedStrategy(topology=topology, algorithm=algorithm, algorithm_options=dict(options))
+        strategy = DecentralizedStrategy(
+            topology=topology, algorithm=algorithm, algorithm_options=dict(options), final_model="local"
+        )
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=devices,

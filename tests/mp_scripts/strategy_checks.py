@@ -60,6 +60,20 @@ class SpyDuringTraining(pl.Callback):
         SPY.inside_step = False
 
 
+class ReplicaAtTrainEnd(pl.Callback):
+    """The local replica's checksums when training ends, before the strategy's own ``on_train_end``
+    (callbacks run first) replaces it by the network average (``final_model="average"``)."""
+
+    def on_train_end(self, trainer, module) -> None:
+        self.checksums = checksums(module)
+
+
+def checksums(module: torch.nn.Module) -> list[float]:
+    """Two linear functionals of the parameters: their sum and a dot product with fixed weights."""
+    flat = flat_params(module)
+    return [flat.sum().item(), (flat * torch.linspace(-1, 1, flat.numel(), dtype=flat.dtype)).sum().item()]
+
+
 def flat_params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
 
@@ -81,10 +95,12 @@ def run(out: Path, devices: int) -> None:
     results: dict[str, dict] = {}
     plain_sgd = partial(torch.optim.SGD, lr=0.1)
 
+    replica_at_end = ReplicaAtTrainEnd()
+
     def fit(name: str, strategy, model_kwargs=None, **trainer_kwargs) -> tuple[pl.Trainer, DigitsClassifier]:
         pl.seed_everything(0, workers=True)
         model = DigitsClassifier(**(model_kwargs or {}))
-        t = trainer(strategy, devices, callbacks=[SpyDuringTraining()], **trainer_kwargs)
+        t = trainer(strategy, devices, callbacks=[SpyDuringTraining(), replica_at_end], **trainer_kwargs)
         t.fit(model, DigitsDataModule(batch_size=32))
         return t, model
 
@@ -102,7 +118,7 @@ def run(out: Path, devices: int) -> None:
     results["ddp_accuracy"] = {"val_acc": float(t.callback_metrics["val/acc"])}
     SPY.calls.clear()
     for topology in ("ring", "one_peer_exponential"):
-        strategy = DecentralizedStrategy(topology=topology, log_consensus_every=0)
+        strategy = DecentralizedStrategy(topology=topology, log_consensus_every=0, final_model="local")
         t, model = fit(topology, strategy, max_epochs=epochs, num_sanity_val_steps=0)
         before = flat_params(model)
         distance, relative = strategy.consensus_distance()
@@ -121,7 +137,8 @@ def run(out: Path, devices: int) -> None:
         }
         SPY.calls.clear()
 
-    # (3) bytes per step and receive sets for static, directed and time-varying graphs.
+    # (3) bytes per step and receive sets for static, directed and time-varying graphs; what fit leaves
+    # behind (final_model="average", the default).
     for topology in ("exponential", "directed_ring", "one_peer_exponential"):
         strategy = DecentralizedStrategy(topology=topology)
         t, model = fit(topology + "_short", strategy, max_steps=6, num_sanity_val_steps=0, limit_val_batches=0)
@@ -136,6 +153,8 @@ def run(out: Path, devices: int) -> None:
             "expected_in_degree_sum": sum(len(strategy.topology.in_neighbors(rank, k)) for k in range(6)),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "buckets": sum(len(b) for b, _ in strategy._buckets.values()),
+            "local_checksums_at_end": replica_at_end.checksums,
+            "final_checksums": checksums(model),
         }
 
     # (4) accumulation, bf16 autocast, clipping, LR scheduler.
