@@ -197,8 +197,11 @@ class DecentralizedStrategy(DDPStrategy):
         self.topology = self._build_topology(world_size)  # fail before any process-group traffic
         super().setup_environment()
         self._check_ranks_agree()
-        if self.communicator is None or self.communicator.topology.fingerprint() != self.topology.fingerprint():
+        previous = self.communicator
+        if previous is None or previous.closed or previous.topology.fingerprint() != self.topology.fingerprint():
             self.communicator = self._build_communicator()
+            if previous is not None and previous.topology.fingerprint() == self.topology.fingerprint():
+                self.communicator.stats = previous.stats  # counts continue over fit/validate calls
 
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
@@ -379,6 +382,14 @@ class DecentralizedStrategy(DDPStrategy):
             with torch.no_grad():
                 torch._foreach_copy_(*self._module_average())
         super().on_train_end()
+
+    @override
+    def teardown(self) -> None:
+        """Release the communicator's process groups (a later ``fit``/``validate`` builds a new one,
+        which keeps counting ``comm_stats``)."""
+        if self.communicator is not None:
+            self.communicator.close()
+        super().teardown()
 
     @override
     def on_validation_start(self) -> None:

@@ -45,6 +45,7 @@ class Communicator(ABC):
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.stats = CommStats()
+        self.closed = False
         self._scratch_buffers: dict[tuple, torch.Tensor] = {}
 
     @abstractmethod
@@ -65,6 +66,10 @@ class Communicator(ABC):
         """True if mixing at ``step`` sends nothing and leaves this node's buffers unchanged (no
         neighbours and self weight 1), so callers may skip preparing a round."""
         return False
+
+    def close(self) -> None:
+        """Release what the transport created (process groups); the communicator is not used afterwards."""
+        self.closed = True
 
     def _scratch(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like``, allocated once per ``key`` and reused."""

@@ -221,6 +221,15 @@ class P2PCommunicator(Communicator):
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         average_all_reduce(buffers, self.group)
 
+    def close(self) -> None:
+        """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
+        sometimes aborted the process there ("terminate called without an active exception", about
+        one torchrun run in four) after training had finished."""
+        if self._reverse is not None:
+            dist.destroy_process_group(self._reverse)
+            self._reverse = None
+        super().close()
+
 
 class _P2PPendingMix(PendingMix):
     """A round posted by :meth:`P2PCommunicator.start_mix`; ``works[i]`` are buffer ``i``'s receives
