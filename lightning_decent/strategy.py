@@ -198,9 +198,10 @@ class DecentralizedStrategy(DDPStrategy):
         super().setup_environment()
         self._check_ranks_agree()
         previous = self.communicator
-        if previous is None or previous.closed or previous.topology.fingerprint() != self.topology.fingerprint():
+        same_graph = previous is not None and previous.topology.fingerprint() == self.topology.fingerprint()
+        if not same_graph or previous.closed:
             self.communicator = self._build_communicator()
-            if previous is not None and previous.topology.fingerprint() == self.topology.fingerprint():
+            if same_graph:
                 self.communicator.stats = previous.stats  # counts continue over fit/validate calls
 
     def _build_topology(self, world_size: int) -> Topology:

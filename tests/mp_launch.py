@@ -1,16 +1,25 @@
-"""Launch a ``tests/mp_scripts`` script as a real multi-process run and read what every rank wrote.
+"""Real multi-process runs for the tests.
 
-Lightning's popen launcher inside the script starts the other ranks; each rank writes
-``rank<r>.json`` into the output directory.
+* :func:`launch_and_read_ranks`: a ``tests/mp_scripts`` script whose Lightning popen launcher starts
+  the other ranks; each rank writes ``rank<r>.json`` into the output directory.
+* :func:`run_gloo_world`: a function run on every rank of a spawned gloo world; the ranks send
+  their results through a queue.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "mp_scripts"
@@ -34,3 +43,34 @@ def launch_and_read_ranks(script: str, out: Path, ranks: int = 4) -> list[dict]:
     proc = launch(script, str(out), "--devices", str(ranks), cwd=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(body: Callable[[int, Any], None], rank: int, world: int, port: int, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        body(rank, queue)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_world(body: Callable[[int, Any], None], world: int, messages: int, timeout: float = 180) -> list[Any]:
+    """Spawn ``world`` gloo ranks running ``body(rank, queue)`` (a module-level function); return the
+    ``messages`` items they put on the queue, and fail unless every rank exits cleanly."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    processes = [ctx.Process(target=_gloo_rank, args=(body, r, world, port, queue)) for r in range(world)]
+    for p in processes:
+        p.start()
+    items = [queue.get(timeout=timeout) for _ in range(messages)]
+    for p in processes:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return items

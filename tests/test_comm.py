@@ -7,14 +7,9 @@ mixing, and the message/byte counts of the neighbour sets.
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from mp_launch import run_gloo_world
 
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator
 from lightning_decent.strategy import network_average
@@ -50,53 +45,30 @@ def expected_after(name: str, options: dict, steps: int) -> torch.Tensor:
     return x
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=N, timeout=timedelta(seconds=60))
-    try:
-        for name, options in CASES:
-            topology = get_topology(name, N, **options)
-            comm = P2PCommunicator(topology, rank)
-            x = initial_values(N)[rank].clone()
-            scalar = torch.ones(1, dtype=torch.float64)
-            for k in range(STEPS):
-                comm.mix([x, scalar], k)
-            queue.put((name, rank, x, scalar.item(), comm.stats.as_dict()))
-        mean = initial_values(N)[rank].clone()
-        AllReduceCommunicator(get_topology("ring", N)).mix([mean], 0)
-        queue.put(("allreduce", rank, mean, 1.0, {}))
-        # One float64 tensor alone in its dtype group, two float32 ones; weight_i = i + 1.
-        inputs = [initial_values(N)[rank].clone(), torch.ones(3) * rank, torch.ones(2, 2) * rank]
-        kept = [t.clone() for t in inputs]
-        averaged = network_average(inputs, weight=rank + 1.0)
-        unchanged = all(torch.equal(a, b) for a, b in zip(inputs, kept))
-        queue.put(("network_average", rank, averaged, float(unchanged), {}))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, queue) -> None:
+    for name, options in CASES:
+        topology = get_topology(name, N, **options)
+        comm = P2PCommunicator(topology, rank)
+        x = initial_values(N)[rank].clone()
+        scalar = torch.ones(1, dtype=torch.float64)
+        for k in range(STEPS):
+            comm.mix([x, scalar], k)
+        queue.put((name, rank, x, scalar.item(), comm.stats.as_dict()))
+    mean = initial_values(N)[rank].clone()
+    AllReduceCommunicator(get_topology("ring", N)).mix([mean], 0)
+    queue.put(("allreduce", rank, mean, 1.0, {}))
+    # One float64 tensor alone in its dtype group, two float32 ones; weight_i = i + 1.
+    inputs = [initial_values(N)[rank].clone(), torch.ones(3) * rank, torch.ones(2, 2) * rank]
+    kept = [t.clone() for t in inputs]
+    averaged = network_average(inputs, weight=rank + 1.0)
+    unchanged = all(torch.equal(a, b) for a, b in zip(inputs, kept))
+    queue.put(("network_average", rank, averaged, float(unchanged), {}))
 
 
 @pytest.fixture(scope="module")
 def p2p_results() -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    processes = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(N)]
-    for p in processes:
-        p.start()
-    results = {}
-    for _ in range(N * (len(CASES) + 2)):
-        name, rank, x, scalar, stats = queue.get(timeout=120)
-        results[(name, rank)] = (x, scalar, stats)
-    for p in processes:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    items = run_gloo_world(_worker, N, messages=N * (len(CASES) + 2), timeout=120)
+    return {(name, rank): (x, scalar, stats) for name, rank, x, scalar, stats in items}
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

@@ -9,15 +9,10 @@ scheduled mixing, and the split ``start_mix``/``finish`` used by overlap, still 
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from mp_launch import run_gloo_world
 
 from lightning_decent.comm import NonFiniteValueError, P2PCommunicator
 from lightning_decent.comm.p2p import FUSED_SLICE, _add_correction, _Phase
@@ -114,63 +109,40 @@ def values(seed: int) -> torch.Tensor:
     return torch.randn(WORLD, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def _worker(rank: int, queue) -> None:
+    for name, opts in GLOO_CASES:
+        comm = P2PCommunicator(get_topology(name, WORLD, **opts), rank)
+        mixed = values(1)[rank].clone()
+        split, into, anchor = values(2)[rank].clone(), values(3)[rank].clone(), values(2)[rank].clone()
+        for k in range(STEPS):
+            comm.mix([mixed], k)
+            # Two buffers in flight at once (as two buckets under overlap), finished both ways.
+            first, second = comm.start_mix([split], k), comm.start_mix([anchor], k)
+            first.finish(0)
+            second.finish(0, into=into)
+            anchor.copy_(split)
+        queue.put((name, rank, mixed, split, into, comm._reverse is not None))
+    comm = P2PCommunicator(get_topology("ring", WORLD), rank)
+    buf = torch.zeros(DIM, dtype=torch.float64)
+    pending = comm.start_mix([buf], 0)
     try:
-        for name, opts in GLOO_CASES:
-            comm = P2PCommunicator(get_topology(name, WORLD, **opts), rank)
-            mixed = values(1)[rank].clone()
-            split, into, anchor = values(2)[rank].clone(), values(3)[rank].clone(), values(2)[rank].clone()
-            for k in range(STEPS):
-                comm.mix([mixed], k)
-                # Two buffers in flight at once (as two buckets under overlap), finished both ways.
-                first, second = comm.start_mix([split], k), comm.start_mix([anchor], k)
-                first.finish(0)
-                second.finish(0, into=into)
-                anchor.copy_(split)
-            queue.put((name, rank, mixed, split, into, comm._reverse is not None))
-        comm = P2PCommunicator(get_topology("ring", WORLD), rank)
-        buf = torch.zeros(DIM, dtype=torch.float64)
-        pending = comm.start_mix([buf], 0)
-        try:
-            comm.start_mix([buf], 1)
-            refused = False
-        except RuntimeError:
-            refused = True
-        pending.finish(0)
-        try:
-            comm.start_mix([torch.full((DIM,), float("nan"), dtype=torch.float64)], 1)
-            named = False
-        except NonFiniteValueError as err:
-            named = f"rank {rank}: NaN or Inf" in str(err)
-        queue.put(("double_start", rank, refused, named))
-    finally:
-        dist.destroy_process_group()
+        comm.start_mix([buf], 1)
+        refused = False
+    except RuntimeError:
+        refused = True
+    pending.finish(0)
+    try:
+        comm.start_mix([torch.full((DIM,), float("nan"), dtype=torch.float64)], 1)
+        named = False
+    except NonFiniteValueError as err:
+        named = f"rank {rank}: NaN or Inf" in str(err)
+    queue.put(("double_start", rank, refused, named))
 
 
 @pytest.fixture(scope="module")
 def gloo_results() -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    processes = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in processes:
-        p.start()
-    results = {}
-    for _ in range(WORLD * (len(GLOO_CASES) + 1)):
-        item = queue.get(timeout=180)
-        results[item[:2]] = item[2:]
-    for p in processes:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    items = run_gloo_world(_worker, WORLD, messages=WORLD * (len(GLOO_CASES) + 1))
+    return {item[:2]: item[2:] for item in items}
 
 
 def reference(topology: Topology, x: torch.Tensor, into: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

@@ -93,6 +93,11 @@ class Goal:
         return [self.name, _ratio(self.value), f"<= {self.limit:g}", self.status, self.note]
 
 
+def _timing_of(t: dict[str, Timing], name: str, median: bool = False) -> float | None:
+    """A case's median (rounds) or mean (steps; the throughput), ``None`` if it did not run."""
+    return None if name not in t else (t[name].median if median else t[name].mean)
+
+
 def core_report(
     results: dict[str, list[dict[str, Any]]], ranks: int, model_bytes: int, bandwidth: float, mtu: int
 ) -> tuple[str, list[Goal], dict[str, Any]]:
@@ -100,11 +105,8 @@ def core_report(
     t = timings(results)
     link = model_bytes / bandwidth
 
-    def med(name: str) -> float | None:  # rounds: the median of isolated rounds
-        return t[name].median if name in t else None
-
-    def step(name: str) -> float | None:  # training: the mean step, i.e. the throughput
-        return t[name].mean if name in t else None
+    med = partial(_timing_of, t, median=True)  # rounds: the median of isolated rounds
+    step = partial(_timing_of, t)  # training: the mean step, i.e. the throughput
 
     def div(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a / b
@@ -213,11 +215,6 @@ def overhead_report(results: dict[str, list[dict[str, Any]]]) -> tuple[str, list
         Goal("overhead without network, overlap / plain Lightning", t["ours:ring:overlap"].mean / local, OVERHEAD),
     ]
     return table("Overhead without network cost (1 rank, mean step)", ["run", "mean ms", "ratio"], rows), goals
-
-
-def _timing_of(t: dict[str, Timing], name: str, median: bool = False) -> float | None:
-    """A case's median (rounds) or mean (steps; the throughput), ``None`` if it did not run."""
-    return None if name not in t else (t[name].median if median else t[name].mean)
 
 
 def scaling_report(by_ranks: dict[int, dict[str, list[dict[str, Any]]]], model_bytes: int, bandwidth: float) -> str:

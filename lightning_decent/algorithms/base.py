@@ -51,6 +51,23 @@ class Bucket:
         return self.params.new_full((*self.params.shape[:-1], 1), value)
 
 
+#: Workspace key of the parameters as they were before the optimizer step (algorithms that need the
+#: step's progress ``x^k - x^{k+1/2}``: ``qg_dsgdm``, the push-sum family).
+PREVIOUS = "previous"
+
+
+def allocate_previous(bucket: Bucket) -> None:
+    """Give ``bucket`` a :data:`PREVIOUS` workspace buffer (in ``init_state``)."""
+    bucket.workspace[PREVIOUS] = torch.empty_like(bucket.params)
+
+
+@torch.no_grad()
+def save_previous(buckets: list[Bucket]) -> None:
+    """Copy every bucket's parameters into its :data:`PREVIOUS` buffer (in ``before_step``)."""
+    for b in buckets:
+        b.workspace[PREVIOUS].copy_(b.params)
+
+
 class Algorithm(ABC):
     """Base class of decentralized algorithms.
 

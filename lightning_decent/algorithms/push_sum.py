@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.algorithms.base import PREVIOUS, Algorithm, Bucket, allocate_previous, save_previous
 from lightning_decent.comm import Communicator
 from lightning_decent.topology import Topology
 from lightning_decent.topology.metrics import equilibrium_skewness, generalized_consensus_rate
@@ -45,7 +45,7 @@ def _numerator_from_step(bucket: Bucket) -> None:
 
     (The optimizer stepped the de-biased ``z``; push-sum applies the step to the numerator ``x``.)
     """
-    previous, weight = bucket.workspace["previous"], bucket.state["push_weight"]
+    previous, weight = bucket.workspace[PREVIOUS], bucket.state["push_weight"]
     bucket.params.add_(previous.mul_(weight - 1))
 
 
@@ -74,12 +74,10 @@ class PushSum(_PushSumAverage):
 
     def init_state(self, bucket: Bucket) -> None:
         bucket.state["push_weight"] = bucket.node_scalar(1.0)
-        bucket.workspace["previous"] = torch.empty_like(bucket.params)
+        allocate_previous(bucket)
 
-    @torch.no_grad()
     def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
-        for b in buckets:
-            b.workspace["previous"].copy_(b.params)
+        save_previous(buckets)
 
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
@@ -157,17 +155,15 @@ class PushDIGing(_PushSumAverage):
         bucket.state["push_weight"] = bucket.node_scalar(1.0)
         bucket.state["tracker"] = torch.zeros_like(bucket.params)
         bucket.state["previous_grad"] = torch.zeros_like(bucket.params)
-        bucket.workspace["previous"] = torch.empty_like(bucket.params)
+        allocate_previous(bucket)
 
     def _mix(self, buffers: list[torch.Tensor], comm: Communicator, step: int) -> None:
         rounds = self.rounds or 1
         for r in range(rounds):
             comm.mix(buffers, step * rounds + r)
 
-    @torch.no_grad()
     def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
-        for b in buckets:
-            b.workspace["previous"].copy_(b.params)
+        save_previous(buckets)
 
     @torch.no_grad()
     def transform_gradients(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
+from lightning_decent.algorithms.base import (
+    PREVIOUS,
+    Algorithm,
+    Bucket,
+    allocate_previous,
+    require_plain_sgd,
+    save_previous,
+)
 from lightning_decent.comm import Communicator
 
 
@@ -47,12 +54,10 @@ class QGDSGDm(Algorithm):
 
     def init_state(self, bucket: Bucket) -> None:
         bucket.state["momentum"] = torch.zeros_like(bucket.params)
-        bucket.workspace["previous"] = torch.empty_like(bucket.params)
+        allocate_previous(bucket)
 
-    @torch.no_grad()
     def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
-        for b in buckets:
-            b.workspace["previous"].copy_(b.params)
+        save_previous(buckets)
 
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
@@ -60,5 +65,5 @@ class QGDSGDm(Algorithm):
             b.params.sub_(b.state["momentum"], alpha=self.beta)
         comm.mix([b.params for b in buckets], step)
         for b in buckets:
-            progress = b.workspace["previous"].sub_(b.params)
+            progress = b.workspace[PREVIOUS].sub_(b.params)
             b.state["momentum"].mul_(self.beta).add_(progress, alpha=1.0 - self.beta)
