@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from recipes.common import OptimizerFactory, RecipeModule, ScheduleFactory
+from lightning_decent.recipes.common import Config, OptimizerFactory, RecipeModule, ScheduleFactory, build
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -21,7 +21,7 @@ class ImageClassifier(RecipeModule):
         net: the network, images -> logits (e.g. ``torchvision.models.get_model("resnet50", weights=None)``).
         num_classes: number of classes (the logits' width).
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`recipes.schedules`).
+        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
         label_smoothing: cross-entropy label smoothing.
         top5: also report top-5 accuracy (needs more than 5 classes).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
@@ -29,16 +29,16 @@ class ImageClassifier(RecipeModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | Config,
         num_classes: int,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         label_smoothing: float = 0.0,
         top5: bool = True,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
-        self.net = net
+        self.net: nn.Module = build(net)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 and num_classes > 5 else None

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_decent.data import Partition
 from lightning_decent.optim import weight_decay_groups
 
+Config = Mapping[str, Any]
+"""A plain Hydra config of an object, ``{"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}``."""
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-"""``params -> Optimizer``: a Hydra ``_partial_: true`` optimizer config, or ``functools.partial``."""
+"""``params -> Optimizer``, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``."""
 
 ScheduleFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-"""``optimizer -> LRScheduler``, e.g. ``partial(StepLR, step_size=30)``. A factory whose signature
-names ``total_steps`` or ``steps_per_epoch`` also gets the run's length (see :mod:`recipes.schedules`)."""
+"""``optimizer -> LRScheduler``, e.g. ``partial(StepLR, step_size=30)``. A factory whose signature names
+``total_steps`` or ``steps_per_epoch`` also gets the run's length (see :mod:`lightning_decent.recipes.schedules`)."""
 
 RUN_LENGTH_KEYWORDS = frozenset({"total_steps", "steps_per_epoch"})
 
@@ -51,25 +56,56 @@ def require_paths(recipe: str, root: str | Path | None, layout: str, *relative: 
     return Path(root)
 
 
+def build(value: Any) -> Any:
+    """Instantiate a :data:`Config` (a mapping with ``_target_``) with Hydra; return anything else as it is."""
+    return instantiate(value) if isinstance(value, Mapping) and "_target_" in value else value
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is plain data (numbers, strings, None, and lists/dicts of them) that
+    ``torch.load(weights_only=True)`` reads back from a checkpoint's hyper-parameters."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
 class RecipeModule(pl.LightningModule):
-    """Base of the recipes' LightningModules: the optimizer and its per-step schedule.
+    """Base of the recipes' LightningModules: hyper-parameters, the optimizer and its per-step schedule.
+
+    The constructor arguments of the recipe (this class and the subclass that calls it) are saved as
+    hyper-parameters (``self.hparams``, the checkpoint's ``hyper_parameters``), so
+    ``Recipe.load_from_checkpoint(path)`` rebuilds the module without arguments when they were plain
+    data: the training application passes the network, optimizer and schedule as :data:`Config` s.
+    Objects passed directly (an ``nn.Module``, a ``functools.partial``) are not saved (a checkpoint loaded
+    with ``weights_only=True`` cannot hold them); pass them again to ``load_from_checkpoint``. Loading
+    instantiates the ``_target_`` s a checkpoint names: load only checkpoints you trust.
 
     Args:
-        optimizer: ``params -> Optimizer``.
-        scheduler: an optional :data:`ScheduleFactory`, stepped after every optimizer step.
+        optimizer: ``params -> Optimizer``, or its :data:`Config`.
+        scheduler: an optional :data:`ScheduleFactory` (or its :data:`Config`), stepped after every
+            optimizer step.
         decay_bias_and_norm: also apply the optimizer's weight decay to biases and norm weights
             (``False``: they form a second parameter group with ``weight_decay=0``).
     """
 
     def __init__(
         self,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        arguments: dict[str, Any] = {}
+        for level in collect_init_args(inspect.currentframe(), [], classes=(RecipeModule,)):
+            arguments.update(level)  # from this class out to the recipe that was constructed
+        # The resolved Hydra config reaches the loggers from the application; logger=False avoids a second copy.
+        self.save_hyperparameters(ignore=[k for k, v in arguments.items() if not is_plain(v)], logger=False)
+        self.optimizer_factory: OptimizerFactory = build(optimizer)
+        self.scheduler_factory: ScheduleFactory | None = build(scheduler)
         self.decay_bias_and_norm = decay_bias_and_norm
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:

@@ -24,12 +24,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from lightning_decent.data import Partition
-from recipes.common import (
+from lightning_decent.recipes.common import (
+    Config,
     DataRootError,
     OptimizerFactory,
     RecipeDataModule,
     RecipeModule,
     ScheduleFactory,
+    build,
     require_paths,
 )
 
@@ -196,19 +198,19 @@ class Detector(RecipeModule):
     Args:
         net: a torchvision detection model (e.g. ``retinanet_resnet50_fpn(weights=None, ...)``).
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`recipes.schedules`).
+        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        net: nn.Module | Config,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
-        self.net = net
+        self.net: nn.Module = build(net)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """ImageNet-1k (or any ImageFolder tree) with the standard ResNet training augmentation.
 
 The model is a torchvision classifier (``torchvision.models.get_model``, ``weights=None``) inside
-:class:`recipes.classification.ImageClassifier`; see ``conf/recipe/imagenet.yaml``.
+:class:`lightning_decent.recipes.classification.ImageClassifier`; see ``conf/recipe/imagenet.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from lightning_decent.data import Partition
-from recipes.common import DataRootError, RecipeDataModule, require_paths
+from lightning_decent.recipes.common import DataRootError, RecipeDataModule, require_paths
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 
 from lightning_decent.data import Partition
-from recipes.common import (
+from lightning_decent.recipes.common import (
+    Config,
     DataRootError,
     OptimizerFactory,
     RecipeDataModule,
     RecipeModule,
     ScheduleFactory,
+    build,
     require_paths,
 )
 
@@ -240,19 +242,19 @@ class LanguageModel(RecipeModule):
     Args:
         net: a model mapping token ids to next-token logits (e.g. :class:`GPT`).
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`recipes.schedules`).
+        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        net: nn.Module | Config,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
-        self.net = net
+        self.net: nn.Module = build(net)
         self.val_perplexity = Perplexity()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Per-step learning-rate schedule with a linear warm-up, for :class:`recipes.common.RecipeModule`.
+"""Per-step learning-rate schedule with a linear warm-up, for :class:`lightning_decent.recipes.common.RecipeModule`.
 
 ``warmup_decay`` takes the run's length (``total_steps``, ``steps_per_epoch``) from the module once
 the trainer knows it; configs give the remaining arguments (``_partial_: true``). Warm-up and

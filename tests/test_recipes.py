@@ -16,7 +16,7 @@ from recipe_data import make_coco, make_image_folder, make_text_corpus, make_voc
 from train_cli import failure_message, run_dirs, run_train, summary
 
 import lightning_decent.train  # noqa: F401 - registers the config resolvers
-from recipes.common import DataRootError
+from lightning_decent.recipes.common import DataRootError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -134,4 +134,4 @@ def test_recipe_end_to_end_with_two_processes(tmp_path: Path, case: str) -> None
     assert (run_dir / "config.yaml").is_file() and (run_dir / "training_curves.png").is_file()
     if partition:
         assert "Training labels per rank (dirichlet split" in proc.stdout + proc.stderr
-        assert "data_partition" in (run_dir / "csv" / "hparams.yaml").read_text()
+        assert "data_partition" in (run_dir / "csv" / "gossip" / "hparams.yaml").read_text()
