@@ -7,4 +7,10 @@ folders of the repository that ``[tool.setuptools.package-dir]`` maps to ``light
 
 from setuptools import find_packages, setup
 
-setup(packages=[*find_packages(include=["lightning_decent", "lightning_decent.*"]), "lightning_decent.conf", "lightning_decent.recipes"])
+setup(
+    packages=[
+        *find_packages(include=["lightning_decent", "lightning_decent.*"]),
+        "lightning_decent.conf",
+        "lightning_decent.recipes",
+    ]
+)

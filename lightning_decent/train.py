@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -48,12 +48,12 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None]
 
 
-def loggers_for(cfg: DictConfig, run_label: str) -> list[Logger]:
-    """The configured loggers for one fit, named ``run_label`` (``gossip`` or ``ddp``) in each of them."""
+def with_run_label(cfg: DictConfig, run_label: str) -> DictConfig:
+    """A copy of ``cfg`` for one fit, named ``run_label`` (``gossip`` or ``ddp``) in its loggers."""
     labelled = cfg.copy()
     with open_dict(labelled):
         labelled.run_label = run_label
-    return instantiate_named(labelled.logger)
+    return labelled
 
 
 def _run_name(strategy: Strategy) -> str:
@@ -94,17 +94,16 @@ def fit_and_validate(
     cfg: DictConfig,
     strategy: Strategy,
     callbacks: list[Callback],
-    loggers: list[Logger],
     ckpt_path: str | None = None,
     **trainer_overrides: Any,
 ) -> tuple[RunResult, pl.Trainer]:
     """Seed, build data, model and trainer from ``cfg``, fit, then validate the final (averaged) model.
 
     Args:
-        cfg: the composed configuration.
+        cfg: the composed configuration (see :func:`with_run_label`); its resolved form is logged to each
+            of its loggers as hyper-parameters.
         strategy: the training strategy.
         callbacks: callbacks besides the throughput meter that this function adds.
-        loggers: this fit's loggers; the resolved configuration is logged to each as hyper-parameters.
         ckpt_path: a checkpoint to resume from.
         trainer_overrides: ``Trainer`` arguments that replace the config's.
     """
@@ -115,7 +114,7 @@ def fit_and_validate(
         cfg.trainer,
         strategy=strategy,
         callbacks=[throughput_monitor(), *callbacks],
-        logger=loggers,
+        logger=instantiate_named(cfg.logger),
         **trainer_overrides,
     )
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -168,14 +167,14 @@ def train(cfg: DictConfig) -> list[RunResult]:
     strategy = instantiate(cfg.strategy)
     label = "gossip" if isinstance(strategy, DecentralizedStrategy) else "ddp"
     callbacks = instantiate_named(cfg.callbacks)
-    result, trainer = fit_and_validate(cfg, strategy, callbacks, loggers_for(cfg, label), cfg.ckpt_path)
+    result, trainer = fit_and_validate(with_run_label(cfg, label), strategy, callbacks, cfg.ckpt_path)
     runs = [result]
     if cfg.compare_with_ddp:
         # The same data, model and epochs with all-reduce. Lightning reuses this run's processes and
         # process group (LOCAL_RANK is set now), so no new processes start.
         progress_bar = [instantiate(cfg.callbacks.progress_bar)] if cfg.callbacks.get("progress_bar") else []
         baseline, _ = fit_and_validate(
-            cfg, DDPStrategy(), progress_bar, loggers_for(cfg, "ddp"), enable_checkpointing=False
+            with_run_label(cfg, "ddp"), DDPStrategy(), progress_bar, enable_checkpointing=False
         )
         runs.append(baseline)
     if trainer.is_global_zero:

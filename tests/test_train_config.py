@@ -44,7 +44,7 @@ def test_the_menu_offers_what_the_docs_promise() -> None:
     assert set(RECIPES) <= set(OPTIONS["recipe"])
     assert {"sgd", "sgd_nesterov", "adamw", "dadam", "accum_adam"} <= set(OPTIONS["optimizer"])
     assert {"cpu", "gpu", "multinode"} <= set(OPTIONS["trainer"])
-    assert {"csv", "tensorboard"} <= set(OPTIONS["logger"])
+    assert {"csv", "tensorboard", "wandb", "mlflow"} <= set(OPTIONS["logger"])
     assert {"dsgd", "gradient_tracking", "exact_diffusion", "qg_dsgdm", "gut", "qg_gut"} <= set(OPTIONS["algorithm"])
     from lightning_decent.topology import TOPOLOGIES
 
@@ -184,7 +184,7 @@ def test_every_optimizer_instantiates(hydra_context, tmp_path, option: str) -> N
 @pytest.mark.parametrize("option", OPTIONS["logger"])
 def test_every_logger_instantiates_into_the_run_directory(hydra_context, tmp_path, option: str) -> None:
     loggers = instantiate_named(make(hydra_context, tmp_path, f"logger={option}").logger)
-    assert loggers and all(Path(lg.log_dir).is_relative_to(tmp_path) for lg in loggers)
+    assert loggers and all(Path(lg.save_dir).is_relative_to(tmp_path) for lg in loggers)
     assert any(type(lg).__name__ == "CSVLogger" for lg in loggers)  # the summary plot reads it
 
 
@@ -201,3 +201,18 @@ def test_callbacks_instantiate_and_can_be_dropped(hydra_context, tmp_path) -> No
     assert names == ["ModelCheckpoint", "LearningRateMonitor", "PartitionReport", "TQDMProgressBar"]
     dropped = instantiate_named(make(hydra_context, tmp_path, "callbacks.partition_report=null").callbacks)
     assert "PartitionReport" not in [type(c).__name__ for c in dropped]
+
+
+def test_one_override_turns_the_progress_bar_off(hydra_context, tmp_path) -> None:
+    cfg = make(hydra_context, tmp_path, "callbacks.progress_bar.refresh_rate=0", "trainer.devices=1")
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_named(cfg.callbacks), logger=False)
+    assert trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_disabled
+    on = make(hydra_context, tmp_path, "trainer.devices=1")
+    assert instantiate(on.trainer, callbacks=instantiate_named(on.callbacks)).progress_bar_callback.is_enabled
+
+
+def test_consensus_distance_is_logged_by_default_on_digits_only(hydra_context, tmp_path) -> None:
+    assert instantiate(make(hydra_context, tmp_path).strategy).log_consensus_every == 4
+    assert instantiate(make(hydra_context, tmp_path, "recipe=language_model").strategy).log_consensus_every == 0
+    # the digits recipe still composes with Lightning's DDP, which has no such option
+    assert type(instantiate(make(hydra_context, tmp_path, "strategy=ddp").strategy)).__name__ == "DDPStrategy"
