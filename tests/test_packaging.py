@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.resources
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from lightning_decent import _lightning_private
 from lightning_decent._extras import MissingExtraError, require
 from lightning_decent.recipes.digits import load_digits_tensors
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
