@@ -36,6 +36,8 @@ class ImageClassifier(RecipeModule):
         label_smoothing: float = 0.0,
         top5: bool = True,
         decay_bias_and_norm: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
         self.net: nn.Module = build(net)
@@ -43,9 +45,16 @@ class ImageClassifier(RecipeModule):
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 and num_classes > 5 else None
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        self.compile_net = compile
+
+    def configure_model(self) -> None:
+        if self.compile_net:
+            self.net.compile()  # in place: the state_dict keys stay those of the plain network
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        return self.net(images.contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

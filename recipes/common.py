@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.parsing import collect_init_args
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_decent.data import Partition
 from lightning_decent.optim import weight_decay_groups
+from lightning_decent.recipes.grouping import GroupedSampler
 
 Config = Mapping[str, Any]
 """A plain Hydra config of an object, ``{"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}``."""
@@ -141,6 +142,7 @@ class RecipeDataModule(pl.LightningDataModule):
         num_workers: ``DataLoader`` worker processes per rank.
         partition: the training split over ranks (default ``iid``).
         eval_batch_size: per-rank batch size of validation/test loaders (default ``batch_size``).
+        pin_memory: page-locked batches for faster copies to the GPU (only used on CUDA).
     """
 
     def __init__(
@@ -149,38 +151,49 @@ class RecipeDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         partition: Partition | None = None,
         eval_batch_size: int | None = None,
+        pin_memory: bool = True,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.partition = partition or Partition()
+        self.pin_memory = pin_memory
 
     def train_labels(self) -> Sequence[int]:
         """One integer label per training sample (only needed by non-iid partitions)."""
         raise NotImplementedError(f"{type(self).__name__} has no labels, so data.partition.scheme must be iid.")
 
-    def _train_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
-        sampler = None
-        if self.partition.scheme != "iid":
-            if self.trainer is None:
-                raise RuntimeError("A non-iid partition needs the trainer's rank: use the DataModule with a Trainer.")
-            sampler = self.partition.sampler(self.train_labels(), self.trainer.world_size, self.trainer.global_rank)
+    def _loader_options(self) -> dict[str, Any]:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory and on_cuda,
+        }
+
+    def _train_loader(
+        self, dataset: Dataset, collate_fn: Callable | None = None, group_ids: Sequence[int] | None = None
+    ) -> DataLoader:
+        """The training loader; with ``group_ids``, batches of one group (:class:`GroupedSampler`)."""
+        sampler: DistributedSampler | None = None
+        if self.partition.scheme != "iid" or group_ids is not None:
+            # Without a trainer this process is the only rank.
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            if self.partition.scheme != "iid":
+                sampler = self.partition.sampler(self.train_labels(), world, rank)
+            else:
+                sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=self.partition.seed)
+            if group_ids is not None:
+                sampler = GroupedSampler(sampler, group_ids, self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
             collate_fn=collate_fn,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     def _eval_loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_fn,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=collate_fn, **self._loader_options())

@@ -63,6 +63,7 @@ class ImageNetDataModule(RecipeDataModule):
         val_resize: validation short-side resize before the center crop.
         num_workers: ``DataLoader`` workers per rank.
         partition: the training split over ranks (labels are the class folders).
+        pin_memory: page-locked batches for faster copies to the GPU (only used on CUDA).
     """
 
     def __init__(
@@ -74,8 +75,9 @@ class ImageNetDataModule(RecipeDataModule):
         val_resize: int = 256,
         num_workers: int = 8,
         partition: Partition | None = None,
+        pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, num_workers, partition)
+        super().__init__(batch_size, num_workers, partition, pin_memory=pin_memory)
         self.root = root
         self.num_classes = num_classes
         self.image_size = image_size

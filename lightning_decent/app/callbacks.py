@@ -55,6 +55,7 @@ class PartitionReport(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = getattr(trainer.train_dataloader, "sampler", None)
+        sampler = getattr(sampler, "sampler", sampler)  # a GroupedSampler reorders a partition's indices
         if not isinstance(sampler, LabelPartitionSampler):
             return
         gathered = trainer.strategy.all_gather(sampler.label_histogram().to(pl_module.device))
