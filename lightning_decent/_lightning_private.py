@@ -12,7 +12,7 @@ import lightning
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
 
-TESTED_LIGHTNING = ">=2.5,<2.7"
+TESTED_LIGHTNING = ">=2.6,<2.7"
 
 
 class UnsupportedLightningError(ImportError):

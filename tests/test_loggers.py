@@ -104,5 +104,5 @@ def test_objects_passed_directly_are_not_saved_as_hyper_parameters() -> None:
     assert set(model.hparams) == {"scheduler", "decay_bias_and_norm"}  # net and optimizer must be passed again
     assert DigitsClassifier().hparams == {
         "net": None, "optimizer": None, "scheduler": None, "num_classes": 10, "label_smoothing": 0.0,
-        "top5": False, "decay_bias_and_norm": True,
+        "top5": False, "decay_bias_and_norm": True, "channels_last": False, "compile": False,
     }  # fmt: skip

@@ -31,7 +31,7 @@ def test_a_missing_private_lightning_attribute_fails_naming_the_range() -> None:
 
     with pytest.raises(_lightning_private.UnsupportedLightningError, match=r"Loop\._broadcast_sigterm_tensor.*"):
         _lightning_private.check_attributes(Loop, "_broadcast_sigterm_tensor")
-    with pytest.raises(ImportError, match=r"tested with lightning>=2\.5,<2\.7: pip install 'lightning>=2\.5,<2\.7'"):
+    with pytest.raises(ImportError, match=r"tested with lightning>=2\.6,<2\.7: pip install 'lightning>=2\.6,<2\.7'"):
         _lightning_private.check_attributes(Loop(), "procs")
 
 
