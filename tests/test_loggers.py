@@ -3,14 +3,12 @@ the application logs it and the throughput; a recipe module loads back from a ch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -18,16 +16,6 @@ from lightning_decent.app.report import read_metrics_csv
 from lightning_decent.recipes.digits import DigitsClassifier
 from lightning_decent.recipes.language_model import LanguageModel
 from lightning_decent.train import build_model, fit_and_validate, instantiate_named, with_run_label
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture(scope="module")
-def hydra_context() -> Iterator[None]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _files(root: Path, pattern: str) -> list[Path]:

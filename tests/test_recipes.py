@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.error
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.utils import instantiate
 from recipe_data import make_coco, make_image_folder, make_text_corpus, make_voc
 from torch.utils.data import DistributedSampler
@@ -26,8 +25,6 @@ from lightning_decent.recipes.detection import WeightsUnavailableError, detectio
 from lightning_decent.recipes.grouping import GroupedSampler, aspect_ratio_groups
 from lightning_decent.recipes.language_model import TextDataModule
 from lightning_decent.train import build_model  # also registers the config resolvers
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 #: recipe case -> (data generator, overrides that make it tiny; "{root}" is the generated data root)
 CASES: dict[str, tuple[Callable[[Path], Path] | None, list[str]]] = {
@@ -60,14 +57,6 @@ def case_overrides(case: str, tmp_path: Path) -> list[str]:
     make, overrides = CASES[case]
     root = [f"data.root={make(tmp_path / 'data')}"] if make else []
     return [*overrides, *root]
-
-
-@pytest.fixture(scope="module")
-def hydra_context() -> Iterator[None]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import CONF
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,18 +20,9 @@ from lightning_decent.app.resolvers import RUN_ID_ENV, linear_scaled_lr, new_run
 from lightning_decent.topology import get_topology
 from lightning_decent.train import instantiate_named  # also registers the resolvers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("recipe", "topology", "algorithm", "optimizer", "trainer", "logger", "strategy")
 RECIPES = ("digits", "imagenet", "detection", "language_model")
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in GROUPS}
-
-
-@pytest.fixture(scope="module")
-def hydra_context() -> Iterator[None]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def make(hydra_context: None, tmp_path: Path, *overrides: str) -> DictConfig:
