@@ -18,10 +18,10 @@ class ImageClassifier(RecipeModule):
     the classes allow it, and ``test/acc``.
 
     Args:
-        net: the network, images -> logits (e.g. ``torchvision.models.get_model("resnet50", weights=None)``).
+        net: the network, images -> logits (e.g. ``get_model("resnet50", weights=None)``), or its config.
         num_classes: number of classes (the logits' width).
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
+        scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         label_smoothing: cross-entropy label smoothing.
         top5: also report top-5 accuracy (needs more than 5 classes).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.

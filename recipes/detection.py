@@ -239,7 +239,7 @@ class Detector(RecipeModule):
     Args:
         net: a torchvision detection model (e.g. :func:`detection_model`), or its config.
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
+        scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 

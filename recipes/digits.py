@@ -93,9 +93,9 @@ class DigitsClassifier(ImageClassifier):
     """Cross-entropy classification of the digits with accuracy from torchmetrics.
 
     Args:
-        net: the network (default: :func:`digits_cnn`).
-        optimizer: a factory ``params -> Optimizer`` (default SGD, lr 0.05, momentum 0.9).
-        scheduler: an optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
+        net: the network or its config (default: :func:`digits_cnn`).
+        optimizer: a factory ``params -> Optimizer`` or its config (default SGD, lr 0.05, momentum 0.9).
+        scheduler: an optional factory ``optimizer -> LRScheduler`` or its config, stepped every optimizer step.
     """
 
     def __init__(

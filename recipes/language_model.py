@@ -48,7 +48,7 @@ LAYOUT = """\
 class TextDataModule(RecipeDataModule):
     """Non-overlapping byte blocks of memory-mapped token files (:mod:`lightning_decent.recipes.text_tokens`).
 
-    ``prepare_data`` (Lightning runs it on one process per machine before ``setup``) writes the token
+    ``prepare_data`` (Lightning runs it on global rank 0 before every rank's ``setup``) writes the token
     files into ``tokens_dir`` from the corpus under ``root`` unless they are there already, e.g. from
     ``python -m lightning_decent.recipes.text_tokens``.
 
@@ -91,6 +91,8 @@ class TextDataModule(RecipeDataModule):
         self.split_seed = split_seed
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
+        # One process of the whole run writes the token files (several machines share the run directory).
+        self.prepare_data_per_node = False
 
     def prepare_data(self) -> None:
         if is_prepared(self.tokens_dir):
@@ -218,9 +220,9 @@ class LanguageModel(RecipeModule):
     """Next-token cross-entropy; logs ``train/loss``, ``val/loss`` and ``val/perplexity`` (torchmetrics).
 
     Args:
-        net: a model mapping token ids to next-token logits (e.g. :class:`GPT`).
+        net: a model mapping token ids to next-token logits (e.g. :class:`GPT`), or its config.
         optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`lightning_decent.recipes.schedules`).
+        scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 
