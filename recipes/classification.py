@@ -20,7 +20,7 @@ class ImageClassifier(RecipeModule):
     Args:
         net: the network, images -> logits (e.g. ``get_model("resnet50", weights=None)``), or its config.
         num_classes: number of classes (the logits' width).
-        optimizer: ``params -> Optimizer``.
+        optimizer: ``params -> Optimizer``, or its config.
         scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         label_smoothing: cross-entropy label smoothing.
         top5: also report top-5 accuracy (needs more than 5 classes).

@@ -238,7 +238,7 @@ class Detector(RecipeModule):
 
     Args:
         net: a torchvision detection model (e.g. :func:`detection_model`), or its config.
-        optimizer: ``params -> Optimizer``.
+        optimizer: ``params -> Optimizer``, or its config.
         scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """

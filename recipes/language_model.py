@@ -221,7 +221,7 @@ class LanguageModel(RecipeModule):
 
     Args:
         net: a model mapping token ids to next-token logits (e.g. :class:`GPT`), or its config.
-        optimizer: ``params -> Optimizer``.
+        optimizer: ``params -> Optimizer``, or its config.
         scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
