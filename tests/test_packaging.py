@@ -49,20 +49,18 @@ def test_configs_and_recipes_ship_inside_the_package() -> None:
     assert Path(str(conf)).resolve() == (ROOT / "conf").resolve()
 
 
-def test_nothing_installs_a_top_level_recipes_or_conf_module(tmp_path: Path) -> None:
-    probe = "import importlib.util as u; print(u.find_spec('recipes'), u.find_spec('conf'))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None", "None"]
-
-
-def test_the_strategy_does_not_import_the_app_extra(tmp_path: Path) -> None:
+def test_the_strategy_needs_no_app_extra_and_nothing_installs_top_level_recipes(tmp_path: Path) -> None:
+    # A fresh interpreter outside the repository: which modules the strategy and its topologies import,
+    # and whether a top-level ``recipes`` or ``conf`` module can be found.
     probe = (
-        "import sys; from lightning_decent import DecentralizedStrategy; from lightning_decent.topology import "
-        "get_topology; DecentralizedStrategy(topology='ring'); [get_topology(n, 8) for n in ('ring', "
-        "'one_peer_exponential', 'torus')]; print(sorted({'sklearn', 'networkx', 'hydra'} & set(sys.modules)))"
+        "import sys, importlib.util as u; from lightning_decent import DecentralizedStrategy; "
+        "from lightning_decent.topology import get_topology; DecentralizedStrategy(topology='ring'); "
+        "[get_topology(n, 8) for n in ('ring', 'one_peer_exponential', 'torus')]; "
+        "print(sorted({'sklearn', 'networkx', 'hydra'} & set(sys.modules)), "
+        "u.find_spec('recipes'), u.find_spec('conf'))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "None", "None"]
 
 
 def test_a_missing_optional_dependency_names_its_extra(monkeypatch) -> None:
