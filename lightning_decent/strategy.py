@@ -20,10 +20,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -32,6 +30,7 @@ from typing_extensions import override
 
 from lightning_decent import checkpoint as ckpt
 from lightning_decent import rng
+from lightning_decent._lightning_private import _optimizers_to_device, _SubprocessScriptLauncher
 from lightning_decent._version import __version__
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
 from lightning_decent.buckets import ParamBucket, build_buckets

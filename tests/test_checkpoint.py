@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent import checkpoint as ckpt
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 
 @pytest.fixture(autouse=True, scope="module")

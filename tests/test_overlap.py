@@ -14,8 +14,8 @@ import torch.distributed as dist
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import ALGORITHMS, DSGD, Bucket, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.topology import get_topology
-from recipes.digits import DigitsClassifier, DigitsDataModule
 
 N, DIM, STEPS, LR, MOMENTUM, DECAY = 8, 5, 12, 0.1, 0.9, 0.01
 

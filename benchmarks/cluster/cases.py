@@ -275,7 +275,7 @@ class TrainingClock(pl.Callback):
 
 
 def accuracy(ctx: Context, which: str, *mode: str, slow: float = 0.0) -> dict[str, Any]:
-    from recipes.digits import DigitsClassifier, DigitsDataModule, digits_cnn
+    from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule, digits_cnn
 
     if which == "ddp":
         strategy: Any = DDPStrategy(process_group_backend="gloo")

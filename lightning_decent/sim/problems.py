@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lightning_decent._extras import require
 from lightning_decent.data import partition_indices
 
 
@@ -219,9 +220,7 @@ class Digits(Problem):
         seed: int = 0,
         test_size: int = 360,
     ) -> None:
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
+        data = require("sklearn.datasets", "app", "the simulator's digits problem").load_digits()
         images = torch.tensor(data.data, dtype=torch.float64) / 16.0
         labels = torch.tensor(data.target, dtype=torch.long)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

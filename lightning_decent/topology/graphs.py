@@ -12,12 +12,17 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
+from lightning_decent._extras import require
 from lightning_decent.topology.base import Topology
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _SUM_TOL = 1e-9
 _ER_MAX_ATTEMPTS = 100
@@ -58,8 +63,14 @@ def _group_average(groups: Iterable[Sequence[int]], n: int) -> np.ndarray:
     return w
 
 
+def _networkx() -> ModuleType:
+    """networkx, which the connectivity checks of ``erdos_renyi`` and the directed graphs use."""
+    return require("networkx", "app", "the connectivity check of this topology")
+
+
 def _unreachable_message(graph: nx.DiGraph) -> str:
     """Name the nodes that node 0 cannot reach, or those that cannot reach node 0."""
+    nx = _networkx()
     cannot_be_reached = sorted(set(graph) - nx.descendants(graph, 0) - {0})
     if cannot_be_reached:
         return f"node 0 cannot reach nodes {cannot_be_reached}"
@@ -69,6 +80,7 @@ def _unreachable_message(graph: nx.DiGraph) -> str:
 
 def _check_strongly_connected(adjacency: np.ndarray, what: str) -> None:
     """Raise unless every node can reach every other; ``adjacency[i, j]`` means j sends to i."""
+    nx = _networkx()
     graph = nx.DiGraph()
     graph.add_nodes_from(range(len(adjacency)))
     graph.add_edges_from((int(j), int(i)) for i, j in zip(*np.nonzero(adjacency)) if i != j)
@@ -167,6 +179,7 @@ def erdos_renyi(n: int, p: float | None = None, seed: int = 0) -> Topology:
     _check_n(n, "erdos_renyi")
     if p is None or not 0.0 < p <= 1.0:
         raise ValueError(f"erdos_renyi needs an edge probability p= in (0, 1], e.g. p=0.5; got p={p!r}.")
+    nx = _networkx()
     for attempt in range(_ER_MAX_ATTEMPTS):
         upper = np.triu(np.random.default_rng(seed + attempt).random((n, n)) < p, k=1)
         adj = upper | upper.T

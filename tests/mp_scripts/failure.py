@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 
 class Victim(pl.Callback):

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 
 def main(out: Path) -> None:

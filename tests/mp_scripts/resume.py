@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 #: The graph each algorithm trains on (default: the ring).
 TOPOLOGIES = {"push_sum": "challenging_digraph"}
