@@ -4,7 +4,8 @@ Build one by name with :func:`get_algorithm`; the modifiers ``global_average_eve
 ``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm, except that
 ``push_diging`` and ``mg_push_diging`` take their gossip rounds as ``rounds=R`` (they refuse
 ``gossip_rounds``). On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
-``mg_push_diging``; the other algorithms need a doubly stochastic matrix.
+``mg_push_diging``; the other algorithms need a doubly stochastic matrix. The local-steps family
+(``local_sgd``, ``diloco``, ``gasloc``) synchronises every ``H`` steps itself and takes no modifier.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lightning_decent.algorithms.dsgd import DSGD
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
 from lightning_decent.algorithms.gut import GUT, QGGUT
+from lightning_decent.algorithms.local_steps import DiLoCo, GASLoC, LocalSGD, LocalSteps
 from lightning_decent.algorithms.modifiers import MODIFIER_OPTIONS, Modified, with_modifiers
 from lightning_decent.algorithms.push_sum import (
     PUSH_SUM_ALGORITHMS,
@@ -37,6 +39,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "push_sum": PushSum,
     "push_diging": PushDIGing,
     "mg_push_diging": MGPushDIGing,
+    "local_sgd": LocalSGD,
+    "diloco": DiLoCo,
+    "gasloc": GASLoC,
 }
 
 #: Short names accepted by :func:`get_algorithm`.
@@ -99,6 +104,12 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
     ``v = 1`` and ``z = x`` equal to the exact network average.
     """
     rounds = modifiers.get("gossip_rounds", 1)
+    active = {key: value for key, value in modifiers.items() if value not in (None, False, 1)}
+    if isinstance(algorithm, LocalSteps) and active:
+        raise ValueError(
+            f"{algorithm.name} synchronises every H steps itself; the modifiers {sorted(active)} do not apply to it. "
+            f"Set its period with H=..., or use a per-step algorithm (dsgd) with them."
+        )
     if isinstance(algorithm, PushDIGing) and rounds != 1:
         raise ValueError(
             f"{algorithm.name} takes its gossip rounds per exchange as rounds=R (got gossip_rounds={rounds!r}); "
@@ -116,8 +127,12 @@ __all__ = [
     "QGGUT",
     "Algorithm",
     "Bucket",
+    "DiLoCo",
     "ExactDiffusion",
+    "GASLoC",
     "GradientTracking",
+    "LocalSGD",
+    "LocalSteps",
     "MGPushDIGing",
     "Modified",
     "PushDIGing",

@@ -44,6 +44,19 @@ CASES = [
     ("push_sum_digraph", "logistic", "challenging_digraph", "push_sum", {}, 0.9),
     ("push_diging_digraph", "logistic", "challenging_digraph", "push_diging", {}, 0.0),
     ("mg_push_diging_digraph", "logistic", "challenging_digraph", "mg_push_diging", {"rounds": 2}, 0.0),
+    # local steps: the all-reduce outer sync (blocking and asynchronous) and the gossip one (p2p, in flight)
+    ("local_sgd_warmup", "logistic", "ring", "local_sgd", {"H": 3, "warmup_steps": 4}, 0.9),
+    ("diloco", "logistic", "ring", "diloco", {"H": 4}, 0.9),
+    ("diloco_streaming", "logistic", "ring", "diloco", {"H": 6, "fragments": 3, "delay": 1}, 0.0),
+    (
+        "gasloc_one_peer_streaming",
+        "logistic",
+        "one_peer_exponential",
+        "gasloc",
+        {"H": 4, "fragments": 2, "delay": 1},
+        0.0,
+    ),
+    ("gasloc_ring_momentum", "digits", "ring", "gasloc", {"H": 3, "gossip_momentum": 0.5}, 0.0),
 ]
 
 
