@@ -207,8 +207,8 @@ def test_extra_memory_counts_anchor_outer_state_and_buffers_in_flight() -> None:
 
 # ---- by name: Python, simulator specs ---------------------------------------------------------------------
 def test_spec_syntax_reaches_the_algorithm() -> None:
-    spec = AlgorithmSpec.parse("diloco:H=16:outer_lr=0.7:fragments=4:delay=2:lr=0.1")
-    assert spec.options == {"H": 16, "outer_lr": 0.7, "fragments": 4, "delay": 2}
+    spec = AlgorithmSpec.parse("diloco:H=16:outer_lr=0.7:fragments=4:delay=2:mix=0.5:lr=0.1")
+    assert spec.options == {"H": 16, "outer_lr": 0.7, "fragments": 4, "delay": 2, "mix": 0.5}
     assert spec.optimizer == {"lr": 0.1}
     algo = get_algorithm(spec.name, **spec.options)
     assert (algo.schedule.period, algo.schedule.fragments, algo.schedule.delay, algo.mix) == (16, 4, 2, 0.5)
@@ -257,7 +257,13 @@ def test_hydra_group_overrides_reach_the_strategy(tmp_path: Path) -> None:
     GlobalHydra.instance().clear()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
-        overrides = ["algorithm=gasloc", "algorithm.H=64", "algorithm.fragments=4", "algorithm.delay=1"]
+        overrides = [
+            "algorithm=gasloc",
+            "algorithm.H=64",
+            "algorithm.fragments=4",
+            "algorithm.delay=1",
+            "algorithm.mix=0.5",
+        ]
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
     GlobalHydra.instance().clear()
     algo = instantiate(cfg.strategy).algorithm

@@ -15,8 +15,9 @@ Streaming (Douillard et al. 2025): the flat buffer of every bucket is cut into `
 fragments (the paper's "sequential" fragments: consecutive parameters), synchronised at staggered
 offsets (:class:`~lightning_decent.algorithms.sync_schedule.SyncSchedule`); a fragment's exchange
 can run during the next ``tau`` inner steps and is then merged into the model that kept training,
-``x_i <- mix x_i + (1 - mix) a_i`` (the paper's ``alpha``). The one place a synchronisation uses the
-network is :meth:`LocalSteps.exchange`: a compressed exchange replaces that method alone.
+``x_i <- mix x_i + (1 - mix) a_i`` (the paper's ``alpha``; default 0: ``x_i <- a_i``). The one place
+a synchronisation uses the network is :meth:`LocalSteps.exchange`: a compressed exchange replaces
+that method alone.
 
 Evaluation (the strategy's network average of the live models) sees ``(1/n) sum_i x_i``: right after a
 synchronisation ``x_i = a_i``; mid-period the average of the ranks' local progress from the anchor,
@@ -71,8 +72,8 @@ class LocalSteps(Algorithm):
         outer_momentum: SGD/Nesterov momentum, or Adam's ``beta1``.
         fragments: ``F``, streaming fragments per bucket (1: the whole model at once).
         delay: ``tau``, inner steps a fragment's exchange overlaps before it is applied (0: blocking).
-        mix: the merge factor ``alpha``, ``x_i <- alpha x_i + (1 - alpha) a_i`` when a synchronisation is
-            applied; default 0.5 with ``delay > 0`` (Streaming DiLoCo), else 0 (``x_i <- a_i``).
+        mix: Streaming DiLoCo's merge factor ``alpha``, ``x_i <- alpha x_i + (1 - alpha) a_i`` when a
+            synchronisation is applied; 0 (the default, as torchft's): the model restarts from the anchor.
         warmup_steps: ``K``, initial steps that each end with a plain average of the models (``H = 1``,
             no outer optimizer: synchronous training, post-local SGD's warm-up).
     """
@@ -89,13 +90,13 @@ class LocalSteps(Algorithm):
         outer_momentum: float = 0.9,
         fragments: int = 1,
         delay: int = 0,
-        mix: float | None = None,
+        mix: float = 0.0,
         warmup_steps: int = 0,
     ) -> None:
         self.schedule = SyncSchedule(H, fragments, delay, warmup_steps)
         check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum)
         self.outer_optimizer, self.outer_lr, self.outer_momentum = outer_optimizer, outer_lr, outer_momentum
-        self.mix = (0.5 if delay > 0 else 0.0) if mix is None else float(mix)
+        self.mix = float(mix)
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1] (the weight of the local model in the merge); got {mix!r}.")
         self._syncs: weakref.WeakKeyDictionary[Bucket, _BucketSync] = weakref.WeakKeyDictionary()
@@ -342,7 +343,7 @@ class LocalSGD(DiLoCo):
         outer_momentum: float = 0.0,
         fragments: int = 1,
         delay: int = 0,
-        mix: float | None = None,
+        mix: float = 0.0,
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(
@@ -403,7 +404,7 @@ class GASLoC(LocalSteps):
         outer_momentum: float = 0.9,
         fragments: int = 1,
         delay: int = 0,
-        mix: float | None = None,
+        mix: float = 0.0,
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(

@@ -37,8 +37,7 @@ CASES = [
 def reference(algorithm: str, topology: str, options: dict, momentum: float, devices: int):
     problem = get_problem("logistic", n=devices, dim=6, samples=8, heterogeneity=1.0, seed=0)
     if algorithm == "diloco":
-        mix = options.get("mix", 0.5 if options.get("delay") else 0.0)
-        return diloco_reference(problem, STEPS, LR, momentum=momentum, **{**options, "mix": mix})
+        return diloco_reference(problem, STEPS, LR, momentum=momentum, **options)
     graph = get_topology(topology, devices)
     return gasloc_reference(
         problem, graph, STEPS, LR, options["H"], outer_lr=options["outer_lr"], gamma=options["gossip_momentum"]

@@ -37,7 +37,7 @@ CONFIGURATIONS = {
     "diloco": ("diloco", {"H": 5}),
     "local_sgd": ("local_sgd", {"H": 6, "warmup_steps": 3}),
     "diloco_streaming": ("diloco", {"H": 8, "fragments": 4, "delay": 1}),
-    "gasloc_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "gossip_momentum": 0.5}),
+    "gasloc_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "mix": 0.5, "gossip_momentum": 0.5}),
 }
 
 

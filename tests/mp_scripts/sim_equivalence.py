@@ -47,7 +47,7 @@ CASES = [
     # local steps: the all-reduce outer sync (blocking and asynchronous) and the gossip one (p2p, in flight)
     ("local_sgd_warmup", "logistic", "ring", "local_sgd", {"H": 3, "warmup_steps": 4}, 0.9),
     ("diloco", "logistic", "ring", "diloco", {"H": 4}, 0.9),
-    ("diloco_streaming", "logistic", "ring", "diloco", {"H": 6, "fragments": 3, "delay": 1}, 0.0),
+    ("diloco_streaming", "logistic", "ring", "diloco", {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}, 0.0),
     (
         "gasloc_one_peer_streaming",
         "logistic",
