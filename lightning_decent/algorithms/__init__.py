@@ -54,8 +54,17 @@ ALIASES: dict[str, str] = {
 
 def algorithm_options(name: str) -> tuple[str, ...]:
     """The keyword options an algorithm name accepts (its own, then the modifiers')."""
-    own = tuple(inspect.signature(ALGORITHMS[_resolve(name)]).parameters)
-    return own + MODIFIER_OPTIONS
+    return _constructor_options(ALGORITHMS[_resolve(name)]) + MODIFIER_OPTIONS
+
+
+def _constructor_options(cls: type) -> tuple[str, ...]:
+    """The named parameters of ``cls``'s constructor; a ``**options`` parameter stands for the options of
+    the parent class it is forwarded to (``gasloc`` adds its own to those of every local-steps algorithm)."""
+    parameters = inspect.signature(cls).parameters.values()
+    names = tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        names += tuple(n for n in _constructor_options(cls.__mro__[1]) if n not in names)
+    return names
 
 
 def _resolve(name: str) -> str:

@@ -341,20 +341,10 @@ class LocalSGD(DiLoCo):
         outer_optimizer: str = "sgd",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
-        fragments: int = 1,
-        delay: int = 0,
-        mix: float = 0.0,
-        warmup_steps: int = 0,
+        **options: Any,
     ) -> None:
         super().__init__(
-            H,
-            outer_optimizer=outer_optimizer,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-            fragments=fragments,
-            delay=delay,
-            mix=mix,
-            warmup_steps=warmup_steps,
+            H, outer_optimizer=outer_optimizer, outer_lr=outer_lr, outer_momentum=outer_momentum, **options
         )
 
 
@@ -386,7 +376,7 @@ class GASLoC(LocalSteps):
 
     Args:
         gossip_momentum: ``gamma`` (0: the non-accelerated form).
-        others: as :class:`LocalSteps` (default outer optimizer: DiLoCo's).
+        options: those of :class:`LocalSteps` (default outer optimizer: DiLoCo's).
 
     Communication: one model (or fragment) per out-neighbour per synchronisation. Extra memory: as
     :class:`DiLoCo`, plus ``y^prev`` when ``gamma > 0``.
@@ -394,29 +384,8 @@ class GASLoC(LocalSteps):
 
     name = "gasloc"
 
-    def __init__(
-        self,
-        H: int = 16,
-        *,
-        gossip_momentum: float = 0.0,
-        outer_optimizer: str = "nesterov",
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        fragments: int = 1,
-        delay: int = 0,
-        mix: float = 0.0,
-        warmup_steps: int = 0,
-    ) -> None:
-        super().__init__(
-            H,
-            outer_optimizer=outer_optimizer,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-            fragments=fragments,
-            delay=delay,
-            mix=mix,
-            warmup_steps=warmup_steps,
-        )
+    def __init__(self, H: int = 16, *, gossip_momentum: float = 0.0, **options: Any) -> None:
+        super().__init__(H, **options)
         if not 0.0 <= gossip_momentum < 1.0:
             raise ValueError(f"gasloc needs 0 <= gossip_momentum < 1; got {gossip_momentum!r}.")
         self.gossip_momentum = gossip_momentum

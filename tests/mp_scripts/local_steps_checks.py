@@ -14,10 +14,9 @@ import json
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch.distributed as dist
 from local_steps_reference import diloco_reference, gasloc_reference
-from sim_equivalence import LR, STEPS, NodeObjective
+from sim_equivalence import LR, STEPS, NodeObjective, node_trainer
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.sim import get_problem
@@ -56,17 +55,7 @@ def run(out: Path, devices: int) -> None:
             algorithm_options=dict(options),
             final_model="local",
         )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            precision="64-true",
-            max_steps=STEPS,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = node_trainer(strategy, devices)
         trainer.fit(model)
         expected = reference(algorithm, topology, options, momentum, devices)[trainer.global_rank]
         results[case] = {

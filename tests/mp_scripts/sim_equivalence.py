@@ -86,6 +86,21 @@ class NodeObjective(pl.LightningModule):
         return DataLoader(torch.zeros(STEPS * self.trainer.world_size), batch_size=1)
 
 
+def node_trainer(strategy: DecentralizedStrategy, devices: int) -> pl.Trainer:
+    """A float64 trainer of :data:`STEPS` steps on ``devices`` CPU ranks, without logging or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def run(out: Path, devices: int) -> None:
     results: dict[str, dict] = {}
     for case, problem_name, topology, algorithm, options, momentum in CASES:
@@ -94,17 +109,7 @@ def run(out: Path, devices: int) -> None:
         strategy = DecentralizedStrategy(
             topology=topology, algorithm=algorithm, algorithm_options=dict(options), final_model="local"
         )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            precision="64-true",
-            max_steps=STEPS,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = node_trainer(strategy, devices)
         trainer.fit(model)
         simulated = simulate(
             problem, algorithm, topology, steps=STEPS, lr=LR, momentum=momentum, eval_every=STEPS, **options
