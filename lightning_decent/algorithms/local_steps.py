@@ -355,8 +355,8 @@ class GASLoC(LocalSteps):
     """GASLoC (Cagnasso, Belilovsky & Oyallon, "Unifying Local Communications and Local Updates for LLM
     Pretraining", 2026): local steps, an outer optimizer on each rank's own anchor, then gossip with the
     topology's neighbours instead of an all-reduce. The paper's recursion, with ``g_t = x_t - a_t = -Delta_t``
-    the drift of the local steps, ``W = I - alpha Lambda`` the mixing matrix and ``gamma`` the momentum
-    of its accelerated variant (``gamma = 0``: the plain one)::
+    the drift of the local steps, ``W = I - s Lambda`` the mixing matrix (Laplacian ``Lambda``) and
+    ``gamma`` the momentum of its accelerated variant (``gamma = 0``: the plain one)::
 
         a_{t+1} = W (a_t + eta g_t) + gamma [(a_t + eta g_t) - (a_{t-1} + eta g_{t-1})]
 
