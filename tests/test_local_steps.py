@@ -1,4 +1,5 @@
-"""Local steps with an outer optimizer (local SGD, DiLoCo, Streaming DiLoCo, GASLoC) in the simulator.
+"""Local steps with an outer optimizer (local SGD, DiLoCo, Streaming DiLoCo, GASLoC): the simulator, the
+Hydra group, and one Lightning process with a checkpoint taken while an exchange is in flight.
 
 The papers' recursions are written out by hand in ``tests/mp_scripts/local_steps_reference.py``; the
 real multi-process runs are in ``tests/test_local_steps_multiprocess.py`` (slow).
@@ -6,19 +7,28 @@ real multi-process runs are in ``tests/test_local_steps_multiprocess.py`` (slow)
 
 from __future__ import annotations
 
+import io
 import itertools
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_decent.train  # noqa: F401  (registers the config resolvers)
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import AlgorithmSpec, get_problem, simulate
 from lightning_decent.sim.problems import LeastSquares, Problem
 from lightning_decent.topology import get_topology
+from recipes.digits import DigitsClassifier, DigitsDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mp_scripts"))
 from local_steps_reference import diloco_reference, gasloc_reference
@@ -168,9 +178,7 @@ def test_checkpoint_state_resumes_bitwise(name: str, options: dict, stop: int) -
     assert torch.equal(resumed.detach(), straight)
 
 
-def _roundtrip(obj: object):
-    import io
-
+def _roundtrip(obj: object) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     buffer.seek(0)
@@ -248,12 +256,6 @@ def test_overlap_flag_and_tiny_buckets_are_refused_with_the_fix() -> None:
 
 
 def test_hydra_group_overrides_reach_the_strategy(tmp_path: Path) -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    import lightning_decent.train  # noqa: F401  (registers the config resolvers)
-
     GlobalHydra.instance().clear()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
@@ -269,3 +271,45 @@ def test_hydra_group_overrides_reach_the_strategy(tmp_path: Path) -> None:
     algo = instantiate(cfg.strategy).algorithm
     assert algo.name == "gasloc" and (algo.schedule.period, algo.schedule.fragments, algo.schedule.delay) == (64, 4, 1)
     assert algo.mix == 0.5 and algo.outer_optimizer == "nesterov"
+
+
+# ---- through Lightning: a checkpoint with an exchange in flight, one process ----------------------------
+@pytest.fixture
+def _own_process_group():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_lightning_checkpoint_with_an_exchange_in_flight_resumes_bitwise(tmp_path: Path, _own_process_group) -> None:
+    options = {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}  # fragment 1 starts after step 4: in flight
+
+    def fit(epochs: int, callbacks=(), ckpt_path=None) -> DigitsClassifier:
+        pl.seed_everything(0)
+        model = DigitsClassifier()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            strategy=DecentralizedStrategy(algorithm="diloco", algorithm_options=options, final_model="local"),
+            max_epochs=epochs,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
+        return model
+
+    straight = fit(2)
+    fit(1, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt" / "rank_0.ckpt", weights_only=True)["decentralized"]
+    assert saved["buckets"][0][0]["in_flight"].tolist() == [-1, 3, -1]  # started after step index 3
+    assert saved["buckets"][0][0]["outer_optimizer"]["state"]  # Nesterov momentum of fragment 0
+    resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
