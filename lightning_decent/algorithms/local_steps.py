@@ -28,6 +28,7 @@ extrapolation.
 from __future__ import annotations
 
 import weakref
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -207,16 +208,17 @@ class LocalSteps(Algorithm):
         parameter.grad = None
 
     # ---- what subclasses define ------------------------------------------------------------------------
+    @abstractmethod
     def _prepare(
         self, bucket: Bucket, fragment: int | None, model: torch.Tensor, anchor: torch.Tensor, buffer: torch.Tensor
     ) -> None:
         """Fill ``buffer`` with what this rank sends (slices of one bucket; ``fragment=None``: warm-up)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _apply(self, bucket: Bucket, fragment: int | None, anchor: torch.Tensor, buffer: torch.Tensor) -> None:
         """Update ``anchor`` from the exchanged ``buffer`` (before the model is merged with it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def exchange(
         self, buffers: list[torch.Tensor], comm: Communicator, round_: int, *, blocking: bool
     ) -> PendingMix | None:
@@ -224,7 +226,6 @@ class LocalSteps(Algorithm):
         topology (``round_`` is the fragment's synchronisation count). ``blocking``: the buffers hold the
         result on return (``None``); else a started exchange whose ``finish(index)`` completes buffer
         ``index``. A compressed version (error feedback on what is sent) overrides this method alone."""
-        raise NotImplementedError
 
     # ---- transfers in flight ---------------------------------------------------------------------------
     def wait_pending(self) -> None:
