@@ -32,6 +32,7 @@ from recipes.digits import DigitsClassifier, DigitsDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mp_scripts"))
 from local_steps_reference import diloco_reference, gasloc_reference
+from test_checkpoint import make_trainer  # one process, 4 steps per epoch, validation on one batch
 
 N, LR = 8, 0.05
 
@@ -282,27 +283,15 @@ def _own_process_group():
 
 
 def test_lightning_checkpoint_with_an_exchange_in_flight_resumes_bitwise(tmp_path: Path, _own_process_group) -> None:
-    options = {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}  # fragment 1 starts after step 4: in flight
+    # fragment 1 starts after the 4th step, the end of epoch 1: in flight at the checkpoint (validation,
+    # which completes an exchange early, runs at every epoch end of both runs)
+    options = {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}
 
     def fit(epochs: int, callbacks=(), ckpt_path=None) -> DigitsClassifier:
         pl.seed_everything(0)
         model = DigitsClassifier()
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            strategy=DecentralizedStrategy(algorithm="diloco", algorithm_options=options, final_model="local"),
-            max_epochs=epochs,
-            limit_train_batches=4,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=bool(callbacks),
-            callbacks=list(callbacks),
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
+        strategy = {"algorithm": "diloco", "algorithm_options": options, "final_model": "local"}
+        make_trainer(tmp_path, epochs, callbacks, **strategy).fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
         return model
 
     straight = fit(2)
