@@ -485,7 +485,7 @@ class DecentralizedStrategy(DDPStrategy):
         return {
             "gossip_step": self.gossip_step,
             "algorithm": self.algorithm.state_dict(),
-            "buckets": [[dict(b.state) for b in buckets] for _, buckets in self._buckets.values()],
+            "buckets": [[self.algorithm.bucket_state_dict(b) for b in group] for _, group in self._buckets.values()],
             "rng": rng.collect_states(),
         }
 
@@ -499,11 +499,9 @@ class DecentralizedStrategy(DDPStrategy):
                 "The checkpoint's parameter buckets do not match this run's (different model, optimizers or "
                 "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True."
             )
-        with torch.no_grad():
-            for saved_group, buckets in zip(saved, current):
-                for saved_state, bucket in zip(saved_group, buckets):
-                    for key, tensor in saved_state.items():
-                        bucket.state[key].copy_(tensor)
+        for saved_group, buckets in zip(saved, current):
+            for saved_state, bucket in zip(saved_group, buckets):
+                self.algorithm.load_bucket_state_dict(bucket, saved_state)
         rng.restore_states(state["rng"])
 
     @override

@@ -14,6 +14,7 @@ from lightning_decent.algorithms import (
     PUSH_SUM_ALGORITHMS,
     Algorithm,
     Bucket,
+    LocalSteps,
     Modified,
     get_algorithm,
 )
@@ -21,9 +22,12 @@ from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import Quadratic, simulate
 from lightning_decent.topology import get_topology, lambda_min
 
-#: The doubly stochastic family. The push-sum algorithms send an extra scalar, keep a per-node scalar and
-#: have graph-dependent rounds; their costs and refusals are tested in tests/test_push_sum.py.
-NAMES = [name for name in ALGORITHMS if name not in PUSH_SUM_ALGORITHMS]
+#: The doubly stochastic per-step family. The push-sum algorithms send an extra scalar, keep a per-node scalar
+#: and have graph-dependent rounds; their costs and refusals are tested in tests/test_push_sum.py. The
+#: local-steps algorithms communicate once per H steps and take no modifier: tests/test_local_steps.py.
+NAMES = [
+    name for name in ALGORITHMS if name not in PUSH_SUM_ALGORITHMS and not issubclass(ALGORITHMS[name], LocalSteps)
+]
 
 
 # ---- registry -------------------------------------------------------------------------------------

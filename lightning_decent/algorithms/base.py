@@ -154,14 +154,25 @@ class Algorithm(ABC):
         return 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.
+        """Python-level state that is not per bucket (counters, adaptive periods), for checkpoints.
 
-        Per-bucket tensors belong in ``bucket.state``; the strategy checkpoints those itself.
+        Per-bucket state belongs in :meth:`bucket_state_dict`; the strategy checkpoints it per bucket.
         """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
         """Restore what :meth:`state_dict` returned."""
+
+    def bucket_state_dict(self, bucket: Bucket) -> dict[str, Any]:
+        """What a checkpoint keeps of ``bucket``: its ``state`` tensors. Algorithms with per-bucket objects
+        (the outer optimizer of local-steps algorithms) add their state."""
+        return dict(bucket.state)
+
+    @torch.no_grad()
+    def load_bucket_state_dict(self, bucket: Bucket, state: dict[str, Any]) -> None:
+        """Restore what :meth:`bucket_state_dict` returned into a bucket that ``init_state`` prepared."""
+        for key, tensor in state.items():
+            bucket.state[key].copy_(tensor)
 
     @abstractmethod
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_decent.comm.base import Communicator, nbytes
-from lightning_decent.comm.p2p import average_all_reduce
+from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.p2p import average_all_reduce, start_average_all_reduce
 from lightning_decent.topology import Topology
 
 
@@ -29,12 +29,21 @@ class AllReduceCommunicator(Communicator):
 
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
+        if dist.get_world_size(self.group) == 1:
+            return
+        average_all_reduce(buffers, self.group)
+        self._count(buffers)
+
+    @torch.no_grad()
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
+        self._count(buffers)
+        return start_average_all_reduce(buffers, self.group)
+
+    def _count(self, buffers: Sequence[torch.Tensor]) -> None:
         n = dist.get_world_size(self.group)
         if n == 1:
             return
-        average_all_reduce(buffers, self.group)
-        traffic = sum(nbytes(b) for b in buffers) * 2 * (n - 1) // n
         self.stats.messages_sent += len(buffers)
         self.stats.messages_received += len(buffers)
-        self.stats.bytes_sent += traffic
-        self.stats.bytes_received += traffic
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), n)

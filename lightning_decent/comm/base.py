@@ -2,6 +2,7 @@
 
 ``mix`` is one blocking gossip round. ``start_mix`` splits it in two so that the transfer can run
 while the caller computes: it returns a :class:`PendingMix` whose ``finish`` completes the round.
+``global_average`` and ``start_global_average`` do the same for the exact average over all nodes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class CommStats:
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def count_all_reduce(stats: CommStats, node_bytes: int, n: int, nodes: int = 1) -> None:
+    """Add the payload of a ring all-reduce of ``node_bytes`` per node over ``n`` nodes to ``stats``:
+    ``2 (n - 1) / n`` times the buffer sent and received per node, for ``nodes`` nodes (the simulator
+    counts all ``n``). The backend may use another algorithm with the same order of traffic."""
+    if n == 1:
+        return
+    traffic = node_bytes * 2 * (n - 1) // n * nodes
+    stats.bytes_sent += traffic
+    stats.bytes_received += traffic
 
 
 class Communicator(ABC):
@@ -81,6 +93,12 @@ class Communicator(ABC):
     @abstractmethod
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         """In place, for every buffer: ``x_i <- (1/n) sum_j x_j`` (a collective over all nodes)."""
+
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """Begin :meth:`global_average` of ``buffers`` and return at once; ``finish(index)`` (without
+        ``into``) completes buffer ``index``. As for :meth:`start_mix`, do not write the buffers before
+        then. This default averages when finished; transports with asynchronous collectives override it."""
+        return DeferredAverage(self, buffers)
 
 
 class PendingMix(ABC):
@@ -131,3 +149,19 @@ class DeferredMix(PendingMix):
         into.add_(mixed).sub_(buffer)
         if refill:
             buffer.copy_(into)
+
+
+class DeferredAverage(PendingMix):
+    """A global average that runs when it is finished (simulator, and the default)."""
+
+    def __init__(self, comm: Communicator, buffers: Sequence[torch.Tensor]) -> None:
+        super().__init__(buffers, step=-1)
+        self.comm = comm
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
+        self.comm.global_average([self.buffers[index]])

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import Communicator, PendingMix, nbytes
+from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
@@ -220,6 +220,13 @@ class P2PCommunicator(Communicator):
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         average_all_reduce(buffers, self.group)
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
+
+    @torch.no_grad()
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
+        return start_average_all_reduce(buffers, self.group)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
@@ -351,3 +358,38 @@ def average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup
         for buf in buffers:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             buf.div_(world)
+
+
+class _AsyncAverage(PendingMix):
+    """All-reduces started with ``async_op=True``; ``finish(index)`` waits for buffer ``index`` and divides."""
+
+    def __init__(self, buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        super().__init__(buffers, step=-1)
+        self.world = dist.get_world_size(group)
+        with record_function("gossip.all_reduce_start"):
+            self.works: list[dist.Work | None] = [
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True) for buf in buffers
+            ]
+
+    def _wait(self, index: int) -> None:
+        work = self.works[index]
+        if work is not None:
+            with record_function("gossip.wait"):
+                work.wait()
+            self.works[index] = None
+
+    def wait(self) -> None:
+        for index in range(len(self.buffers)):
+            self._wait(index)
+
+    @torch.no_grad()
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
+        self._wait(index)
+        self.buffers[index].div_(self.world)
+
+
+def start_average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> PendingMix:
+    """Start ``x <- mean over ranks of x`` for every buffer (one asynchronous all-reduce each)."""
+    return _AsyncAverage(buffers, group)

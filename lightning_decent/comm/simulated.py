@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_decent.comm.base import Communicator, nbytes
+from lightning_decent.comm.base import Communicator, count_all_reduce, nbytes
 from lightning_decent.topology import Topology
 
 
@@ -14,7 +14,8 @@ class SimulatedCommunicator(Communicator):
     """Runs the same algorithm code as the real strategy on stacked buffers (row ``i`` = node ``i``).
 
     Statistics count what the ``n`` real nodes would send in total (per-node payload times the
-    number of edges of the phase), so they can be compared with the p2p communicator's.
+    number of edges of the phase; for a global average, ``n`` times a ring all-reduce's payload), so
+    they can be compared with the real communicators'.
     """
 
     def __init__(self, topology: Topology) -> None:
@@ -50,5 +51,7 @@ class SimulatedCommunicator(Communicator):
 
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
+        n = self.topology.n
         for buf in buffers:
             buf.copy_(buf.mean(dim=0, keepdim=True).expand_as(buf))
+            count_all_reduce(self.stats, nbytes(buf) // n, n, nodes=n)

@@ -285,6 +285,8 @@ def simulate(
         local.step()
         algo.observe_loss(losses.detach())
         algo.after_step([bucket], comm, k)
+        if k + 1 == steps:  # as the strategy at the end of training: apply the exchanges still in flight
+            algo.finish_pending([bucket])
         if (k + 1) % eval_every == 0 or k + 1 == steps:
             record(k + 1)
     seconds = time.perf_counter() - start

@@ -44,6 +44,19 @@ CASES = [
     ("push_sum_digraph", "logistic", "challenging_digraph", "push_sum", {}, 0.9),
     ("push_diging_digraph", "logistic", "challenging_digraph", "push_diging", {}, 0.0),
     ("mg_push_diging_digraph", "logistic", "challenging_digraph", "mg_push_diging", {"rounds": 2}, 0.0),
+    # local steps: the all-reduce outer sync (blocking and asynchronous) and the gossip one (p2p, in flight)
+    ("local_sgd_warmup", "logistic", "ring", "local_sgd", {"H": 3, "warmup_steps": 4}, 0.9),
+    ("diloco", "logistic", "ring", "diloco", {"H": 4}, 0.9),
+    ("diloco_streaming", "logistic", "ring", "diloco", {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}, 0.0),
+    (
+        "gasloc_one_peer_streaming",
+        "logistic",
+        "one_peer_exponential",
+        "gasloc",
+        {"H": 4, "fragments": 2, "delay": 1},
+        0.0,
+    ),
+    ("gasloc_ring_momentum", "digits", "ring", "gasloc", {"H": 3, "gossip_momentum": 0.5}, 0.0),
 ]
 
 
@@ -73,6 +86,21 @@ class NodeObjective(pl.LightningModule):
         return DataLoader(torch.zeros(STEPS * self.trainer.world_size), batch_size=1)
 
 
+def node_trainer(strategy: DecentralizedStrategy, devices: int) -> pl.Trainer:
+    """A float64 trainer of :data:`STEPS` steps on ``devices`` CPU ranks, without logging or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def run(out: Path, devices: int) -> None:
     results: dict[str, dict] = {}
     for case, problem_name, topology, algorithm, options, momentum in CASES:
@@ -81,17 +109,7 @@ def run(out: Path, devices: int) -> None:
         strategy = DecentralizedStrategy(
             topology=topology, algorithm=algorithm, algorithm_options=dict(options), final_model="local"
         )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            precision="64-true",
-            max_steps=STEPS,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = node_trainer(strategy, devices)
         trainer.fit(model)
         simulated = simulate(
             problem, algorithm, topology, steps=STEPS, lr=LR, momentum=momentum, eval_every=STEPS, **options
