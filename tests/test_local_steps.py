@@ -25,10 +25,10 @@ import lightning_decent.train  # noqa: F401  (registers the config resolvers)
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.sim import AlgorithmSpec, get_problem, simulate
 from lightning_decent.sim.problems import LeastSquares, Problem
 from lightning_decent.topology import get_topology
-from recipes.digits import DigitsClassifier, DigitsDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mp_scripts"))
 from local_steps_reference import diloco_reference, gasloc_reference
