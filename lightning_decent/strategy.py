@@ -39,10 +39,11 @@ from lightning_decent.comm import (
     AllReduceCommunicator,
     CommStats,
     Communicator,
+    HierarchicalCommunicator,
     P2PCommunicator,
 )
 from lightning_decent.comm.p2p import average_all_reduce
-from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ class DecentralizedStrategy(DDPStrategy):
             a name is built for the world size at setup.
         algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
         communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"``
-            (exact global averaging every step, the P-SGD/DDP-equivalent baseline).
+            (exact global averaging every step, the P-SGD/DDP-equivalent baseline). With
+            ``topology="hierarchical"``, ``"p2p"`` runs :class:`~lightning_decent.comm.HierarchicalCommunicator`
+            (machine average, then ``1/L`` of the model per rank between machines).
         topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
         algorithm_options: keyword arguments for the algorithm.
         bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
@@ -229,6 +232,10 @@ class DecentralizedStrategy(DDPStrategy):
         assert self.topology is not None
         if self._communicator_name == "allreduce":
             return AllReduceCommunicator(self.topology)
+        if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
+            return HierarchicalCommunicator(
+                self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+            )
         return P2PCommunicator(
             self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
         )

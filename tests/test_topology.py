@@ -36,7 +36,12 @@ SIZES = [4, 8, 12, 16]
 
 def build(name: str, n: int) -> Topology:
     """The named topology; AER runs on 4 machines of n/4 ranks, Erdős–Rényi with p = 1/2."""
-    options = {"erdos_renyi": {"p": 0.5}, "alternating_exponential_ring": {"local_world_size": n // 4}}
+    options = {
+        "erdos_renyi": {"p": 0.5},
+        "alternating_exponential_ring": {"local_world_size": n // 4},
+        "hierarchical": {"local_world_size": 2},
+        "equidyn": {"period": 20},
+    }
     return get_topology(name, n, **options.get(name, {}))
 
 

@@ -141,6 +141,23 @@ def test_every_topology_builds_for_eight_ranks(hydra_context, tmp_path, option: 
     assert topology.n == 8
 
 
+def test_base_and_hierarchical_topologies_take_their_options_from_the_command_line(hydra_context, tmp_path) -> None:
+    cfg = make(hydra_context, tmp_path, "topology=base", "topology.options.k=2")
+    assert get_topology(cfg.topology.name, 12, **cfg.topology.options).max_degree == 2
+    overrides = [
+        "topology=hierarchical",
+        "trainer.devices=3",
+        "topology.options.machines=base",
+        "+topology.options.machine_options.k=2",
+    ]
+    cfg = make(hydra_context, tmp_path, *overrides)
+    options = OmegaConf.to_container(cfg.topology.options, resolve=True)
+    topology = get_topology(cfg.topology.name, 18, **options)  # 6 machines = 3 x 2: base with k = 2 uses both
+    assert (topology.local_world_size, topology.machines.name, topology.machines.max_degree) == (3, "base", 2)
+    strategy = instantiate(cfg.strategy)
+    assert strategy._topology_options == options
+
+
 def _algorithm_available(name: str, options: dict) -> bool:
     """Registered, with every option known (algorithms are added by another part of the project)."""
     return name in ALGORITHMS and set(options) <= set(algorithm_options(name))
