@@ -1,6 +1,6 @@
 """Algorithm benchmarks on the n-node simulator, at a larger scale than the tests (default n = 64).
 
-Three comparisons, each written as a table on stdout and as JSON + PNG under ``--out``:
+Five comparisons, each written as a table on stdout and as JSON + PNG under ``--out``:
 
 * ``heterogeneous``: L2-regularised logistic regression with heterogeneous nodes on a ring, exact
   gradients: every algorithm and modifier against parallel SGD (P-SGD, exact averaging), with
@@ -10,6 +10,9 @@ Three comparisons, each written as a table on stdout and as JSON + PNG under ``-
   excess loss to 1e-3 of its start, and the final (bias-floor) excess loss.
 * ``digits``: a small MLP on scikit-learn's digits split by Dirichlet(alpha = 0.1) labels over the
   ring, mini-batches of 32: held-out accuracy of the average model, mean and spread over seeds.
+* ``any_n``: n = 6, 12, 24 (not powers of two): gossip rounds to a consensus error of 1e-4 and 1e-8 and
+  D-SGD's accuracy on digits (Dirichlet 0.1) for ring, exponential, one-peer exponential, Base-2,
+  Base-3, EquiDyn and P-SGD.
 * ``scale``: the simulator's wall time on one thread for 4,096 nodes x logistic regression (d = 100) x
   1,000 steps of D-SGD on the one-peer exponential graph plus the P-SGD baseline (goal: under 30 s).
 
@@ -32,6 +35,7 @@ import torch
 from lightning_decent.sim import BASELINE, AlgorithmSpec, LeastSquares, Logistic, compare, simulate
 from lightning_decent.sim.problems import Digits
 from lightning_decent.sim.report import format_table, plot, results_json
+from lightning_decent.topology import consensus_error_curve, get_topology
 
 #: (label, spec) of every run; a spec is ``name:key=value...`` (see ``lightning_decent.sim.AlgorithmSpec``).
 ALGORITHMS = [
@@ -127,17 +131,64 @@ def scale(args: argparse.Namespace, out: Path) -> None:
     (out / "scale.json").write_text(json.dumps(summary, indent=1))
 
 
+#: The graphs of the any-n comparison: (label, registry name, options).
+ANY_N_TOPOLOGIES = [
+    ("ring", "ring", {}),
+    ("exponential", "exponential", {}),
+    ("one_peer_exponential", "one_peer_exponential", {}),
+    ("base-2 (k=1)", "base", {"k": 1}),
+    ("base-3 (k=2)", "base", {"k": 2}),
+    ("equidyn", "equidyn", {}),
+    ("complete (P-SGD)", "complete", {}),
+]
+ANY_N_SIZES = (6, 12, 24)
+
+
+def _rounds_to(curve: np.ndarray, target: float) -> str:
+    reached = np.flatnonzero(curve <= target)
+    return str(int(reached[0])) if reached.size else f">{len(curve) - 1}"
+
+
+def any_n(args: argparse.Namespace, out: Path) -> None:
+    """Sizes that are not powers of two: gossip rounds to a consensus error, and D-SGD's accuracy on
+    digits split by Dirichlet(0.1) labels (mean over seeds), for each graph of ANY_N_TOPOLOGIES."""
+    steps, seeds, rounds = args.any_n_steps, args.seeds, 200
+    rows = [("n", "topology", "max peers", "period", "rounds to 1e-4", "rounds to 1e-8", "accuracy mean", "min", "max")]
+    summary: dict[str, dict[str, object]] = {}
+    for n in ANY_N_SIZES:
+        for label, name, options in ANY_N_TOPOLOGIES:
+            graph = get_topology(name, n, **options)
+            curve = consensus_error_curve(graph, rounds, seed=0)
+            accuracy = [
+                simulate(Digits(n=n, alpha=0.1, batch_size=32, seed=s), "dsgd", graph, steps=steps, lr=0.1,
+                         eval_every=steps, seed=s).final("accuracy")
+                for s in range(seeds)
+            ]  # fmt: skip
+            to_4, to_8 = _rounds_to(curve, 1e-4), _rounds_to(curve, 1e-8)
+            rows.append((str(n), label, str(graph.max_degree), str(graph.period), to_4, to_8,
+                         f"{np.mean(accuracy):.4f}", f"{min(accuracy):.4f}", f"{max(accuracy):.4f}"))  # fmt: skip
+            summary[f"{n}/{label}"] = {"rounds_to_1e-4": to_4, "rounds_to_1e-8": to_8, "accuracy": accuracy}
+    title = (
+        f"gossip rounds to a relative consensus error (x0 ~ N(0, I), seed 0; '>{rounds}': not within {rounds}), "
+        f"and D-SGD on digits, Dirichlet 0.1, MLP, lr 0.1, batch 32, {steps} steps, seeds 0-{seeds - 1}"
+    )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    print(f"\n## any_n: {title}\n" + "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+    (out / "any_n.json").write_text(json.dumps({"title": title, "runs": summary}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=["heterogeneous", "topologies", "digits", "scale"])
+    parser.add_argument("--only", choices=["heterogeneous", "topologies", "digits", "scale", "any_n"])
+    parser.add_argument("--any-n-steps", type=int, default=1000, help="D-SGD steps of the any_n digits runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for section in (heterogeneous, topologies, digits, scale):
+    for section in (heterogeneous, topologies, digits, scale, any_n):
         if args.only in (None, section.__name__):
             section(args, args.out)
     print(f"\nwrote {args.out}/*.json, *.png in {time.perf_counter() - start:.0f} s")

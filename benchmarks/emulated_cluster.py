@@ -292,7 +292,7 @@ def render_two_level(
             goal.name = f"{name}: {gossip.split(':')[1]}: {goal.name}"
             sections.append(f"{name}, {gossip}:\n{text}")
             goals.append(goal)
-    sections.append(report.goals_table(goals))
+    sections.append(report.goals_table(goals, "Goals (issue 15)"))
     summary = {name: {case: t.mean for case, t in report.timings(r).items()} for name, r in raw["two_level"].items()}
     return "\n".join(sections), goals, summary
 

@@ -214,16 +214,19 @@ class _HierarchicalPendingMix(PendingMix):
 
 
 def _check_layout(rank: int, local_world_size: int, world_size: int) -> None:
-    """Machine ``m`` must hold ranks ``mL .. mL + L - 1``: the layout of torchrun and Lightning."""
+    """Ranks ``mL .. mL + L - 1`` must share a machine: the layout of torchrun and Lightning
+    (``rank = node_rank x LOCAL_WORLD_SIZE + LOCAL_RANK``) when ``L`` divides ``LOCAL_WORLD_SIZE``."""
     if world_size % local_world_size:
         raise ValueError(
             f"hierarchical gossip needs world_size = machines x local_world_size; got world_size={world_size}, "
             f"local_world_size={local_world_size}. Set local_world_size to the number of ranks per machine."
         )
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and int(local_rank) != rank % local_world_size:
+    local_rank, per_machine = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    spans_machines = per_machine is not None and int(per_machine) % local_world_size != 0
+    if spans_machines or (local_rank is not None and int(local_rank) % local_world_size != rank % local_world_size):
         raise ValueError(
-            f"rank {rank}: hierarchical gossip assumes rank = machine x local_world_size + local_rank, but "
-            f"LOCAL_RANK={local_rank} and local_world_size={local_world_size}. Set local_world_size to the "
-            f"number of processes per machine (torchrun's --nproc-per-node)."
+            f"rank {rank}: hierarchical gossip groups ranks mL .. mL + L - 1 with L = local_world_size = "
+            f"{local_world_size}, but this machine runs LOCAL_WORLD_SIZE={per_machine} processes (LOCAL_RANK="
+            f"{local_rank}), so a group would span two machines. Set local_world_size to the number of processes "
+            f"per machine (torchrun's --nproc-per-node) or a divisor of it."
         )
