@@ -13,8 +13,9 @@ Five comparisons, each written as a table on stdout and as JSON + PNG under ``--
 * ``any_n``: n = 6, 12, 24 (not powers of two): gossip rounds to a consensus error of 1e-4 and 1e-8 and
   D-SGD's accuracy on digits (Dirichlet 0.1) for ring, exponential, one-peer exponential, Base-2,
   Base-3, EquiDyn and P-SGD.
-* ``scale``: the simulator's wall time on one thread for 4,096 nodes x logistic regression (d = 100) x
-  1,000 steps of D-SGD on the one-peer exponential graph plus the P-SGD baseline (goal: under 30 s).
+* ``scale``: on one thread, one gossip round of 4,096 nodes (sparse against dense ``W @ X``), and the
+  wall time of 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps of D-SGD
+  on the one-peer exponential graph plus the P-SGD baseline (goal: under 30 s).
 
 Usage::
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import BASELINE, AlgorithmSpec, LeastSquares, Logistic, compare, simulate
 from lightning_decent.sim.problems import Digits
 from lightning_decent.sim.report import format_table, plot, results_json
@@ -107,14 +109,31 @@ def digits(args: argparse.Namespace, out: Path) -> None:
     plot(last, out / "digits.png", title + f" (curves: seed {args.seeds - 1})")
 
 
+def _mixing_seconds(comm: SimulatedCommunicator, rows: torch.Tensor, rounds: int) -> float:
+    start = time.perf_counter()
+    for k in range(rounds):
+        comm.mix([rows], k)
+    return (time.perf_counter() - start) / rounds
+
+
 def scale(args: argparse.Namespace, out: Path) -> None:
-    """Simulator speed at scale, on one thread: 4,096 nodes x logistic regression (d = 100) x 1,000 steps,
+    """Simulator speed at scale, on one thread: one gossip round of 4,096 nodes x d = 100 (sparse against the
+    dense ``W @ X``), then 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps,
     D-SGD on the one-peer exponential graph and the P-SGD baseline, metrics every 100 steps."""
+    nodes, dim, samples = 4096, 100, 8
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        graph = get_topology("one_peer_exponential", nodes)
+        rows = torch.randn(nodes, dim, dtype=torch.float64)
+        sparse_round = _mixing_seconds(SimulatedCommunicator(graph), rows, 1000)
+        dense = graph.weights(0)
         start = time.perf_counter()
-        problem = Logistic(n=4096, dim=100)
+        for _ in range(5):
+            rows.copy_(dense @ rows)
+        dense_round = (time.perf_counter() - start) / 5
+        start = time.perf_counter()
+        problem = Logistic(n=nodes, dim=dim, samples=samples)
         built = time.perf_counter() - start
         results = compare(problem, ["dsgd"], "one_peer_exponential", steps=1000, lr=0.05, eval_every=100)
         seconds = time.perf_counter() - start
@@ -122,12 +141,16 @@ def scale(args: argparse.Namespace, out: Path) -> None:
         torch.set_num_threads(threads)
     runs = {label: {"seconds": r.seconds, "excess_loss": [r.series["excess_loss"][0], r.final("excess_loss")]}
             for label, r in results.items()}  # fmt: skip
-    print("\n## scale: 4,096 nodes x logistic (d = 100) x 1,000 steps, one thread: dsgd on one_peer_exponential, P-SGD")
-    print(f"wall time {seconds:.1f} s in all (problem and optimum {built:.1f} s); per run: "
+    print(f"\n## scale: {nodes:,} nodes, one thread\n"
+          f"one gossip round on one_peer_exponential, d = {dim}: {sparse_round * 1e3:.2f} ms sparse, "
+          f"{dense_round * 1e3:.0f} ms as the dense W @ X\n"
+          f"logistic (d = {dim}, {samples} samples per node) x 1,000 steps, dsgd on one_peer_exponential and "
+          f"P-SGD: {seconds:.1f} s in all (problem and optimum {built:.1f} s); "
           + ", ".join(f"{label} {run['seconds']:.1f} s" for label, run in runs.items()))  # fmt: skip
     for label, run in runs.items():
         print(f"{label}: excess loss {run['excess_loss'][0]:.3e} -> {run['excess_loss'][1]:.3e}")
-    summary = {"nodes": 4096, "dim": 100, "steps": 1000, "threads": 1, "seconds": seconds, "runs": runs}
+    summary = {"nodes": nodes, "dim": dim, "samples": samples, "steps": 1000, "threads": 1, "seconds": seconds,
+               "round_ms": {"sparse": sparse_round * 1e3, "dense": dense_round * 1e3}, "runs": runs}  # fmt: skip
     (out / "scale.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TypeVar
 
 import scipy.sparse as sp
 import torch
@@ -33,6 +34,8 @@ import torch.distributed as dist
 from lightning_decent.comm.base import CommStats, Communicator, PendingMix, nbytes
 from lightning_decent.comm.p2p import P2PCommunicator
 from lightning_decent.topology import HierarchicalTopology, Topology
+
+T = TypeVar("T")
 
 # The current torch names (the older ones are deprecated there); same semantics.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -70,7 +73,6 @@ class HierarchicalCommunicator(Communicator):
         super().__init__(topology)
         self.local_world_size = local = topology.local_world_size
         self.rank = rank
-        self.local_rank = rank % local
         _check_layout(rank, local, dist.get_world_size())
         machines = [list(range(m * local, (m + 1) * local)) for m in range(topology.num_machines)]
         self.machine_group, _ = dist.new_subgroups_by_enumeration(machines)
@@ -132,25 +134,20 @@ class HierarchicalCommunicator(Communicator):
         self.stats.bytes_sent += peers * nbytes(shard)
         self.stats.bytes_received += peers * nbytes(shard)
 
-    def _count_gossip(self, before: tuple[int, int, int, int]) -> None:
-        after = self._gossip.stats
-        self.stats.messages_sent += after.messages_sent - before[0]
-        self.stats.bytes_sent += after.bytes_sent - before[1]
-        self.stats.messages_received += after.messages_received - before[2]
-        self.stats.bytes_received += after.bytes_received - before[3]
-
-    def _gossip_counts(self) -> tuple[int, int, int, int]:
-        s = self._gossip.stats
-        return s.messages_sent, s.bytes_sent, s.messages_received, s.bytes_received
+    def _counted(self, gossip_round: Callable[[], T]) -> T:
+        """Run an inter-machine round and add what the point-to-point communicator counted to :attr:`stats`."""
+        before = self._gossip.stats.as_dict()
+        result = gossip_round()
+        for field, value in self._gossip.stats.as_dict().items():
+            setattr(self.stats, field, getattr(self.stats, field) + value - before[field])
+        return result
 
     # ---- rounds ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
         keys = [("blocking", index) for index in range(len(buffers))]
         shards = [self._reduce_scatter(key, buf) for key, buf in zip(keys, buffers)]
-        before = self._gossip_counts()
-        self._gossip.mix(shards, step)
-        self._count_gossip(before)
+        self._counted(lambda: self._gossip.mix(shards, step))
         for key, shard, buf in zip(keys, shards, buffers):
             mixed = self._all_gather(key, shard, buf, in_place=True)
             if mixed.data_ptr() != buf.data_ptr():
@@ -160,9 +157,7 @@ class HierarchicalCommunicator(Communicator):
     def start_mix(self, buffers: Sequence[torch.Tensor], step: int) -> PendingMix:
         keys = [("pending", buf.data_ptr()) for buf in buffers]
         shards = [self._reduce_scatter(key, buf) for key, buf in zip(keys, buffers)]
-        before = self._gossip_counts()
-        pending = self._gossip.start_mix(shards, step)
-        self._count_gossip(before)
+        pending = self._counted(lambda: self._gossip.start_mix(shards, step))
         return _HierarchicalPendingMix(self, buffers, step, keys, shards, pending)
 
     @torch.no_grad()
