@@ -15,7 +15,7 @@ Five comparisons, each written as a table on stdout and as JSON + PNG under ``--
   Base-3, EquiDyn and P-SGD.
 * ``scale``: on one thread, one gossip round of 4,096 nodes (sparse against dense ``W @ X``), and the
   wall time of 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps of D-SGD
-  on the one-peer exponential graph plus the P-SGD baseline (goal: under 30 s).
+  on the one-peer exponential graph plus the P-SGD baseline, in float32 (goal: under 30 s) and float64.
 
 Usage::
 
@@ -119,10 +119,13 @@ def _mixing_seconds(comm: SimulatedCommunicator, rows: torch.Tensor, rounds: int
 def scale(args: argparse.Namespace, out: Path) -> None:
     """Simulator speed at scale, on one thread: one gossip round of 4,096 nodes x d = 100 (sparse against the
     dense ``W @ X``), then 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps,
-    D-SGD on the one-peer exponential graph and the P-SGD baseline, metrics every 100 steps."""
+    D-SGD on the one-peer exponential graph and the P-SGD baseline, metrics every 100 steps, in float32
+    (the goal: under 30 s) and float64."""
     nodes, dim, samples = 4096, 100, 8
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    summary: dict[str, object] = {"nodes": nodes, "dim": dim, "samples": samples, "steps": 1000, "threads": 1}
+    lines = [f"\n## scale: {nodes:,} nodes, one thread"]
     try:
         graph = get_topology("one_peer_exponential", nodes)
         rows = torch.randn(nodes, dim, dtype=torch.float64)
@@ -132,25 +135,27 @@ def scale(args: argparse.Namespace, out: Path) -> None:
         for _ in range(5):
             rows.copy_(dense @ rows)
         dense_round = (time.perf_counter() - start) / 5
-        start = time.perf_counter()
-        problem = Logistic(n=nodes, dim=dim, samples=samples)
-        built = time.perf_counter() - start
-        results = compare(problem, ["dsgd"], "one_peer_exponential", steps=1000, lr=0.05, eval_every=100)
-        seconds = time.perf_counter() - start
+        summary["round_ms"] = {"sparse": sparse_round * 1e3, "dense": dense_round * 1e3}
+        lines.append(f"one gossip round on one_peer_exponential, d = {dim}, float64: {sparse_round * 1e3:.2f} ms "
+                     f"sparse, {dense_round * 1e3:.0f} ms as the dense W @ X")  # fmt: skip
+        for dtype in (torch.float32, torch.float64):
+            start = time.perf_counter()
+            problem = Logistic(n=nodes, dim=dim, samples=samples).to(dtype)
+            results = compare(problem, ["dsgd"], "one_peer_exponential", steps=1000, lr=0.05, eval_every=100,
+                              dtype=dtype)  # fmt: skip
+            seconds = time.perf_counter() - start
+            runs = {label: {"seconds": r.seconds, "excess_loss": [r.series["excess_loss"][0], r.final("excess_loss")]}
+                    for label, r in results.items()}  # fmt: skip
+            summary[str(dtype).removeprefix("torch.")] = {"seconds": seconds, "runs": runs}
+            lines.append(
+                f"logistic (d = {dim}, {samples} samples per node) x 1,000 steps, {dtype}, dsgd on "
+                f"one_peer_exponential and P-SGD: {seconds:.1f} s in all (with the problem and its optimum); "
+                + ", ".join(f"{label} {run['seconds']:.1f} s, excess loss {run['excess_loss'][0]:.3e} -> "
+                            f"{run['excess_loss'][1]:.3e}" for label, run in runs.items())
+            )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    runs = {label: {"seconds": r.seconds, "excess_loss": [r.series["excess_loss"][0], r.final("excess_loss")]}
-            for label, r in results.items()}  # fmt: skip
-    print(f"\n## scale: {nodes:,} nodes, one thread\n"
-          f"one gossip round on one_peer_exponential, d = {dim}: {sparse_round * 1e3:.2f} ms sparse, "
-          f"{dense_round * 1e3:.0f} ms as the dense W @ X\n"
-          f"logistic (d = {dim}, {samples} samples per node) x 1,000 steps, dsgd on one_peer_exponential and "
-          f"P-SGD: {seconds:.1f} s in all (problem and optimum {built:.1f} s); "
-          + ", ".join(f"{label} {run['seconds']:.1f} s" for label, run in runs.items()))  # fmt: skip
-    for label, run in runs.items():
-        print(f"{label}: excess loss {run['excess_loss'][0]:.3e} -> {run['excess_loss'][1]:.3e}")
-    summary = {"nodes": nodes, "dim": dim, "samples": samples, "steps": 1000, "threads": 1, "seconds": seconds,
-               "round_ms": {"sparse": sparse_round * 1e3, "dense": dense_round * 1e3}, "runs": runs}  # fmt: skip
+    print("\n".join(lines))
     (out / "scale.json").write_text(json.dumps(summary, indent=1))
 
 
