@@ -210,7 +210,11 @@ class DecentralizedStrategy(DDPStrategy):
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
             return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
-        topology = get_topology(self._topology_spec, world_size, **self._topology_options)
+        options, spec = dict(self._topology_options), self._topology_spec
+        two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
+        if two_level and not options.get("local_world_size"):
+            options["local_world_size"] = self.num_processes  # the ranks Lightning runs on each machine
+        topology = get_topology(spec, world_size, **options)
         return self.algorithm.prepare_topology(topology)
 
     def _check_ranks_agree(self) -> None:

@@ -124,3 +124,18 @@ def test_each_rank_sends_one_shard_per_peer_machine(results: dict, case: int) ->
         # per step: the blocking round (both buffers) and two split rounds of the first buffer
         assert between["bytes_sent"] == peers * (sum(shard_bytes) + 2 * shard_bytes[0])
         assert between["messages_sent"] == peers * (len(SIZES) + 2)
+
+
+def test_the_strategy_takes_the_ranks_per_machine_from_its_devices() -> None:
+    """``topology="hierarchical"`` without ``local_world_size``: Lightning's devices per node are the
+    machine's ranks (Lightning does not set ``LOCAL_WORLD_SIZE``)."""
+    from lightning_decent import DecentralizedStrategy
+
+    strategy = DecentralizedStrategy(topology="hierarchical", parallel_devices=[torch.device("cpu")] * 3)
+    strategy.num_nodes = 2
+    topology = strategy._build_topology(6)
+    assert isinstance(topology, HierarchicalTopology)
+    assert (topology.local_world_size, topology.num_machines) == (3, 2)
+    explicit = DecentralizedStrategy(topology="hierarchical", topology_options={"local_world_size": 2})
+    explicit.parallel_devices = [torch.device("cpu")] * 3
+    assert explicit._build_topology(6).local_world_size == 2

@@ -135,6 +135,7 @@ def test_run_ids_are_unique_within_a_second_and_inherited_by_child_ranks(monkeyp
 @pytest.mark.parametrize("option", OPTIONS["topology"])
 def test_every_topology_builds_for_eight_ranks(hydra_context, tmp_path, option: str) -> None:
     extra = ["topology.options.edges=[[0,1],[1,2],[2,3],[3,4],[4,5],[5,6],[6,7],[7,0]]"] * (option == "directed_graph")
+    extra += ["topology.options.local_world_size=4"] * (option == "hierarchical")  # the strategy uses its devices
     cfg = make(hydra_context, tmp_path, f"topology={option}", "trainer.devices=4", *extra)
     options = OmegaConf.to_container(cfg.topology.options, resolve=True)
     topology = get_topology(cfg.topology.name, 8, **options)
@@ -146,7 +147,7 @@ def test_base_and_hierarchical_topologies_take_their_options_from_the_command_li
     assert get_topology(cfg.topology.name, 12, **cfg.topology.options).max_degree == 2
     overrides = [
         "topology=hierarchical",
-        "trainer.devices=3",
+        "topology.options.local_world_size=3",
         "topology.options.machines=base",
         "+topology.options.machine_options.k=2",
     ]

@@ -409,7 +409,8 @@ def hierarchical(
     """Exact averaging inside each machine, gossip between machines: ``W(k) = W_M(k) (x) 11^T/L`` with
     ``W_M`` the registered topology ``machines`` (with ``machine_options``) built for ``M = n / L``
     machines (a single machine: ``W = 11^T/n``). ``L = local_world_size`` defaults to
-    ``$LOCAL_WORLD_SIZE``; machine ``m`` holds ranks ``mL .. mL + L - 1``. The strategy runs it with
+    ``$LOCAL_WORLD_SIZE`` (the strategy passes its devices per node); machine ``m`` holds ranks
+    ``mL .. mL + L - 1``. The strategy runs it with
     :class:`~lightning_decent.comm.HierarchicalCommunicator` (``1/L`` of the model per rank across
     machines); see :mod:`lightning_decent.topology.hierarchical`."""
     _check_n(n, "hierarchical")
