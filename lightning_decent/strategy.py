@@ -38,10 +38,11 @@ from lightning_decent.comm import (
     AllReduceCommunicator,
     CommStats,
     Communicator,
+    HierarchicalCommunicator,
     P2PCommunicator,
 )
 from lightning_decent.comm.p2p import average_all_reduce
-from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ class DecentralizedStrategy(DDPStrategy):
             a name is built for the world size at setup.
         algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
         communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"``
-            (exact global averaging every step, the P-SGD/DDP-equivalent baseline).
+            (exact global averaging every step, the P-SGD/DDP-equivalent baseline). With
+            ``topology="hierarchical"``, ``"p2p"`` runs :class:`~lightning_decent.comm.HierarchicalCommunicator`
+            (machine average, then ``1/L`` of the model per rank between machines).
         topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
         algorithm_options: keyword arguments for the algorithm.
         bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
@@ -206,7 +209,11 @@ class DecentralizedStrategy(DDPStrategy):
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
             return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
-        topology = get_topology(self._topology_spec, world_size, **self._topology_options)
+        options, spec = dict(self._topology_options), self._topology_spec
+        two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
+        if two_level and not options.get("local_world_size"):
+            options["local_world_size"] = self.num_processes  # the ranks Lightning runs on each machine
+        topology = get_topology(spec, world_size, **options)
         return self.algorithm.prepare_topology(topology)
 
     def _check_ranks_agree(self) -> None:
@@ -228,6 +235,10 @@ class DecentralizedStrategy(DDPStrategy):
         assert self.topology is not None
         if self._communicator_name == "allreduce":
             return AllReduceCommunicator(self.topology)
+        if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
+            return HierarchicalCommunicator(
+                self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+            )
         return P2PCommunicator(
             self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
         )

@@ -33,5 +33,7 @@ def test_real_training_matches_the_simulator(ranks: list[dict], case: str) -> No
         assert r[case]["moved"] > 1e-3  # the parameters really changed
         assert r[case]["max_abs_diff"] < 1e-5  # typically ~1e-15 (float64, same summation)
         assert r[case]["average_max_abs_diff"] < 1e-12  # evaluation sees the simulator's network average
+    if "hierarchical" in case:  # the two-level path ran, not the flat point-to-point one
+        assert {r[case]["communicator"] for r in ranks} == {"HierarchicalCommunicator"}
     if "digraph" in case:  # push-sum: (1/n) sum v_i z_i, which is not the mean of the z_i before consensus
         assert ranks[0][case]["plain_mean_gap"] > 1e-6  # 3e-5 to 9e-2 here, far above the 1e-12 above

@@ -125,10 +125,28 @@ def test_run_ids_are_unique_within_a_second_and_inherited_by_child_ranks(monkeyp
 @pytest.mark.parametrize("option", OPTIONS["topology"])
 def test_every_topology_builds_for_eight_ranks(hydra_context, tmp_path, option: str) -> None:
     extra = ["topology.options.edges=[[0,1],[1,2],[2,3],[3,4],[4,5],[5,6],[6,7],[7,0]]"] * (option == "directed_graph")
+    extra += ["topology.options.local_world_size=4"] * (option == "hierarchical")  # the strategy uses its devices
     cfg = make(hydra_context, tmp_path, f"topology={option}", "trainer.devices=4", *extra)
     options = OmegaConf.to_container(cfg.topology.options, resolve=True)
     topology = get_topology(cfg.topology.name, 8, **options)
     assert topology.n == 8
+
+
+def test_base_and_hierarchical_topologies_take_their_options_from_the_command_line(hydra_context, tmp_path) -> None:
+    cfg = make(hydra_context, tmp_path, "topology=base", "topology.options.k=2")
+    assert get_topology(cfg.topology.name, 12, **cfg.topology.options).max_degree == 2
+    overrides = [
+        "topology=hierarchical",
+        "topology.options.local_world_size=3",
+        "topology.options.machines=base",
+        "+topology.options.machine_options.k=2",
+    ]
+    cfg = make(hydra_context, tmp_path, *overrides)
+    options = OmegaConf.to_container(cfg.topology.options, resolve=True)
+    topology = get_topology(cfg.topology.name, 18, **options)  # 6 machines = 3 x 2: base with k = 2 uses both
+    assert (topology.local_world_size, topology.machines.name, topology.machines.max_degree) == (3, "base", 2)
+    strategy = instantiate(cfg.strategy)
+    assert strategy._topology_options == options
 
 
 def _algorithm_available(name: str, options: dict) -> bool:

@@ -1,7 +1,8 @@
-"""How bytes move: neighbour gossip, global averaging, and an in-process simulator of n nodes."""
+"""How bytes move: neighbour gossip, hierarchical gossip, global averaging, and an in-process simulator of n nodes."""
 
 from lightning_decent.comm.allreduce import AllReduceCommunicator
 from lightning_decent.comm.base import CommStats, Communicator
+from lightning_decent.comm.hierarchical import HierarchicalCommunicator
 from lightning_decent.comm.p2p import NonFiniteValueError, P2PCommunicator, PeerTimeoutError
 from lightning_decent.comm.simulated import SimulatedCommunicator
 
@@ -12,6 +13,7 @@ __all__ = [
     "AllReduceCommunicator",
     "CommStats",
     "Communicator",
+    "HierarchicalCommunicator",
     "NonFiniteValueError",
     "P2PCommunicator",
     "PeerTimeoutError",

@@ -1,12 +1,16 @@
-"""n virtual nodes in one process: buffers are stacked ``[n, ...]`` and mixing is ``W(step) @ X``."""
+"""n virtual nodes in one process: buffers are stacked ``[n, ...]`` and mixing is ``W(step) @ X``, computed
+at a cost that grows with the graph's edges (:mod:`lightning_decent.comm.sparse_mixing`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from lightning_decent.comm.base import Communicator, count_all_reduce, nbytes
+from lightning_decent.comm.sparse_mixing import RowMixer, row_mixer
 from lightning_decent.topology import Topology
 
 
@@ -20,19 +24,15 @@ class SimulatedCommunicator(Communicator):
 
     def __init__(self, topology: Topology) -> None:
         super().__init__(topology)
-        self._edges = [
-            int(((topology.matrix(k) != 0).sum()) - (topology.matrix(k).diagonal() != 0).sum())
-            for k in range(topology.period)
-        ]
-        self._w_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._edges = [_off_diagonal_count(topology.sparse(k)) for k in range(topology.period)]
+        self._mixers: dict[tuple[int, torch.dtype, torch.device], RowMixer] = {}
 
-    def _w(self, step: int, like: torch.Tensor) -> torch.Tensor:
+    def _mixer(self, step: int, like: torch.Tensor) -> RowMixer:
         key = (step % self.topology.period, like.dtype, like.device)
-        w = self._w_cache.get(key)
-        if w is None:
-            w = self.topology.weights(key[0]).to(dtype=like.dtype, device=like.device)
-            self._w_cache[key] = w
-        return w
+        mixer = self._mixers.get(key)
+        if mixer is None:
+            mixer = self._mixers[key] = row_mixer(self.topology.sparse(key[0]), like.dtype, like.device)
+        return mixer
 
     @torch.no_grad()
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
@@ -42,7 +42,7 @@ class SimulatedCommunicator(Communicator):
             if buf.shape[0] != n:
                 raise ValueError(f"Simulated buffers are stacked [n={n}, ...]; got shape {tuple(buf.shape)}.")
             flat = buf.reshape(n, -1)
-            flat.copy_(self._w(step, buf) @ flat)
+            self._mixer(step, buf).mix_(flat)
             per_node = nbytes(buf) // n
             self.stats.messages_sent += edges
             self.stats.messages_received += edges
@@ -55,3 +55,8 @@ class SimulatedCommunicator(Communicator):
         for buf in buffers:
             buf.copy_(buf.mean(dim=0, keepdim=True).expand_as(buf))
             count_all_reduce(self.stats, nbytes(buf) // n, n, nodes=n)
+
+
+def _off_diagonal_count(matrix: sp.csr_array) -> int:
+    """The messages of one round: non-zero weights off the diagonal."""
+    return int(matrix.nnz - np.count_nonzero(matrix.diagonal()))

@@ -24,12 +24,14 @@ _PHASE_COLORS = colormaps["Dark2"]  # graph edges: distinct from the C0..C9 colo
 # ---- picture --------------------------------------------------------------------------------------
 def _phase_edges(topology: Topology, step: int) -> list[tuple[int, int]]:
     """``(j, i)`` for every ``j -> i`` (``W[i, j] > 0``, ``i != j``); one per pair if undirected."""
-    m = topology.matrix(step)
-    return [(int(j), int(i)) for i, j in zip(*np.nonzero(m)) if i != j and (topology.directed or j < i)]
+    m = topology.sparse(step).tocoo()
+    pairs = [(int(j), int(i)) for i, j in zip(m.row, m.col) if i != j and (topology.directed or j < i)]
+    return sorted(pairs)
 
 
 def _draw_graph(ax: Axes, topology: Topology, title_color: str) -> None:
-    """The union of the period's edges on a circle, one colour per phase, arrows for digraphs."""
+    """The union of the period's edges on a circle, one colour per phase (a period longer than the
+    palette, e.g. a random sequence, in one colour), arrows for digraphs."""
     n = topology.n
     graph = nx.DiGraph() if topology.directed else nx.Graph()
     graph.add_nodes_from(range(n))
@@ -42,15 +44,18 @@ def _draw_graph(ax: Axes, topology: Topology, title_color: str) -> None:
     if n <= _MAX_LABELLED_NODES:
         nx.draw_networkx_labels(graph, pos, ax=ax, font_size=7 if n > 16 else 8)
     style = {"arrows": True, "arrowsize": 8, "connectionstyle": "arc3,rad=0.08"} if topology.directed else {}
-    phase_colors = [_PHASE_COLORS(k % _PHASE_COLORS.N) for k in range(topology.period)]
-    for k, color in enumerate(phase_colors):
-        edges = _phase_edges(topology, k)
+    coloured = topology.period <= _PHASE_COLORS.N  # a long (random) sequence is drawn as one union
+    phase_colors = [_PHASE_COLORS(k) for k in range(topology.period)] if coloured else [_PHASE_COLORS(0)]
+    edge_sets = [_phase_edges(topology, k) for k in range(topology.period)]
+    if not coloured:
+        edge_sets = [sorted(set().union(*edge_sets))]
+    for edges, color in zip(edge_sets, phase_colors):
         nx.draw_networkx_edges(
             graph, pos, edgelist=edges, ax=ax, edge_color=[color], width=width, node_size=node_size, **style
         )
     kind = "static" if topology.period == 1 else f"union of {topology.period} phases"
     ax.set_title(f"{topology.name}\n(n={n}, {kind})", fontsize=10, color=title_color)
-    if topology.period > 1:
+    if topology.period > 1 and coloured:
         handles = [Line2D([], [], color=c, label=f"phase {k}") for k, c in enumerate(phase_colors)]
         ax.legend(
             handles=handles,

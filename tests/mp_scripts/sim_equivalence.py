@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.sim import Problem, get_problem, network_average, simulate
+from lightning_decent.topology import hierarchical
 
 STEPS = 20
 LR = 0.1
+TWO_MACHINES = hierarchical(4, local_world_size=2, machines="lazy_ring")
 
 # (case, problem, topology, algorithm, algorithm options, local SGD momentum)
 CASES = [
@@ -57,6 +59,10 @@ CASES = [
         0.0,
     ),
     ("gasloc_ring_momentum", "digits", "ring", "gasloc", {"H": 3, "gossip_momentum": 0.5}, 0.0),
+    # two machines of two ranks: W = lazy_ring(2) (x) 11^T/2, through the hierarchical communicator
+    ("dsgd_hierarchical", "logistic", TWO_MACHINES, "dsgd", {}, 0.0),
+    ("gradient_tracking_hierarchical", "logistic", TWO_MACHINES, "gradient_tracking", {}, 0.0),
+    ("dsgd_base", "logistic", "base", "dsgd", {}, 0.0),
 ]
 
 
@@ -118,6 +124,7 @@ def run(out: Path, devices: int) -> None:
         evaluated = strategy._average_state_dict({"x": model.x.detach()})["x"]  # what evaluation and average.ckpt see
         expected_average = network_average(simulated.params, simulated.push_weights)
         results[case] = {
+            "communicator": type(strategy.communicator).__name__,
             "max_abs_diff": (model.x.detach() - simulated.params[rank]).abs().max().item(),
             "average_max_abs_diff": (evaluated - expected_average).abs().max().item(),
             "plain_mean_gap": (simulated.params.mean(dim=0) - expected_average).abs().max().item(),
