@@ -3,7 +3,7 @@
 Build one by name with :func:`get_algorithm`; the modifiers ``global_average_every``,
 ``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm, except that
 ``push_diging`` and ``mg_push_diging`` take their gossip rounds as ``rounds=R`` (they refuse
-``gossip_rounds``). On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
+``gossip_rounds``) and ``choco`` takes none. On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
 ``mg_push_diging``; the other algorithms need a doubly stochastic matrix.
 """
 
@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
+from lightning_decent.algorithms.choco import Choco
 from lightning_decent.algorithms.dsgd import DSGD
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
@@ -37,6 +38,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "push_sum": PushSum,
     "push_diging": PushDIGing,
     "mg_push_diging": MGPushDIGing,
+    "choco": Choco,
 }
 
 #: Short names accepted by :func:`get_algorithm`.
@@ -98,6 +100,12 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
     averaging composes with every algorithm, push-sum included: averaging ``x`` and ``v`` together gives
     ``v = 1`` and ``z = x`` equal to the exact network average.
     """
+    if isinstance(algorithm, Choco) and with_modifiers(algorithm, **modifiers) is not algorithm:
+        raise ValueError(
+            f"choco takes no modifiers (got {', '.join(sorted(modifiers))}): its neighbour sum "
+            f"s_i = sum_j w_ij x_hat_j is updated by exactly one compressed round of the static W per step. Remove "
+            f"global_average_every/adaptive_global_average/gossip_rounds, or use algorithm='dsgd' for them."
+        )
     rounds = modifiers.get("gossip_rounds", 1)
     if isinstance(algorithm, PushDIGing) and rounds != 1:
         raise ValueError(
@@ -116,6 +124,7 @@ __all__ = [
     "QGGUT",
     "Algorithm",
     "Bucket",
+    "Choco",
     "ExactDiffusion",
     "GradientTracking",
     "MGPushDIGing",
