@@ -11,6 +11,8 @@ import pytest
 import torch
 from mp_launch import run_gloo_world
 
+from lightning_decent.algorithms import Bucket, ErrorFeedback, allocate_residuals
+from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator, get_compressor
 from lightning_decent.comm.compressed_collectives import shard_length
 from lightning_decent.topology import get_topology
@@ -95,6 +97,11 @@ def _worker(rank: int, queue) -> None:
         x = values()[rank].clone()
         p2p["ring"].average_compressed([x], get_compressor(name, **options), 2)
         queue.put((("average", "p2p", name), rank, x, p2p["ring"].stats.as_dict()))
+    residual, shard = torch.zeros(DIM, dtype=torch.float64), torch.zeros(DIM, dtype=torch.float64)
+    for step in range(STEPS):  # error feedback in both stages (what ErrorFeedback.average does)
+        x = values()[rank] * (step + 1) + residual
+        p2p["ring"].average_compressed([x], get_compressor("topk", fraction=0.1), step, [residual], [shard])
+    queue.put((("error_feedback", "p2p", "topk"), rank, x, {"residual": residual, "shard": shard}))
     for comm in p2p.values():
         comm.close()
     comm = AllReduceCommunicator(get_topology("ring", N))
@@ -109,7 +116,7 @@ def _worker(rank: int, queue) -> None:
 
 @pytest.fixture(scope="module")
 def gloo() -> dict:
-    messages = N * (len(TOPOLOGIES) * len(COMPRESSION) + len(COMPRESSION) + 3)
+    messages = N * (len(TOPOLOGIES) * len(COMPRESSION) + len(COMPRESSION) + 4)
     items = run_gloo_world(_worker, N, messages=messages, timeout=120)
     return {(case, rank): (x, stats) for case, rank, x, stats in items}
 
@@ -164,3 +171,18 @@ def test_allreduce_communicator_compressed_average_and_exact_compressed_mix(gloo
         assert torch.equal(x, mixed[0][0])
         assert stats["bytes_sent"] == (N - 1) * topk.payload_bytes(DIM, torch.float64)
     torch.testing.assert_close(mixed[0][0], expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_error_feedback_in_both_stages_equals_the_simulator(gloo: dict) -> None:
+    bucket = Bucket(torch.zeros(N, DIM, dtype=torch.float64))
+    allocate_residuals(bucket)
+    comm = SimulatedCommunicator(get_topology("ring", N))
+    for step in range(STEPS):
+        x = values() * (step + 1)
+        ErrorFeedback([bucket]).average(comm, [x], get_compressor("topk", fraction=0.1), step)
+    for rank in range(N):
+        real, state = gloo[(("error_feedback", "p2p", "topk"), rank)]
+        torch.testing.assert_close(real, x[rank], rtol=0, atol=1e-13)
+        torch.testing.assert_close(state["residual"], bucket.state[RESIDUAL][rank], rtol=0, atol=1e-13)
+        torch.testing.assert_close(state["shard"], bucket.state[SHARD_RESIDUAL][rank], rtol=0, atol=1e-13)

@@ -15,6 +15,7 @@ from typing import Any
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
 from lightning_decent.algorithms.choco import Choco
 from lightning_decent.algorithms.dsgd import DSGD
+from lightning_decent.algorithms.error_feedback import ErrorFeedback, allocate_residuals
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
 from lightning_decent.algorithms.gut import GUT, QGGUT
@@ -125,6 +126,7 @@ __all__ = [
     "Algorithm",
     "Bucket",
     "Choco",
+    "ErrorFeedback",
     "ExactDiffusion",
     "GradientTracking",
     "MGPushDIGing",
@@ -133,6 +135,7 @@ __all__ = [
     "PushSum",
     "QGDSGDm",
     "algorithm_options",
+    "allocate_residuals",
     "get_algorithm",
     "recommended_gossip_rounds",
     "require_plain_sgd",

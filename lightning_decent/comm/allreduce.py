@@ -63,5 +63,6 @@ class AllReduceCommunicator(Communicator):
         compressor: Compressor,
         step: int,
         residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        two_stage_average(self, buffers, compressor, step, self.group, residuals)
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)

@@ -120,6 +120,7 @@ class Communicator(ABC):
         compressor: Compressor,
         step: int,
         residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """In place, the same result on every node: the network average of the compressed buffers.
 
@@ -127,10 +128,14 @@ class Communicator(ABC):
         every node is compressed and sent to node ``s``, which averages what it decodes and sends the
         compressed average to everyone (a compressed reduce-scatter, then a compressed all-gather)::
 
-            x <- C_s( (1/n) sum_j C_s(x_j) )      shard by shard, identical on every node
+            x <- C_s(a_s),  a_s = (1/n) sum_j C_s(x_j)      shard by shard, identical on every node
 
         so ``2 (n - 1)`` shard payloads (about ``2 (n - 1) / n`` payloads) leave each node. With
         ``residuals``: ``residuals[b] <- x_i - C_s(x_i)``, this node's first-stage compression error.
+        With ``shard_residuals`` (shaped like the buffers; node ``s`` uses only shard ``s``'s positions),
+        the second stage has error feedback too (as DoubleSqueeze, Tang et al., ICML 2019):
+        ``a_s <- a_s + e_s``, then ``e_s <- a_s - C_s(a_s)`` (see
+        :class:`~lightning_decent.algorithms.ErrorFeedback`).
 
         Raises:
             NotImplementedError: for a transport without collectives.

@@ -72,6 +72,11 @@ def all_gather_average(
         _count(comm.stats, (world - 1) * payload.numel(), 1)
 
 
+def shard_region(numel: int, length: int, shard: int) -> slice:
+    """The positions of a ``numel``-value buffer that shard ``shard`` (of ``length``) covers (padding excluded)."""
+    return slice(min(shard * length, numel), min((shard + 1) * length, numel))
+
+
 @torch.no_grad()
 def two_stage_average(
     comm: Communicator,
@@ -80,9 +85,10 @@ def two_stage_average(
     step: int,
     group: dist.ProcessGroup | None = None,
     residuals: Sequence[torch.Tensor] | None = None,
+    shard_residuals: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """``x <- C_s((1/n) sum_j C_s(x_j))`` per shard ``s`` (see :meth:`Communicator.average_compressed`)."""
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     for index, buf in enumerate(buffers):
         flat, numel = buf.view(-1), buf.numel()
         length = shard_length(numel, world, compressor.alignment)
@@ -100,11 +106,19 @@ def two_stage_average(
                 dist.all_to_all_single(received, sent, group=group)
             compressor.decode(received, shards, (step, index, 0))  # row j: rank j's copy of this rank's shard
         mine = shards.mean(dim=0, keepdim=True)
+        residual = (
+            None if shard_residuals is None else shard_residuals[index].view(-1)[shard_region(numel, length, rank)]
+        )
+        if residual is not None:  # error feedback of the second stage: this rank owns its shard's residual
+            mine[0, : residual.numel()].add_(residual)
+            residual.copy_(mine[0, : residual.numel()])
         own = comm._payload(("shard_average", index), compressor, mine)
         compressor.encode(mine, own, (step, index, 1))
         gathered = comm._workspace(("shard_averages", index), (world * own.numel(),), torch.uint8, buf.device)
         with record_function("gossip.all_gather"):
             _all_gather(gathered, own.view(-1), group=group)
         compressor.decode(gathered.view(world, -1), shards, (step, index, 1))
+        if residual is not None:
+            residual.sub_(shards[rank, : residual.numel()])
         flat.copy_(padded[:numel])
         _count(comm.stats, 2 * (world - 1) * own.numel(), 2)

@@ -207,8 +207,9 @@ class P2PCommunicator(Communicator):
         compressor: Compressor,
         step: int,
         residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        two_stage_average(self, buffers, compressor, step, self.group, residuals)
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
 
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()

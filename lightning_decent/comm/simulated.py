@@ -82,6 +82,7 @@ class SimulatedCommunicator(Communicator):
         compressor: Compressor,
         step: int,
         residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """The two-stage average of the real communicators, with node ``i``'s shard ``s`` as row ``(i, s)``."""
         n = self.topology.n
@@ -93,15 +94,22 @@ class SimulatedCommunicator(Communicator):
             padded[:, :numel].copy_(rows)
             padded[:, numel:].zero_()
             shards = padded.view(n * n, length)
-            encode_and_decode(
-                shards, compressor, self._payload(("shards", index), compressor, shards), (step, index, 0)
-            )
+            sent = self._payload(("shards", index), compressor, shards)
+            encode_and_decode(shards, compressor, sent, (step, index, 0))
             if residuals is not None:
                 torch.sub(rows, padded[:, :numel], out=residuals[index].reshape(n, -1))
             averages = padded.view(n, n, length).mean(dim=0)  # row s: the average node s computes
-            encode_and_decode(
-                averages, compressor, self._payload(("averages", index), compressor, averages), (step, index, 1)
-            )
+            shared = self._payload(("averages", index), compressor, averages)
+            if shard_residuals is None:
+                encode_and_decode(averages, compressor, shared, (step, index, 1))
+            else:  # node s keeps the residual of shard s: the diagonal blocks of its padded rows
+                owned = self._workspace(("owned", index), (n, n * length), buf.dtype, buf.device)
+                owned[:, :numel].copy_(shard_residuals[index].reshape(n, -1))
+                owned[:, numel:].zero_()
+                diagonal = owned.view(n, n, length).diagonal(dim1=0, dim2=1).T  # [shard s = node s, length]
+                averages.add_(diagonal)
+                encode_and_decode(averages, compressor, shared, (step, index, 1), diagonal)
+                shard_residuals[index].reshape(n, -1).copy_(owned[:, :numel])
             rows.copy_(averages.view(1, -1)[:, :numel].expand(n, numel))
             shard_payload = compressor.payload_bytes(length, buf.dtype)
             self.stats.messages_sent += 2 * n
