@@ -69,6 +69,10 @@ class P2PCommunicator(Communicator):
     while the caller computes) and returns; the transfer then runs in the background (used by D-SGD
     with ``overlap``).
 
+    :meth:`mix_compressed` sends each buffer as one compressed payload on the same schedule (counted
+    at the payload's size); :meth:`average_compressed` is the two-stage compressed global average of
+    :mod:`~lightning_decent.comm.compressed_collectives`.
+
     Args:
         topology: the graph; node ``i`` is global rank ``i``.
         rank: this process's global rank.

@@ -27,6 +27,9 @@ from recipes.digits import DigitsClassifier, DigitsDataModule
 
 #: The graph each algorithm trains on (default: the ring).
 TOPOLOGIES = {"push_sum": "challenging_digraph"}
+#: Further strategy options per algorithm: choco sends random-k messages, whose coordinates are drawn
+#: from the gossip step (restored by the checkpoint).
+STRATEGY_OPTIONS = {"choco": {"compression": "randomk", "compression_options": {"fraction": 0.25}}}
 
 
 def make_trainer(devices: int, epochs: int, algorithm: str, callbacks=(), **strategy_kwargs) -> pl.Trainer:
@@ -34,7 +37,13 @@ def make_trainer(devices: int, epochs: int, algorithm: str, callbacks=(), **stra
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=DecentralizedStrategy(topology=topology, algorithm=algorithm, final_model="local", **strategy_kwargs),
+        strategy=DecentralizedStrategy(
+            topology=topology,
+            algorithm=algorithm,
+            final_model="local",
+            **STRATEGY_OPTIONS.get(algorithm, {}),
+            **strategy_kwargs,
+        ),
         max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,
