@@ -204,3 +204,16 @@ def test_encode_and_decode_leaves_what_was_sent_and_the_residual() -> None:
 def test_bad_compressor_input_names_the_fix(name: str, options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         get_compressor(name, **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_a_gpu_buffer_gets_the_payload_of_the_cpu_one(name: str) -> None:
+    x = data(3, 1001)
+    c = ALL[name]
+    on_cpu = c.encode(x, c.new_payload(x), key=(2, 1))
+    on_gpu = c.encode(x.cuda(), c.new_payload(x.cuda()), key=(2, 1))
+    if name == "topk":  # the same set of coordinates, perhaps in another order
+        assert torch.equal(c.roundtrip(x.cuda(), key=(2, 1)).cpu(), c.roundtrip(x, key=(2, 1)))
+    else:
+        assert torch.equal(on_gpu.cpu(), on_cpu)

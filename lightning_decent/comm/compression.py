@@ -370,13 +370,14 @@ class RandomK(_Sparsifier):
         return 1.0 / math.ceil(numel / self.k(numel))
 
     def indices(self, numel: int, key: Key, device: torch.device) -> torch.Tensor:
-        """The ``k`` coordinates of message ``key`` (int64, sorted): the same on every rank."""
+        """The ``k`` coordinates of message ``key`` (int64, sorted): the same on every rank and device
+        (drawn by a CPU generator, then moved to ``device``)."""
         k = self.k(numel)
         state = np.random.SeedSequence([self.seed, *[int(v) for v in key]]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
-        bounds = torch.arange(k + 1, device=device) * numel // k
-        uniform = torch.rand(k, generator=generator, dtype=torch.float64, device=device)
-        return bounds[:-1] + (uniform * (bounds[1:] - bounds[:-1])).long()
+        generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+        bounds = torch.arange(k + 1) * numel // k
+        uniform = torch.rand(k, generator=generator, dtype=torch.float64)
+        return (bounds[:-1] + (uniform * (bounds[1:] - bounds[:-1])).long()).to(device)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor, key: Key = ()) -> torch.Tensor:
         x = _rows(x)
