@@ -5,7 +5,7 @@ Sections (each a table on stdout and JSON under ``--out``):
 * ``bytes``: payload per message and its ratio to float32 for every compressor, on the simulator's
   digits MLP (2,410 parameters), the recipe's digits CNN (151,306) and a 25 MB bucket (6.55 M values).
 * ``speed``: encode + decode time of a 25 MB bucket, one CPU thread.
-* ``digits``: the simulator's digits MLP on an 8-node ring, mini-batches of 32, lr 0.1, for
+* ``digits``: the simulator's digits MLP (float32) on an 8-node ring, mini-batches of 32, lr 0.1, for
   Dirichlet(0.1) (non-iid) and Dirichlet(100) (~iid) label splits and several seeds: held-out accuracy
   of the network average after the same number of steps, uncompressed D-SGD against CHOCO-SGD with
   every compressor (default gamma), and the bytes each sends per node and step.
@@ -120,11 +120,12 @@ def section_digits(args: argparse.Namespace, out: Path) -> None:
     results: dict[str, dict[str, Any]] = {}
     for alpha in args.alphas:
         for seed in range(args.seeds):
-            problem = Digits(n=args.n, alpha=alpha, batch_size=32, seed=seed)
+            problem = Digits(n=args.n, alpha=alpha, batch_size=32, seed=seed).to(torch.float32)
             for label, algorithm, options in runs:
                 result = simulate(
-                    problem, algorithm, "ring", steps=args.steps, lr=0.1, eval_every=args.steps, seed=seed, **options
-                )
+                    problem, algorithm, "ring", steps=args.steps, lr=0.1, eval_every=args.steps, seed=seed,
+                    dtype=torch.float32, **options,
+                )  # fmt: skip
                 entry = results.setdefault(f"{label} @ alpha {alpha:g}", {"accuracy": []})
                 entry["accuracy"].append(result.final("accuracy"))
                 entry["bytes_per_node_step"] = result.bytes_sent_per_node_step

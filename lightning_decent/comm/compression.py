@@ -134,55 +134,41 @@ def encode_and_decode(
         residual.sub_(x)
 
 
-class Identity(Compressor):
-    """The raw bytes of the buffer: ``C(x) = x``, ``omega = 1`` (lossless, unbiased)."""
-
-    name = "none"
-
-    @property
-    def lossless(self) -> bool:
-        return True
-
-    def payload_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return numel * torch.empty((), dtype=dtype).element_size()
-
-    def omega(self, numel: int) -> float:
-        return 1.0
-
-    def encode(self, x: torch.Tensor, out: torch.Tensor, key: Key = ()) -> torch.Tensor:
-        _rows(out).view(x.dtype).copy_(_rows(x))
-        return out
-
-    def decode(self, payload: torch.Tensor, out: torch.Tensor, key: Key = ()) -> torch.Tensor:
-        _rows(out).copy_(_rows(payload).view(out.dtype))
-        return out
-
-
 class Cast(Compressor):
-    """Every value cast to a 16-bit float (torch's round-to-nearest-even cast), 2 bytes per value.
+    """Every value cast to a 16-bit float (torch's round-to-nearest-even cast), 2 bytes per value; with
+    ``dtype=None`` the raw values themselves (``"none"``: lossless, ``omega = 1``, unbiased).
 
     Relative error per value at most the unit roundoff ``u`` (bf16: ``2^-8``, fp16: ``2^-11``), so
     ``omega = 1 - u^2`` inside the format's normal range; fp16 turns ``|x| > 65504`` into ``inf`` and
     loses relative precision below ``6.1e-5``. Biased (deterministic rounding).
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    NAMES: ClassVar[dict[torch.dtype | None, str]] = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
-        self.name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]  # type: ignore[misc]
-        self._unit_roundoff = torch.finfo(dtype).eps / 2
+        self.name = self.NAMES[dtype]  # type: ignore[misc]
+        self._unit_roundoff = 0.0 if dtype is None else torch.finfo(dtype).eps / 2
+
+    @property
+    def lossless(self) -> bool:
+        return self.dtype is None
+
+    def _wire(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if self.dtype is None else self.dtype
 
     def payload_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return 2 * numel
+        return numel * torch.empty((), dtype=self._wire(dtype)).element_size()
 
     def omega(self, numel: int) -> float:
         return 1.0 - self._unit_roundoff**2
 
     def encode(self, x: torch.Tensor, out: torch.Tensor, key: Key = ()) -> torch.Tensor:
-        _rows(out).view(self.dtype).copy_(_rows(x))
+        _rows(out).view(self._wire(x.dtype)).copy_(_rows(x))
         return out
 
     def decode(self, payload: torch.Tensor, out: torch.Tensor, key: Key = ()) -> torch.Tensor:
-        _rows(out).copy_(_rows(payload).view(self.dtype))
+        _rows(out).copy_(_rows(payload).view(self._wire(out.dtype)))
         return out
 
 
@@ -426,10 +412,8 @@ def get_compressor(name: str | Compressor | None, **options: Any) -> Compressor:
     if unknown:
         valid = ", ".join(accepted[key]) or "none"
         raise ValueError(f"compressor {key!r} does not take option(s) {unknown}; its options are: {valid}.")
-    if key == "none":
-        return Identity()
-    if key in ("bf16", "fp16"):
-        return Cast(torch.bfloat16 if key == "bf16" else torch.float16)
+    if key in ("none", "bf16", "fp16"):
+        return Cast({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[key])
     if key in DEFAULT_BLOCK:
         return BlockQuantizer(8 if key == "int8" else 4, options.get("block", DEFAULT_BLOCK[key]))
     if "fraction" not in options:
