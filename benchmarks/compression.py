@@ -126,8 +126,9 @@ def section_digits(args: argparse.Namespace, out: Path) -> None:
                     problem, algorithm, "ring", steps=args.steps, lr=0.1, eval_every=args.steps, seed=seed,
                     dtype=torch.float32, **options,
                 )  # fmt: skip
-                entry = results.setdefault(f"{label} @ alpha {alpha:g}", {"accuracy": []})
+                entry = results.setdefault(f"{label} @ alpha {alpha:g}", {"accuracy": [], "loss": []})
                 entry["accuracy"].append(result.final("accuracy"))
+                entry["loss"].append(result.final("loss"))
                 entry["bytes_per_node_step"] = result.bytes_sent_per_node_step
                 entry["gamma"] = get_algorithm(algorithm, **options).gamma if algorithm == "choco" else None
     rows = []
@@ -142,13 +143,23 @@ def section_digits(args: argparse.Namespace, out: Path) -> None:
             gamma = "-" if entry["gamma"] is None else f"{entry['gamma']:g}"
             rows.append(
                 [f"{alpha:g}", label, gamma, f"{accuracy.mean():.4f}", f"{accuracy.min():.4f}..{accuracy.max():.4f}",
-                 f"{100 * entry['gap_to_dsgd']:+.2f}", f"{sent:,.0f} ({sent / fp32:.3f})"]
+                 f"{100 * entry['gap_to_dsgd']:+.2f}", f"{np.mean(entry['loss']):.4f}",
+                 f"{sent:,.0f} ({sent / fp32:.3f})"]
             )  # fmt: skip
     title = (
         f"digits MLP (sim), {args.n} nodes on a ring, Dirichlet alpha {args.alphas}, batch 32, lr 0.1, "
         f"{args.steps} steps, {args.seeds} seeds; default gamma per compressor"
     )
-    header = ["alpha", "run", "gamma", "accuracy (mean)", "min..max", "gap to dsgd (pp)", "bytes/node/step (x fp32)"]
+    header = [
+        "alpha",
+        "run",
+        "gamma",
+        "accuracy (mean)",
+        "min..max",
+        "gap to dsgd (pp)",
+        "train loss",
+        "bytes/node/step (x fp32)",
+    ]
     print(f"\n## digits: {title}\n" + table(header, rows))
     write(out, "digits", {"title": title, "runs": results})
 
