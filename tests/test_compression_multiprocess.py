@@ -69,16 +69,18 @@ def test_compressed_gossip_sends_fewer_bytes_over_the_interfaces(tmp_path: Path)
     epochs = ["--epochs", "4"]
     plain_sent, plain = run_two_nodes(tmp_path / "dsgd", *epochs)
     int8_sent, int8 = run_two_nodes(tmp_path / "choco_int8", "--algorithm", "choco", "--compression", "int8", *epochs)
-    # Rank 1 -> 2 and 3 -> 0 cross the nodes (ring): one model, or its int8 payload, per step and crossing rank.
+    # Ranks (0, 1) and (2, 3) share a node: 1 -> 2 and 0 -> 3 leave node 0, 2 -> 1 and 3 -> 0 leave node 1,
+    # one model (or its int8 payload) per crossing edge and step.
     steps, model_bytes = plain[1]["gossip_step"], plain[1]["param_bytes"]
     assert int8[1]["gossip_step"] == steps
     payload = get_compressor("int8").payload_bytes(model_bytes // 4)  # the model fits one bucket
     assert int8[1]["bytes_sent"] == 2 * steps * payload  # counted: its 2 ring neighbours, int8 payloads
     print(f"interface tx bytes per node: dsgd {plain_sent}, choco int8 {int8_sent}; {steps} steps of {model_bytes} B")
     for host in (0, 1):
-        assert plain_sent[host] >= steps * model_bytes
-        assert int8_sent[host] >= steps * payload
-        # The interface saves at least 60 % of the float32 gossip bytes (the payload is 25.4 % of them;
-        # evaluation, set-up and TCP overhead are the same in both runs).
-        assert plain_sent[host] - int8_sent[host] >= 0.6 * steps * model_bytes, (plain_sent, int8_sent)
+        assert plain_sent[host] >= 2 * steps * model_bytes
+        assert int8_sent[host] >= 2 * steps * payload
+        # The interface saves what the payloads save (evaluation, set-up and TCP overhead are the same in
+        # both runs); measured 43.4 MB of an expected 43.3 MB per node, int8 run at 0.32 x the bytes.
+        assert plain_sent[host] - int8_sent[host] >= 0.9 * 2 * steps * (model_bytes - payload), (plain_sent, int8_sent)
+        assert int8_sent[host] < 0.4 * plain_sent[host]
     assert all(r["val_acc"] > 0.8 for r in int8), [r["val_acc"] for r in int8]
