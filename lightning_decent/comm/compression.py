@@ -18,7 +18,7 @@ name       payload per row (x of m elements)   omega                      notes
 =========  ==================================  =========================  ====================================
 none       m x itemsize (raw bytes)            1                          lossless
 bf16       2 m                                 1 - 2^-16                  round to nearest even (torch's cast)
-fp16       2 m                                 1 - 2^-22 for |x| <= 65504  |x| > 65504 becomes inf
+fp16       2 m                                 1 - 2^-22 (normal range)   |x| > 65504 becomes inf
 int8       m + 4 ceil(m / B) (+ padding)       1 - B / (4 * 127^2)        per-block absmax scale, B = block
 int4       m / 2 + 4 ceil(m / B)               1 - B / (4 * 7^2)          two codes per byte; bound needs B < 196
 topk       k (itemsize + 4)                    k / m                      k = max(1, round(fraction m))
@@ -56,8 +56,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _section(payload: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """Bytes ``[offset, offset + count * itemsize)`` of every payload row, viewed as ``[rows, count]`` of ``dtype``."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return payload[:, offset : offset + count * size].view(dtype)
+    return payload[:, offset : offset + count * dtype.itemsize].view(dtype)
 
 
 class Compressor(ABC):
@@ -158,7 +157,7 @@ class Cast(Compressor):
         return dtype if self.dtype is None else self.dtype
 
     def payload_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return numel * torch.empty((), dtype=self._wire(dtype)).element_size()
+        return numel * self._wire(dtype).itemsize
 
     def omega(self, numel: int) -> float:
         return 1.0 - self._unit_roundoff**2
@@ -301,7 +300,7 @@ class TopK(_Sparsifier):
 
     def payload_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
         k = self.k(numel)
-        return _aligned(k * torch.empty((), dtype=dtype).element_size()) + _aligned(4 * k)
+        return _aligned(k * dtype.itemsize) + _aligned(4 * k)
 
     def omega(self, numel: int) -> float:
         return self.k(numel) / numel
@@ -350,7 +349,7 @@ class RandomK(_Sparsifier):
         return {"fraction": self.fraction, "seed": self.seed}
 
     def payload_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self.k(numel) * torch.empty((), dtype=dtype).element_size()
+        return self.k(numel) * dtype.itemsize
 
     def omega(self, numel: int) -> float:
         return 1.0 / math.ceil(numel / self.k(numel))
