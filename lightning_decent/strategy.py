@@ -38,8 +38,10 @@ from lightning_decent.comm import (
     AllReduceCommunicator,
     CommStats,
     Communicator,
+    Compressor,
     HierarchicalCommunicator,
     P2PCommunicator,
+    get_compressor,
 )
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
@@ -100,6 +102,11 @@ class DecentralizedStrategy(DDPStrategy):
             and algorithm state) instead of refusing.
         overlap: overlap each step's neighbour exchange with the next step's computation (one-step
             delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
+        compression: what goes on the wire: a name from :data:`lightning_decent.comm.COMPRESSORS`
+            (``"int8"``, ``"topk"``, ...) or a built ``Compressor``, handed to the algorithm. Per-step
+            gossip compresses through ``algorithm="choco"`` (CHOCO-SGD); other algorithms refuse a lossy
+            compressor with an error naming it. ``None`` keeps the algorithm's own setting.
+        compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
 
     The remaining arguments are Lightning's, as for ``DDPStrategy``.
     """
@@ -123,6 +130,8 @@ class DecentralizedStrategy(DDPStrategy):
         check_finite: bool = True,
         resume_from_average: bool = False,
         overlap: bool = False,
+        compression: str | Compressor | None = None,
+        compression_options: dict[str, Any] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -152,6 +161,8 @@ class DecentralizedStrategy(DDPStrategy):
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
+        if compression is not None or compression_options:
+            self.algorithm.use_compression(_compressor(compression, compression_options))
         if overlap:
             _enable_overlap(self.algorithm, communicator)
         if isinstance(topology, str):
@@ -592,6 +603,12 @@ def _enable_overlap(algorithm: Algorithm, communicator: str) -> None:
             f"has no background transfer. Use communicator='p2p', or overlap=False."
         )
     algorithm.enable_overlap()
+
+
+def _compressor(compression: str | Compressor | None, options: dict[str, Any] | None) -> Compressor:
+    if compression is None:
+        raise ValueError(f"compression_options={options!r} need compression=... (e.g. 'int8', 'topk').")
+    return get_compressor(compression, **(options or {}))
 
 
 def _check_topology_options(name: str, options: dict[str, Any]) -> None:

@@ -3,9 +3,10 @@
 Build one by name with :func:`get_algorithm`; the modifiers ``global_average_every``,
 ``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm, except that
 ``push_diging`` and ``mg_push_diging`` take their gossip rounds as ``rounds=R`` (they refuse
-``gossip_rounds``). On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
-``mg_push_diging``; the other algorithms need a doubly stochastic matrix. The local-steps family
-(``local_sgd``, ``diloco``, ``gasloc``) synchronises every ``H`` steps itself and takes no modifier.
+``gossip_rounds``). ``choco`` (compressed gossip) takes none, and the local-steps family (``local_sgd``,
+``diloco``, ``gasloc``) synchronises every ``H`` steps itself and takes none either. On directed
+(column-stochastic) graphs use ``push_sum``, ``push_diging`` or ``mg_push_diging``; the other algorithms
+need a doubly stochastic matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import inspect
 from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
+from lightning_decent.algorithms.choco import Choco
 from lightning_decent.algorithms.dsgd import DSGD
+from lightning_decent.algorithms.error_feedback import ErrorFeedback, allocate_residuals
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
 from lightning_decent.algorithms.gut import GUT, QGGUT
@@ -42,6 +45,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "local_sgd": LocalSGD,
     "diloco": DiLoCo,
     "gasloc": GASLoC,
+    "choco": Choco,
 }
 
 #: Short names accepted by :func:`get_algorithm`.
@@ -112,6 +116,12 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
     averaging composes with every algorithm, push-sum included: averaging ``x`` and ``v`` together gives
     ``v = 1`` and ``z = x`` equal to the exact network average.
     """
+    if isinstance(algorithm, Choco) and with_modifiers(algorithm, **modifiers) is not algorithm:
+        raise ValueError(
+            f"choco takes no modifiers (got {', '.join(sorted(modifiers))}): its neighbour sum "
+            f"s_i = sum_j w_ij x_hat_j is updated by exactly one compressed round of the static W per step. Remove "
+            f"global_average_every/adaptive_global_average/gossip_rounds, or use algorithm='dsgd' for them."
+        )
     rounds = modifiers.get("gossip_rounds", 1)
     active = {key: value for key, value in modifiers.items() if value not in (None, False, 1)}
     if isinstance(algorithm, LocalSteps) and active:
@@ -136,7 +146,9 @@ __all__ = [
     "QGGUT",
     "Algorithm",
     "Bucket",
+    "Choco",
     "DiLoCo",
+    "ErrorFeedback",
     "ExactDiffusion",
     "GASLoC",
     "GradientTracking",
@@ -148,6 +160,7 @@ __all__ = [
     "PushSum",
     "QGDSGDm",
     "algorithm_options",
+    "allocate_residuals",
     "get_algorithm",
     "recommended_gossip_rounds",
     "require_plain_sgd",

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_decent.comm import Communicator
+from lightning_decent.comm import Communicator, Compressor
 from lightning_decent.topology import Topology
 
 
@@ -138,6 +138,24 @@ class Algorithm(ABC):
             f"algorithm={self.name!r} cannot overlap its gossip with computation: its next local step needs "
             f"the neighbours' values of this step. Use overlap=False, or algorithm='dsgd' (D-SGD, whose "
             f"one-step-delayed form x^(k+1) = W x^k - lr d^k can overlap)."
+        )
+
+    def use_compression(self, compressor: Compressor) -> None:
+        """Send this algorithm's messages through ``compressor`` (``DecentralizedStrategy(compression=...)``).
+
+        The identity (``"none"``) changes nothing and is accepted by every algorithm; a lossy compressor
+        is refused here, and accepted by the algorithms built for it (``choco``).
+
+        Raises:
+            ValueError: naming the fix.
+        """
+        if compressor.lossless:
+            return
+        raise ValueError(
+            f"algorithm={self.name!r} cannot send compressed messages (compression={compressor.describe()!r}): "
+            f"its update needs its neighbours' exact values. Per-step gossip with compression is CHOCO-SGD "
+            f"(public copies, compressed differences): use algorithm='choco' with compression="
+            f"{compressor.name!r} (Hydra: algorithm=choco strategy.compression={compressor.name})."
         )
 
     def wait_pending(self) -> None:  # noqa: B027

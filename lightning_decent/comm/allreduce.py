@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.compressed_collectives import all_gather_average, two_stage_average
+from lightning_decent.comm.compression import Compressor
 from lightning_decent.comm.p2p import average_all_reduce, start_average_all_reduce
 from lightning_decent.topology import Topology
 
@@ -17,6 +19,11 @@ class AllReduceCommunicator(Communicator):
 
     Byte counts report the payload of a ring all-reduce, ``2 (n - 1) / n`` times the buffer size sent
     and received per rank; the backend may use another algorithm with the same order of traffic.
+
+    Compressed: :meth:`mix_compressed` is the exact average of the decoded payloads (an all-gather of
+    payloads, ``(n - 1)`` payloads per rank: CHOCO-SGD needs its mixing exact), and
+    :meth:`average_compressed` the cheaper two-stage average (``~2 (n - 1) / n`` payloads per rank);
+    see :mod:`~lightning_decent.comm.compressed_collectives`.
     """
 
     def __init__(self, topology: Topology, group: dist.ProcessGroup | None = None) -> None:
@@ -47,3 +54,24 @@ class AllReduceCommunicator(Communicator):
         self.stats.messages_sent += len(buffers)
         self.stats.messages_received += len(buffers)
         count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), n)
+
+    @torch.no_grad()
+    def mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        all_gather_average(self, buffers, compressor, step, self.group, residuals)
+
+    @torch.no_grad()
+    def average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)

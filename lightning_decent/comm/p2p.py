@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
 import numpy as np
@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.compressed_collectives import two_stage_average
+from lightning_decent.comm.compression import Compressor, encode_and_decode
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
@@ -66,6 +68,10 @@ class P2PCommunicator(Communicator):
     :meth:`start_mix` posts the same messages (every round at once: nothing runs to pace the rounds
     while the caller computes) and returns; the transfer then runs in the background (used by D-SGD
     with ``overlap``).
+
+    :meth:`mix_compressed` sends each buffer as one compressed payload on the same schedule (counted
+    at the payload's size); :meth:`average_compressed` is the two-stage compressed global average of
+    :mod:`~lightning_decent.comm.compressed_collectives`.
 
     Args:
         topology: the graph; node ``i`` is global rank ``i``.
@@ -128,30 +134,86 @@ class P2PCommunicator(Communicator):
         if phase.isolated:
             _scale(buffers, phase.self_weight)
             return
-        received = [self._receive_buffers((index,), buf)[: len(phase.in_peers)] for index, buf in enumerate(buffers)]
+        self._exchange(phase, buffers, step, lambda index, received: _combine(buffers[index], received, phase), True)
+
+    def _exchange(
+        self,
+        phase: _Phase,
+        wires: Sequence[torch.Tensor],
+        step: int,
+        combine: Callable[[int, list[torch.Tensor]], None],
+        check_finite: bool = False,
+    ) -> None:
+        """Send every tensor of ``wires`` to the out-neighbours, round by round, and call
+        ``combine(index, received)`` for each as soon as its messages from the in-neighbours are in."""
+        received = [self._receive_buffers((index,), wire)[: len(phase.in_peers)] for index, wire in enumerate(wires)]
         with record_function("gossip.post_receives"):
             receives = self._post_receives(phase, received)
         last_sends: list[tuple[dist.Work, int]] = []
         for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
             sends = []
-            for index, buf in enumerate(buffers):
-                if position == 0 and self.check_finite:  # checked while the previous buffer is on the wire
-                    self._refuse_non_finite(buf, index, step)
+            for index, wire in enumerate(wires):
+                if position == 0 and check_finite and self.check_finite:  # checked while the previous one travels
+                    self._refuse_non_finite(wire, index, step)
                 with record_function("gossip.send"):
-                    sends.append((dist.isend(buf, peer, self._channel(self.rank, peer)), peer))
+                    sends.append((dist.isend(wire, peer, self._channel(self.rank, peer)), peer))
             if position == len(phase.out_peers) - 1:
                 last_sends = sends
                 break
             with record_function("gossip.wait"):
                 for work, _ in sends:
                     self._wait(work, peer, step)
-        for index, (buf, recv) in enumerate(zip(buffers, received)):  # combine while later buffers travel
+        for index, recv in enumerate(received):  # combine while later buffers travel
             with record_function("gossip.wait"):
                 for work, peer in receives[index] + last_sends[index : index + 1]:
                     self._wait(work, peer, step)
             with record_function("gossip.combine"):
-                _combine(buf, recv, phase)
-        self._count(buffers, phase)
+                combine(index, recv)
+        self._count(wires, phase)
+
+    # ---- compressed messages -----------------------------------------------------------------------
+    @torch.no_grad()
+    def mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """The blocking round of :meth:`mix` with payloads on the wire (see :meth:`Communicator.mix_compressed`):
+        each buffer is encoded once into a reused payload, the payloads take the same link schedule, and
+        every received payload is decoded into one reused buffer and folded into the combination."""
+        phase = self._phases[step % len(self._phases)]
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                self._refuse_non_finite(buf, index, step)
+        payloads = []
+        for index, buf in enumerate(buffers):
+            payload = self._payload((index,), compressor, buf)
+            residual = None if residuals is None else residuals[index]
+            with record_function("gossip.encode"):
+                encode_and_decode(buf, compressor, payload, (step, index), residual)
+            payloads.append(payload)
+        if phase.isolated:
+            _scale(buffers, phase.self_weight)
+            return
+
+        def combine(index: int, received: list[torch.Tensor]) -> None:
+            decoded = self._scratch(("decoded",), buffers[index])
+            _combine(buffers[index], (compressor.decode(r, decoded, (step, index)) for r in received), phase)
+
+        self._exchange(phase, payloads, step, combine)
+
+    @torch.no_grad()
+    def average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
 
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -292,7 +354,7 @@ def _scale(buffers: Sequence[torch.Tensor], weight: float) -> None:
             buf.mul_(weight)
 
 
-def _combine(buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase) -> None:
+def _combine(buf: torch.Tensor, received: Iterable[torch.Tensor], phase: _Phase) -> None:
     """``x_i <- a x_i + sum_j w_j x_j`` as a chain of fused ``lerp`` passes.
 
     With ``s_m = a + w_1 + ... + w_m``, ``y <- lerp(y, x_m, w_m / s_m)`` keeps ``y = (a x_i + sum_{l<=m}

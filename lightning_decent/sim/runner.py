@@ -30,6 +30,9 @@ from lightning_decent.topology import Topology, get_topology
 
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "opt", "accum_iter", "beta1", "beta2", "eps")
 
+#: Spec keys that go to the compressor (``choco:compression=topk:fraction=0.01``).
+COMPRESSION_KEYS = ("block", "fraction")
+
 #: Local optimizers of the simulator: ``sgd`` (momentum, weight decay), ``adam`` (DAdam: Adam on every
 #: node, moments never communicated) and ``accum_adam`` (:class:`~lightning_decent.optim.AccumAdam`).
 OPTIMIZERS = ("sgd", "adam", "accum_adam")
@@ -42,12 +45,13 @@ BASELINE = "p_sgd"
 class AlgorithmSpec:
     """An algorithm to simulate, parsed from ``name:key=value:key=value`` (e.g. ``dsgd:momentum=0.9``,
     ``dsgd:global_average_every=4``, ``gut:mu=0.5``, ``dsgd:opt=adam:lr=0.001``,
-    ``dsgd:opt=accum_adam:accum_iter=4``, ``push_diging:rounds=3``).
+    ``dsgd:opt=accum_adam:accum_iter=4``, ``push_diging:rounds=3``, ``choco:compression=topk:fraction=0.01``).
 
     The optimizer keys go to the local optimizer (``optimizer`` holds :func:`simulate`'s keyword
     arguments): ``opt`` (one of :data:`OPTIMIZERS`), ``lr``, ``momentum`` (SGD only), ``weight_decay``
     (L2 for all three), ``accum_iter`` (AccumAdam's ``s``), ``beta1``, ``beta2`` and ``eps`` (Adam and
-    AccumAdam). Every other key goes to :func:`~lightning_decent.algorithms.get_algorithm`."""
+    AccumAdam). ``block`` and ``fraction`` go to the compressor (``compression_options``). Every other
+    key goes to :func:`~lightning_decent.algorithms.get_algorithm`."""
 
     label: str
     name: str
@@ -66,6 +70,8 @@ class AlgorithmSpec:
             parsed = _parse_value(value)
             if key in OPTIMIZER_KEYS:
                 raw[key] = parsed
+            elif key in COMPRESSION_KEYS:
+                options.setdefault("compression_options", {})[key] = parsed
             else:
                 options[key] = parsed
         return cls(label=text.strip(), name=name, options=options, optimizer=_optimizer_settings(raw, text))

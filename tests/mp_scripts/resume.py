@@ -29,6 +29,9 @@ from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 #: The graph each algorithm trains on (default: the ring).
 TOPOLOGIES = {"push_sum": "challenging_digraph"}
+#: Further strategy options per algorithm: choco sends random-k messages, whose coordinates are drawn
+#: from the gossip step (restored by the checkpoint).
+STRATEGY_OPTIONS = {"choco": {"compression": "randomk", "compression_options": {"fraction": 0.25}}}
 
 #: Runs of an algorithm with options: name -> (algorithm, options). An epoch is 12 steps (4 ranks), so
 #: the checkpoint after epoch 1 falls mid-period, and the second epoch crosses synchronisations; with
@@ -45,7 +48,12 @@ def make_trainer(devices: int, epochs: int, run: str, callbacks=(), **strategy_k
     algorithm, options = CONFIGURATIONS.get(run, (run, {}))
     topology = TOPOLOGIES.get(algorithm, "ring")
     strategy = DecentralizedStrategy(
-        topology=topology, algorithm=algorithm, algorithm_options=options, final_model="local", **strategy_kwargs
+        topology=topology,
+        algorithm=algorithm,
+        algorithm_options=options,
+        final_model="local",
+        **STRATEGY_OPTIONS.get(algorithm, {}),
+        **strategy_kwargs,
     )
     return pl.Trainer(
         accelerator="cpu",

@@ -5,12 +5,13 @@ Each rank trains a LightningModule whose loss is its own node's objective of the
 problem, graph and algorithm and records the largest difference between its parameters and the
 simulator's row for its node, and between the network average that evaluation uses and the
 simulator's (``(1/n) sum_i v_i z_i`` for push-sum). Used by ``tests/test_sim_equivalence.py`` (one launch, all cases).
-Usage: ``python sim_equivalence.py OUT_DIR [--devices 4]``.
+Usage: ``python sim_equivalence.py OUT_DIR [--devices 4] [--only CASE_PREFIX]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,33 @@ CASES = [
     ("dsgd_hierarchical", "logistic", TWO_MACHINES, "dsgd", {}, 0.0),
     ("gradient_tracking_hierarchical", "logistic", TWO_MACHINES, "gradient_tracking", {}, 0.0),
     ("dsgd_base", "logistic", "base", "dsgd", {}, 0.0),
+    # compressed gossip: payloads on the wire, decoded and mixed as the simulator's rows
+    ("choco_identity", "logistic", "ring", "choco", {"compression": "none", "gamma": 1.0}, 0.0),
+    ("choco_int8", "logistic", "ring", "choco", {"compression": "int8"}, 0.0),
+    (
+        "choco_int8_digits",
+        "digits",
+        "ring",
+        "choco",
+        {"compression": "int8", "compression_options": {"block": 64}},
+        0.9,
+    ),
+    (
+        "choco_topk",
+        "logistic",
+        "exponential",
+        "choco",
+        {"compression": "topk", "compression_options": {"fraction": 0.5}},
+        0.0,
+    ),
+    (
+        "choco_randomk",
+        "logistic",
+        "ring",
+        "choco",
+        {"compression": "randomk", "compression_options": {"fraction": 0.5}},
+        0.0,
+    ),
 ]
 
 
@@ -107,13 +135,15 @@ def node_trainer(strategy: DecentralizedStrategy, devices: int) -> pl.Trainer:
     )
 
 
-def run(out: Path, devices: int) -> None:
+def run(out: Path, devices: int, only: str | None = None) -> None:
     results: dict[str, dict] = {}
     for case, problem_name, topology, algorithm, options, momentum in CASES:
+        if only and not case.startswith(only):
+            continue
         problem = build_problem(problem_name, devices)
         model = NodeObjective(problem, momentum)
         strategy = DecentralizedStrategy(
-            topology=topology, algorithm=algorithm, algorithm_options=dict(options), final_model="local"
+            topology=topology, algorithm=algorithm, algorithm_options=copy.deepcopy(options), final_model="local"
         )
         trainer = node_trainer(strategy, devices)
         trainer.fit(model)
@@ -130,6 +160,7 @@ def run(out: Path, devices: int) -> None:
             "plain_mean_gap": (simulated.params.mean(dim=0) - expected_average).abs().max().item(),
             "gossip_step": strategy.gossip_step,
             "moved": (model.x.detach() - problem.initial_params()).abs().max().item(),
+            "params": model.x.detach().tolist(),
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
@@ -139,7 +170,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--only", help="run only the cases whose name starts with this")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run(args.out, args.devices)
+    run(args.out, args.devices, args.only)
