@@ -180,7 +180,7 @@ def test_error_feedback_in_both_stages_equals_the_simulator(gloo: dict) -> None:
     comm = SimulatedCommunicator(get_topology("ring", N))
     for step in range(STEPS):
         x = values() * (step + 1)
-        ErrorFeedback([bucket]).average(comm, [x], get_compressor("topk", fraction=0.1), step)
+        ErrorFeedback.of([bucket]).average(comm, [x], get_compressor("topk", fraction=0.1), step)
     for rank in range(N):
         real, state = gloo[(("error_feedback", "p2p", "topk"), rank)]
         torch.testing.assert_close(real, x[rank], rtol=0, atol=1e-13)

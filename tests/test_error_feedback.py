@@ -32,7 +32,7 @@ def running_average_error(stages: int) -> float:
     for step in range(SYNCS):
         delta = deltas()
         if stages == 2:
-            ErrorFeedback(buckets).average(comm, [delta], compressor, step)
+            ErrorFeedback.of(buckets).average(comm, [delta], compressor, step)
         else:
             residuals = [buckets[0].state[RESIDUAL]] if stages == 1 else None
             delta += buckets[0].state[RESIDUAL]
@@ -58,7 +58,7 @@ def test_the_average_keeps_everything_it_did_not_send_in_its_residuals() -> None
     # nothing is lost, whatever top-k drops at either stage.
     comm, compressor = SimulatedCommunicator(get_topology("ring", N)), get_compressor("topk", fraction=0.1)
     buckets = feedback_buckets()
-    feedback, received, meant = ErrorFeedback(buckets), torch.zeros(DIM, dtype=torch.float64), 0
+    feedback, received, meant = ErrorFeedback.of(buckets), torch.zeros(DIM, dtype=torch.float64), 0
     for step in range(10):
         delta = deltas(step + 1.0)
         meant = meant + delta.mean(0)
@@ -74,7 +74,7 @@ def test_error_feedback_mix_sends_everything_eventually_and_keeps_the_mean() -> 
     # sent: the mean of the mixed outputs plus the mean residual adds up to the mean of the deltas.
     comm, compressor = SimulatedCommunicator(get_topology("ring", N)), get_compressor("int4", block=16)
     buckets = feedback_buckets(average=False)
-    feedback, received, meant = ErrorFeedback(buckets), torch.zeros(DIM, dtype=torch.float64), 0
+    feedback, received, meant = ErrorFeedback.of(buckets), torch.zeros(DIM, dtype=torch.float64), 0
     for step in range(10):
         delta = deltas(step + 1.0)
         meant = meant + delta.mean(0)
@@ -86,13 +86,15 @@ def test_error_feedback_mix_sends_everything_eventually_and_keeps_the_mean() -> 
 
 def test_the_identity_leaves_no_residual() -> None:
     buckets, delta = feedback_buckets(), deltas()
-    ErrorFeedback(buckets).average(SimulatedCommunicator(get_topology("ring", N)), [delta], get_compressor("none"), 0)
+    ErrorFeedback.of(buckets).average(
+        SimulatedCommunicator(get_topology("ring", N)), [delta], get_compressor("none"), 0
+    )
     torch.testing.assert_close(delta, deltas().mean(0).expand(N, DIM), rtol=0, atol=1e-15)
     assert all(t.eq(0).all() for t in buckets[0].state.values())
 
 
 def test_one_update_per_bucket() -> None:
-    with pytest.raises(ValueError, match="2 buffers for the error-feedback residuals of 1 buckets"):
-        ErrorFeedback(feedback_buckets()).mix(
+    with pytest.raises(ValueError, match="2 buffers for 1 error-feedback residuals"):
+        ErrorFeedback.of(feedback_buckets()).mix(
             SimulatedCommunicator(get_topology("ring", N)), [deltas(), deltas()], get_compressor("int8"), 0
         )

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_decent.train  # noqa: F401  (registers the config resolvers)
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
-from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.comm import SimulatedCommunicator, get_compressor
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.sim import AlgorithmSpec, get_problem, simulate
 from lightning_decent.sim.problems import LeastSquares, Problem
@@ -101,6 +101,48 @@ def test_gasloc_follows_the_papers_recursion(topology: str, gamma: float) -> Non
     simulated = simulate(problem, "gasloc", topology, steps=30, lr=LR, eval_every=30, H=3, **options)
     reference = gasloc_reference(problem, graph, 30, LR, 3, outer_lr=0.8, gamma=gamma)
     assert (simulated.params - reference).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("options", [{"H": 4}, {"H": 6, "fragments": 3, "delay": 1}])
+def test_compressed_diloco_follows_the_two_stage_error_feedback_recursion(options: dict) -> None:
+    problem, compressor = logistic(), get_compressor("int8", block=2)
+    steps = 29
+    simulated = simulate(
+        problem, "diloco", "ring", steps=steps, lr=LR, momentum=0.9, eval_every=steps, compression=compressor, **options
+    )
+    reference = diloco_reference(problem, steps, LR, momentum=0.9, compressor=compressor, **options)
+    exact = diloco_reference(problem, steps, LR, momentum=0.9, **options)
+    assert (simulated.params - reference).abs().max() < 1e-10
+    assert (reference - exact).abs().max() > 1e-6  # the compression changed something
+
+
+@pytest.mark.parametrize("topology", ["one_peer_exponential", "ring"])
+def test_compressed_gasloc_follows_the_error_feedback_recursion(topology: str) -> None:
+    problem, graph, compressor = logistic(), get_topology(topology, N), get_compressor("int8", block=4)
+    options = {"outer_optimizer": "sgd", "outer_lr": 0.8, "outer_momentum": 0.0, "gossip_momentum": 0.5}
+    simulated = simulate(
+        problem, "gasloc", topology, steps=30, lr=LR, eval_every=30, H=3, compression=compressor, **options
+    )
+    reference = gasloc_reference(problem, graph, 30, LR, 3, outer_lr=0.8, gamma=0.5, compressor=compressor)
+    exact = gasloc_reference(problem, graph, 30, LR, 3, outer_lr=0.8, gamma=0.5)
+    assert (simulated.params - reference).abs().max() < 1e-10
+    assert (reference - exact).abs().max() > 1e-6
+
+
+def test_compressed_syncs_send_the_payload_bytes() -> None:
+    problem = get_problem("logistic", n=N, dim=4096, samples=4, heterogeneity=1.0, seed=0)
+    runs = {
+        (name, compression): simulate(
+            problem, name, "one_peer_exponential", steps=8, lr=LR, eval_every=8, H=4, compression=compression
+        ).bytes_sent_per_node_step
+        for name in ("diloco", "gasloc")
+        for compression in ("none", "int8")
+    }
+    int8 = get_compressor("int8").payload_bytes(4096, torch.float64) / (4096 * 8)  # 1 byte + block scales
+    for name in ("diloco", "gasloc"):
+        assert runs[(name, "int8")] / runs[(name, "none")] == pytest.approx(int8, rel=0.02)
+    assert get_algorithm("diloco", compression="int8").extra_memory == get_algorithm("diloco").extra_memory + 2
+    assert get_algorithm("gasloc", compression="int8").extra_memory == get_algorithm("gasloc").extra_memory + 1
 
 
 # ---- consensus of GASLoC's anchors ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from mp_launch import launch, launch_and_read_ranks
 pytestmark = pytest.mark.slow
 
 STEPS = 20
-RESUME_RUNS = ("diloco", "local_sgd", "diloco_streaming", "gasloc_streaming")
+RESUME_RUNS = ("diloco", "local_sgd", "diloco_streaming", "gasloc_streaming", "diloco_int8", "gasloc_int8_streaming")
 
 
 @pytest.mark.parametrize("devices", [2, 4])

@@ -13,10 +13,11 @@ pseudo-gradient ``Delta = anchor - x``); CHOCO-SGD's public copies play this rol
 
 Usage (the residuals live in ``bucket.state``, so checkpoints restore them)::
 
-    allocate_residuals(bucket)                         # in init_state
-    feedback = ErrorFeedback(buckets)
+    allocate_residuals(bucket)                                    # in init_state
+    feedback = ErrorFeedback.of(buckets)                          # or ErrorFeedback(residuals, shard_residuals)
     feedback.average(comm, deltas, compressor, step)   # deltas <- C_s(a_s + e_s), a_s = (1/n) sum_j C_s(Delta_j + e_j)
     feedback.mix(comm, deltas, compressor, step)       # deltas <- sum_j w_ij C(Delta_j + e_j)
+    pending = feedback.start_mix(comm, deltas, compressor, step)  # the same, in the background: pending.finish(b)
 
 The compressed global average compresses twice (each node's shards, then each shard's average at the
 node that owns it, see :meth:`~lightning_decent.comm.Communicator.average_compressed`), so it keeps two
@@ -30,6 +31,7 @@ import torch
 
 from lightning_decent.algorithms.base import Bucket
 from lightning_decent.comm import Communicator, Compressor
+from lightning_decent.comm.base import PendingMix
 
 #: ``bucket.state`` keys of the residuals: this node's, and that of the average shard it owns.
 RESIDUAL = "error_feedback"
@@ -45,34 +47,63 @@ def allocate_residuals(bucket: Bucket, average: bool = True) -> None:
 
 
 class ErrorFeedback:
-    """Error feedback for one update per bucket, with the residuals that :func:`allocate_residuals` put
-    into the buckets' state."""
+    """Error feedback for one update per buffer, with one residual per buffer (``residuals[b]`` shaped like
+    buffer ``b``: a bucket's residual, or the slice of it that a streaming fragment covers) and, for the
+    compressed global average, the residual of the shard this node owns (``shard_residuals``, same shapes).
+    """
 
-    def __init__(self, buckets: list[Bucket]) -> None:
-        self.buckets = buckets
+    def __init__(self, residuals: list[torch.Tensor], shard_residuals: list[torch.Tensor] | None = None) -> None:
+        self.residuals = residuals
+        self.shard_residuals = shard_residuals
+
+    @classmethod
+    def of(cls, buckets: list[Bucket]) -> ErrorFeedback:
+        """The residuals that :func:`allocate_residuals` put into ``buckets``' state."""
+        shards = [b.state[SHARD_RESIDUAL] for b in buckets] if all(SHARD_RESIDUAL in b.state for b in buckets) else None
+        return cls([b.state[RESIDUAL] for b in buckets], shards)
 
     def _add_residuals(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-        if len(deltas) != len(self.buckets):
-            raise ValueError(f"{len(deltas)} buffers for the error-feedback residuals of {len(self.buckets)} buckets.")
-        residuals = [b.state[RESIDUAL] for b in self.buckets]
-        for delta, residual in zip(deltas, residuals):
+        if len(deltas) != len(self.residuals):
+            raise ValueError(f"{len(deltas)} buffers for {len(self.residuals)} error-feedback residuals.")
+        for delta, residual in zip(deltas, self.residuals):
             delta.add_(residual)
-        return residuals
+        return self.residuals
+
+    def _shard_residuals(self) -> list[torch.Tensor]:
+        if self.shard_residuals is None:
+            raise ValueError(
+                "the compressed global average keeps a second residual per buffer: allocate_residuals(bucket, "
+                "average=True), or pass shard_residuals."
+            )
+        return self.shard_residuals
 
     @torch.no_grad()
     def average(self, comm: Communicator, deltas: list[torch.Tensor], compressor: Compressor, step: int) -> None:
         """``deltas <-`` the compressed global average of ``Delta_i + e_i``, the same on every rank, with
-        error feedback in both of its stages.
-
-        Raises:
-            KeyError: if the buckets have no shard residual (``allocate_residuals(bucket, average=True)``).
-        """
+        error feedback in both of its stages."""
+        shards = self._shard_residuals()
         residuals = self._add_residuals(deltas)
-        shards = [b.state[SHARD_RESIDUAL] for b in self.buckets]
         comm.average_compressed(deltas, compressor, step, residuals=residuals, shard_residuals=shards)
+
+    @torch.no_grad()
+    def start_average(
+        self, comm: Communicator, deltas: list[torch.Tensor], compressor: Compressor, step: int
+    ) -> PendingMix:
+        """:meth:`average` started in the background (``finish(b)`` completes buffer ``b``)."""
+        shards = self._shard_residuals()
+        residuals = self._add_residuals(deltas)
+        return comm.start_average_compressed(deltas, compressor, step, residuals=residuals, shard_residuals=shards)
 
     @torch.no_grad()
     def mix(self, comm: Communicator, deltas: list[torch.Tensor], compressor: Compressor, step: int) -> None:
         """``deltas <- sum_j W[i, j](step) C(v_j)``, ``v_j = Delta_j + e_j``; then ``e_i <- v_i - C(v_i)``."""
         residuals = self._add_residuals(deltas)
         comm.mix_compressed(deltas, step, compressor, residuals=residuals)
+
+    @torch.no_grad()
+    def start_mix(
+        self, comm: Communicator, deltas: list[torch.Tensor], compressor: Compressor, step: int
+    ) -> PendingMix:
+        """:meth:`mix` started in the background (``finish(b)`` completes buffer ``b``)."""
+        residuals = self._add_residuals(deltas)
+        return comm.start_mix_compressed(deltas, step, compressor, residuals=residuals)

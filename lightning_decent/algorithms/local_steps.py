@@ -16,8 +16,17 @@ fragments (the paper's "sequential" fragments: consecutive parameters), synchron
 offsets (:class:`~lightning_decent.algorithms.sync_schedule.SyncSchedule`); a fragment's exchange
 can run during the next ``tau`` inner steps and is then merged into the model that kept training,
 ``x_i <- mix x_i + (1 - mix) a_i`` (the paper's ``alpha``; default 0: ``x_i <- a_i``). The one place
-a synchronisation uses the network is :meth:`LocalSteps.exchange`: a compressed exchange replaces
-that method alone.
+a synchronisation uses the network is :meth:`LocalSteps.exchange`.
+
+Compression (``compression="int8"`` ...; :mod:`~lightning_decent.comm.compression`): what a rank sends at
+a synchronisation, ``v`` (``Delta_i`` for DiLoCo, ``y_i`` for GASLoC), goes on the wire as ``C(v + e_i)``
+with error feedback, ``e_i <- v + e_i - C(v + e_i)`` (:class:`~lightning_decent.algorithms.ErrorFeedback`;
+the residual is checkpointed per bucket and fragment), and a rank's own term is the value its
+neighbours decode, so the network mean of what was sent is kept. DiLoCo's average is the compressed
+two-stage average (reduce-scatter, then all-gather of compressed shard averages, each stage with its
+residual); GASLoC's gossip round sends one payload per out-neighbour. With ``delay > 0`` the transfer
+runs in the background as the uncompressed one does (for the two-stage average: its first stage; the
+second, half of the bytes, runs when the exchange is applied).
 
 Evaluation (the strategy's network average of the live models) sees ``(1/n) sum_i x_i``: right after a
 synchronisation ``x_i = a_i``; mid-period the average of the ranks' local progress from the anchor,
@@ -34,9 +43,10 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL, ErrorFeedback, allocate_residuals
 from lightning_decent.algorithms.outer import build_outer_optimizer, check_outer_optimizer, outer_state_models
 from lightning_decent.algorithms.sync_schedule import SyncSchedule
-from lightning_decent.comm import Communicator
+from lightning_decent.comm import Communicator, Compressor, get_compressor
 from lightning_decent.comm.base import PendingMix
 
 ANCHOR = "anchor"  # a_i: where the current local steps started (bucket state)
@@ -77,7 +87,14 @@ class LocalSteps(Algorithm):
             synchronisation is applied; 0 (the default, as torchft's): the model restarts from the anchor.
         warmup_steps: ``K``, initial steps that each end with a plain average of the models (``H = 1``,
             no outer optimizer: synchronous training, post-local SGD's warm-up).
+        compression: a compressor name (:data:`~lightning_decent.comm.COMPRESSORS`) or a built
+            :class:`~lightning_decent.comm.Compressor` for what a synchronisation sends, with error
+            feedback (``"none"``: float values as they are); ``DecentralizedStrategy(compression=...)`` sets it.
+        compression_options: the compressor's options (``block``, ``fraction``, ``seed``).
     """
+
+    #: The synchronisation is a global average (DiLoCo), which keeps a second error-feedback residual.
+    averages: ClassVar[bool] = True
 
     rounds_per_step: ClassVar[int] = 1
     buffers_per_round: ClassVar[int] = 1
@@ -93,8 +110,11 @@ class LocalSteps(Algorithm):
         delay: int = 0,
         mix: float = 0.0,
         warmup_steps: int = 0,
+        compression: str | Compressor = "none",
+        compression_options: dict[str, Any] | None = None,
     ) -> None:
         self.schedule = SyncSchedule(H, fragments, delay, warmup_steps)
+        self.compressor = get_compressor(compression, **(compression_options or {}))
         check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum)
         self.outer_optimizer, self.outer_lr, self.outer_momentum = outer_optimizer, outer_lr, outer_momentum
         self.mix = float(mix)
@@ -105,9 +125,14 @@ class LocalSteps(Algorithm):
     # ---- cost ----------------------------------------------------------------------------------------
     @property  # type: ignore[override]
     def extra_memory(self) -> float:
-        """Anchor, outer optimizer state and, with ``delay > 0``, the exchange buffer in flight."""
+        """Anchor, outer optimizer state, with ``delay > 0`` the exchange buffer in flight, and with a lossy
+        compressor its error-feedback residual(s)."""
         in_flight = 1 if self.schedule.delay else 0
-        return 1.0 + outer_state_models(self.outer_optimizer, self.outer_momentum) + in_flight
+        residuals = 0 if self.compressor.lossless else 1 + int(self.averages)
+        return 1.0 + outer_state_models(self.outer_optimizer, self.outer_momentum) + in_flight + residuals
+
+    def use_compression(self, compressor: Compressor) -> None:
+        self.compressor = compressor
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def enable_overlap(self) -> None:
@@ -124,6 +149,8 @@ class LocalSteps(Algorithm):
         exchange_home = bucket.state if self.schedule.delay else bucket.workspace
         exchange_home[EXCHANGE] = torch.empty_like(bucket.params)
         bucket.state[IN_FLIGHT] = torch.full((self.schedule.fragments,), -1, dtype=torch.int64)
+        if not self.compressor.lossless:
+            allocate_residuals(bucket, average=self.averages)
         views = [anchor[..., start:end] for start, end in bounds]
         optimizer = build_outer_optimizer(self.outer_optimizer, views, self.outer_lr, self.outer_momentum)
         self._syncs[bucket] = _BucketSync(optimizer, bounds)
@@ -172,13 +199,25 @@ class LocalSteps(Algorithm):
             buffer = self._exchange_buffer(bucket)[region]
             self._prepare(bucket, fragment, bucket.params[region], bucket.state[ANCHOR][region], buffer)
             buffers.append(buffer)
-        pending = self.exchange(buffers, comm, round_, blocking=blocking)
+        pending = self.exchange(buffers, comm, round_, blocking=blocking, feedback=self._feedback(buckets, fragment))
         if fragment is None:
             return
         for index, bucket in enumerate(buckets):
             bucket.state[IN_FLIGHT][fragment] = step
             if pending is not None:
                 self._syncs[bucket].pending[fragment] = (pending, index)
+
+    def _feedback(self, buckets: list[Bucket], fragment: int | None) -> ErrorFeedback | None:
+        """The error feedback of ``fragment``'s slices of the buckets' residuals (``None`` without compression)."""
+        if self.compressor.lossless:
+            return None
+        regions = [self._region(bucket, fragment) for bucket in buckets]
+        residuals = [bucket.state[RESIDUAL][region] for bucket, region in zip(buckets, regions)]
+        if not self.averages:
+            return ErrorFeedback(residuals)
+        return ErrorFeedback(
+            residuals, [bucket.state[SHARD_RESIDUAL][region] for bucket, region in zip(buckets, regions)]
+        )
 
     def _finish(self, bucket: Bucket, fragment: int | None) -> None:
         """Complete ``fragment``'s exchange for ``bucket``, apply it to the anchor and merge the model."""
@@ -220,12 +259,18 @@ class LocalSteps(Algorithm):
 
     @abstractmethod
     def exchange(
-        self, buffers: list[torch.Tensor], comm: Communicator, round_: int, *, blocking: bool
+        self,
+        buffers: list[torch.Tensor],
+        comm: Communicator,
+        round_: int,
+        *,
+        blocking: bool,
+        feedback: ErrorFeedback | None = None,
     ) -> PendingMix | None:
         """The one place a synchronisation uses the network: every buffer becomes its average over the
         topology (``round_`` is the fragment's synchronisation count). ``blocking``: the buffers hold the
         result on return (``None``); else a started exchange whose ``finish(index)`` completes buffer
-        ``index``. A compressed version (error feedback on what is sent) overrides this method alone."""
+        ``index``. ``feedback``: send ``C(v + e)`` through :attr:`compressor` with these residuals."""
 
     # ---- transfers in flight ---------------------------------------------------------------------------
     def wait_pending(self) -> None:
@@ -253,6 +298,7 @@ class LocalSteps(Algorithm):
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
             "mix": self.mix,
+            "compression": self.compressor.describe(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -318,8 +364,19 @@ class DiLoCo(LocalSteps):
         self._outer_step(bucket, fragment, anchor, buffer)
 
     def exchange(
-        self, buffers: list[torch.Tensor], comm: Communicator, round_: int, *, blocking: bool
+        self,
+        buffers: list[torch.Tensor],
+        comm: Communicator,
+        round_: int,
+        *,
+        blocking: bool,
+        feedback: ErrorFeedback | None = None,
     ) -> PendingMix | None:
+        if feedback is not None:
+            if blocking:
+                feedback.average(comm, buffers, self.compressor, round_)
+                return None
+            return feedback.start_average(comm, buffers, self.compressor, round_)
         if blocking:
             comm.global_average(buffers)
             return None
@@ -384,6 +441,7 @@ class GASLoC(LocalSteps):
     """
 
     name = "gasloc"
+    averages = False
 
     def __init__(self, H: int = 16, *, gossip_momentum: float = 0.0, **options: Any) -> None:
         super().__init__(H, **options)
@@ -416,8 +474,19 @@ class GASLoC(LocalSteps):
         anchor.copy_(buffer)
 
     def exchange(
-        self, buffers: list[torch.Tensor], comm: Communicator, round_: int, *, blocking: bool
+        self,
+        buffers: list[torch.Tensor],
+        comm: Communicator,
+        round_: int,
+        *,
+        blocking: bool,
+        feedback: ErrorFeedback | None = None,
     ) -> PendingMix | None:
+        if feedback is not None:
+            if blocking:
+                feedback.mix(comm, buffers, self.compressor, round_)
+                return None
+            return feedback.start_mix(comm, buffers, self.compressor, round_)
         if blocking:
             comm.mix(buffers, round_)
             return None

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
-from lightning_decent.comm.compressed_collectives import all_gather_average, two_stage_average
+from lightning_decent.comm.compressed_collectives import all_gather_average, start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor
 from lightning_decent.comm.p2p import average_all_reduce, start_average_all_reduce
 from lightning_decent.topology import Topology
@@ -75,3 +75,14 @@ class AllReduceCommunicator(Communicator):
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
         two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+
+    @torch.no_grad()
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)

@@ -160,6 +160,34 @@ class Communicator(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no compressed global average.")
 
+    def start_mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """Begin :meth:`mix_compressed` and return at once; ``finish(index)`` (without ``into``) completes
+        buffer ``index``. The buffers are encoded (and ``residuals`` written) before this returns; do not
+        write the buffers before ``finish``. This default runs the whole round now (the simulator's
+        numbers do not depend on when); transports with background transfers override it."""
+        self.mix_compressed(buffers, step, compressor, residuals)
+        return CompletedRound(buffers, step)
+
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """Begin :meth:`average_compressed` and return at once; ``finish(index)`` (without ``into``)
+        completes buffer ``index``. This default runs the whole average now; transports with
+        asynchronous collectives override it."""
+        self.average_compressed(buffers, compressor, step, residuals, shard_residuals)
+        return CompletedRound(buffers, step)
+
 
 class PendingMix(ABC):
     """A started gossip round over some buffers (see :meth:`Communicator.start_mix`).
@@ -225,3 +253,14 @@ class DeferredAverage(PendingMix):
         if into is not None:
             raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
         self.comm.global_average([self.buffers[index]])
+
+
+class CompletedRound(PendingMix):
+    """A round that already ran to completion when it was started: ``finish`` has nothing left to do."""
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("this round has completed its own buffers; finish(index) takes no 'into'.")

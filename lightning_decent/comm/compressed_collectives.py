@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import CommStats, Communicator
+from lightning_decent.comm.base import CommStats, Communicator, PendingMix
 from lightning_decent.comm.compression import Compressor, encode_and_decode
 
 #: ``all_gather_single`` (torch >= 2.10) replaces ``all_gather_into_tensor``; both take a flat output.
@@ -77,6 +77,89 @@ def shard_region(numel: int, length: int, shard: int) -> slice:
     return slice(min(shard * length, numel), min((shard + 1) * length, numel))
 
 
+class _TwoStageShards:
+    """One buffer's two-stage average (see :func:`two_stage_average`), split where the network is used:
+    :meth:`send` compresses the buffer's shards and starts their exchange (stage 1), :meth:`complete`
+    averages this rank's shard and all-gathers the compressed averages (stage 2)."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        buffer: torch.Tensor,
+        index: int,
+        compressor: Compressor,
+        step: int,
+        group: dist.ProcessGroup | None,
+    ) -> None:
+        self.comm, self.buffer, self.index, self.compressor, self.step, self.group = (
+            comm,
+            buffer,
+            index,
+            compressor,
+            step,
+            group,
+        )
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.numel = buffer.numel()
+        self.length = shard_length(self.numel, self.world, compressor.alignment)
+        self.shards = comm._workspace(("shards", index), (self.world, self.length), buffer.dtype, buffer.device)
+        self.work: dist.Work | None = None
+
+    @torch.no_grad()
+    def send(self, residual: torch.Tensor | None, async_op: bool) -> None:
+        flat, padded = self.buffer.view(-1), self.shards.view(-1)
+        padded[: self.numel].copy_(flat)
+        padded[self.numel :].zero_()
+        sent = self.comm._payload(("shards", self.index), self.compressor, self.shards)
+        encode_and_decode(self.shards, self.compressor, sent, (self.step, self.index, 0))
+        if residual is not None:
+            torch.sub(flat, padded[: self.numel], out=residual.view(-1))
+        if self.world == 1:
+            return
+        self.received = self.comm._workspace(
+            ("shards_received", self.index), tuple(sent.shape), torch.uint8, self.buffer.device
+        )
+        with record_function("gossip.all_to_all"):
+            self.work = dist.all_to_all_single(self.received, sent, group=self.group, async_op=async_op)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            with record_function("gossip.wait"):
+                self.work.wait()
+            self.work = None
+            self.compressor.decode(self.received, self.shards, (self.step, self.index, 0))  # row j: rank j's copy
+
+    @torch.no_grad()
+    def complete(self, shard_residual: torch.Tensor | None) -> None:
+        self.wait()
+        shards, world, key = self.shards, self.world, (self.step, self.index, 1)
+        mine = shards.mean(dim=0, keepdim=True)
+        residual = (
+            None
+            if shard_residual is None
+            else shard_residual.view(-1)[shard_region(self.numel, self.length, self.rank)]
+        )
+        if residual is not None:  # error feedback of the second stage: this rank owns its shard's residual
+            mine[0, : residual.numel()].add_(residual)
+            residual.copy_(mine[0, : residual.numel()])
+        own = self.comm._payload(("shard_average", self.index), self.compressor, mine)
+        self.compressor.encode(mine, own, key)
+        gathered = self.comm._workspace(
+            ("shard_averages", self.index), (world * own.numel(),), torch.uint8, self.buffer.device
+        )
+        with record_function("gossip.all_gather"):
+            _all_gather(gathered, own.view(-1), group=self.group)
+        self.compressor.decode(gathered.view(world, -1), shards, key)
+        if residual is not None:
+            residual.sub_(shards[self.rank, : residual.numel()])
+        self.buffer.view(-1).copy_(shards.view(-1)[: self.numel])
+        _count(self.comm.stats, 2 * (world - 1) * own.numel(), 2)
+
+
+def _residual(residuals: Sequence[torch.Tensor] | None, index: int) -> torch.Tensor | None:
+    return None if residuals is None else residuals[index]
+
+
 @torch.no_grad()
 def two_stage_average(
     comm: Communicator,
@@ -88,37 +171,49 @@ def two_stage_average(
     shard_residuals: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """``x <- C_s((1/n) sum_j C_s(x_j))`` per shard ``s`` (see :meth:`Communicator.average_compressed`)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     for index, buf in enumerate(buffers):
-        flat, numel = buf.view(-1), buf.numel()
-        length = shard_length(numel, world, compressor.alignment)
-        shards = comm._workspace(("shards", index), (world, length), buf.dtype, buf.device)
-        padded = shards.view(-1)
-        padded[:numel].copy_(flat)
-        padded[numel:].zero_()
-        sent = comm._payload(("shards", index), compressor, shards)
-        encode_and_decode(shards, compressor, sent, (step, index, 0))
-        if residuals is not None:
-            torch.sub(flat, padded[:numel], out=residuals[index].view(-1))
-        if world > 1:
-            received = comm._workspace(("shards_received", index), tuple(sent.shape), torch.uint8, buf.device)
-            with record_function("gossip.all_to_all"):
-                dist.all_to_all_single(received, sent, group=group)
-            compressor.decode(received, shards, (step, index, 0))  # row j: rank j's copy of this rank's shard
-        mine = shards.mean(dim=0, keepdim=True)
-        residual = (
-            None if shard_residuals is None else shard_residuals[index].view(-1)[shard_region(numel, length, rank)]
-        )
-        if residual is not None:  # error feedback of the second stage: this rank owns its shard's residual
-            mine[0, : residual.numel()].add_(residual)
-            residual.copy_(mine[0, : residual.numel()])
-        own = comm._payload(("shard_average", index), compressor, mine)
-        compressor.encode(mine, own, (step, index, 1))
-        gathered = comm._workspace(("shard_averages", index), (world * own.numel(),), torch.uint8, buf.device)
-        with record_function("gossip.all_gather"):
-            _all_gather(gathered, own.view(-1), group=group)
-        compressor.decode(gathered.view(world, -1), shards, (step, index, 1))
-        if residual is not None:
-            residual.sub_(shards[rank, : residual.numel()])
-        flat.copy_(padded[:numel])
-        _count(comm.stats, 2 * (world - 1) * own.numel(), 2)
+        shards = _TwoStageShards(comm, buf, index, compressor, step, group)
+        shards.send(_residual(residuals, index), async_op=False)
+        shards.complete(_residual(shard_residuals, index))
+
+
+class _PendingTwoStage(PendingMix):
+    """Two-stage averages whose first stage (every buffer's compressed reduce-scatter, ``(n - 1)/n`` of the
+    traffic) runs in the background; ``finish(index)`` waits for it and runs buffer ``index``'s second
+    stage (the all-gather of the compressed shard averages, the other half) before returning."""
+
+    def __init__(self, stages: list[_TwoStageShards], shard_residuals: Sequence[torch.Tensor] | None) -> None:
+        super().__init__([stage.buffer for stage in stages], stages[0].step if stages else -1)
+        self.stages = stages
+        self.shard_residuals = shard_residuals
+        self.finished = [False] * len(stages)
+
+    def wait(self) -> None:
+        for stage in self.stages:
+            stage.wait()
+
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
+        if self.finished[index]:
+            raise RuntimeError(f"buffer {index} of this average was already finished.")
+        self.stages[index].complete(_residual(self.shard_residuals, index))
+        self.finished[index] = True
+
+
+@torch.no_grad()
+def start_two_stage_average(
+    comm: Communicator,
+    buffers: Sequence[torch.Tensor],
+    compressor: Compressor,
+    step: int,
+    group: dist.ProcessGroup | None = None,
+    residuals: Sequence[torch.Tensor] | None = None,
+    shard_residuals: Sequence[torch.Tensor] | None = None,
+) -> PendingMix:
+    """:func:`two_stage_average` with its first stage started in the background for every buffer (see
+    :class:`_PendingTwoStage`); the buffers are encoded and ``residuals`` written before it returns."""
+    stages = [_TwoStageShards(comm, buf, index, compressor, step, group) for index, buf in enumerate(buffers)]
+    for index, stage in enumerate(stages):
+        stage.send(_residual(residuals, index), async_op=True)
+    return _PendingTwoStage(stages, shard_residuals)

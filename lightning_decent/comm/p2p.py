@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
-from lightning_decent.comm.compressed_collectives import two_stage_average
+from lightning_decent.comm.compressed_collectives import start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor, encode_and_decode
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
@@ -215,6 +215,46 @@ class P2PCommunicator(Communicator):
     ) -> None:
         two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
 
+    @torch.no_grad()
+    def start_mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """:meth:`mix_compressed` split as :meth:`start_mix`: the buffers are encoded now (each then holds
+        its own ``C(x_i)``), the payloads' sends and receives are posted at once, and ``finish(index)``
+        decodes buffer ``index``'s received payloads into the combination."""
+        phase = self._phases[step % len(self._phases)]
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                self._refuse_non_finite(buf, index, step)
+        payloads = []
+        for index, buf in enumerate(buffers):
+            payload = self._payload(("pending", index), compressor, buf)
+            residual = None if residuals is None else residuals[index]
+            with record_function("gossip.encode"):
+                encode_and_decode(buf, compressor, payload, (step, index), residual)
+            payloads.append(payload)
+
+        def decoded(index: int, received: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+            scratch = self._scratch(("decoded",), buffers[index])
+            return (compressor.decode(r, scratch, (step, index)) for r in received)
+
+        return self._start_round(phase, buffers, payloads, step, decoded)
+
+    @torch.no_grad()
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()
     def start_mix(self, buffers: Sequence[torch.Tensor], step: int) -> PendingMix:
@@ -224,25 +264,38 @@ class P2PCommunicator(Communicator):
         rounds in flight at once; the same buffer may not have two.
         """
         phase = self._phases[step % len(self._phases)]
-        if phase.isolated:
-            return _P2PPendingMix(self, phase, buffers, step, [[] for _ in buffers], [[] for _ in buffers], [])
-        if self.check_finite:
+        if self.check_finite and not phase.isolated:
             for index, buf in enumerate(buffers):
                 self._refuse_non_finite(buf, index, step)
-        keys = [("pending", buf.data_ptr()) for buf in buffers]
+        return self._start_round(phase, buffers, buffers, step)
+
+    def _start_round(
+        self,
+        phase: _Phase,
+        buffers: Sequence[torch.Tensor],
+        wires: Sequence[torch.Tensor],
+        step: int,
+        decoded: Callable[[int, list[torch.Tensor]], Iterable[torch.Tensor]] | None = None,
+    ) -> PendingMix:
+        """Post the receives and sends of ``wires`` (the buffers themselves, or their payloads) for
+        ``buffers``' round; ``decoded`` turns a buffer's received payloads into values."""
+        if phase.isolated:
+            empty: list[list] = [[] for _ in buffers]
+            return _P2PPendingMix(self, phase, buffers, step, empty, [[] for _ in buffers], [], decoded)
+        keys = [("pending", wire.data_ptr()) for wire in wires]
         busy = [key for key in keys if key in self._pending_keys]
         if busy:
             raise RuntimeError(
                 f"rank {self.rank}: a buffer already has a gossip round in flight; finish it before starting another."
             )
         self._pending_keys.update(keys)
-        received = [self._receive_buffers(key, buf)[: len(phase.in_peers)] for key, buf in zip(keys, buffers)]
+        received = [self._receive_buffers(key, wire)[: len(phase.in_peers)] for key, wire in zip(keys, wires)]
         with record_function("gossip.start"):
             receives = self._post_receives(phase, received)
-            sends = self._post_sends(phase, buffers)
-        self._count(buffers, phase)
+            sends = self._post_sends(phase, wires)
+        self._count(wires, phase)
         works = [r + s for r, s in zip(receives, sends)]
-        return _P2PPendingMix(self, phase, buffers, step, received, works, keys)
+        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, decoded)
 
     def is_silent(self, step: int) -> bool:
         phase = self._phases[step % len(self._phases)]
@@ -313,6 +366,7 @@ class _P2PPendingMix(PendingMix):
         received: list[list[torch.Tensor]],
         works: list[list[tuple[dist.Work, int]]],
         keys: list[tuple],
+        decoded: Callable[[int, list[torch.Tensor]], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__(buffers, step)
         self.comm = comm
@@ -320,6 +374,7 @@ class _P2PPendingMix(PendingMix):
         self.received = received
         self.works = works
         self.keys = keys
+        self.decoded = decoded
         self.finished = [False] * len(self.buffers)
 
     def _wait_buffer(self, index: int) -> None:
@@ -336,10 +391,14 @@ class _P2PPendingMix(PendingMix):
     def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         if self.finished[index]:
             raise RuntimeError(f"buffer {index} of this gossip round was already finished.")
+        if into is not None and self.decoded is not None:
+            raise ValueError("a compressed round completes its own buffer; finish(index) takes no 'into'.")
         self._wait_buffer(index)
         buf, recv = self.buffers[index], self.received[index]
         with record_function("gossip.combine"):
-            if into is None:
+            if self.decoded is not None:
+                _combine(buf, self.decoded(index, recv), self.phase)
+            elif into is None:
                 _combine(buf, recv, self.phase)
             else:
                 _add_correction(into, buf, recv, self.phase, refill)

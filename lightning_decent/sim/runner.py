@@ -223,6 +223,7 @@ def simulate(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     label: str | None = None,
+    finish_in_flight: bool = True,
     **algorithm_options: Any,
 ) -> SimResult:
     """Run ``steps`` steps of ``algorithm`` on ``problem`` over ``topology`` (built for ``problem.n``).
@@ -242,6 +243,9 @@ def simulate(
         seed: seeds the gradient noise and mini-batch sampling (the problem has its own seed).
         dtype: the parameters' dtype.
         label: the name of the run in results (default: the algorithm's name).
+        finish_in_flight: after the last step, apply the exchanges still in flight (overlap, streaming
+            local steps), as the strategy does at the end of training. ``False`` reports the iterate
+            ``x^K`` of the overlapped recursion itself, as papers' tables do.
     """
     algo = get_algorithm(algorithm, **algorithm_options)
     graph = algo.prepare_topology(get_topology(topology, problem.n))
@@ -291,7 +295,7 @@ def simulate(
         local.step()
         algo.observe_loss(losses.detach())
         algo.after_step([bucket], comm, k)
-        if k + 1 == steps:  # as the strategy at the end of training: apply the exchanges still in flight
+        if finish_in_flight and k + 1 == steps:  # as the strategy's on_train_end
             algo.finish_pending([bucket])
         if (k + 1) % eval_every == 0 or k + 1 == steps:
             record(k + 1)

@@ -41,6 +41,8 @@ CONFIGURATIONS = {
     "local_sgd": ("local_sgd", {"H": 6, "warmup_steps": 3}),
     "diloco_streaming": ("diloco", {"H": 8, "fragments": 4, "delay": 1}),
     "gasloc_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "mix": 0.5, "gossip_momentum": 0.5}),
+    "diloco_int8": ("diloco", {"H": 5, "compression": "int8"}),
+    "gasloc_int8_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "compression": "int8"}),
 }
 
 

@@ -60,6 +60,32 @@ CASES = [
         0.0,
     ),
     ("gasloc_ring_momentum", "digits", "ring", "gasloc", {"H": 3, "gossip_momentum": 0.5}, 0.0),
+    # compressed synchronisations (error feedback): two-stage average, blocking and started in the
+    # background; a compressed gossip round in flight
+    (
+        "diloco_int8",
+        "logistic",
+        "ring",
+        "diloco",
+        {"H": 4, "compression": "int8", "compression_options": {"block": 4}},
+        0.9,
+    ),
+    (
+        "diloco_int8_streaming",
+        "logistic",
+        "ring",
+        "diloco",
+        {"H": 6, "fragments": 3, "delay": 1, "compression": "int8", "compression_options": {"block": 4}},
+        0.0,
+    ),
+    (
+        "gasloc_int8_one_peer_streaming",
+        "logistic",
+        "one_peer_exponential",
+        "gasloc",
+        {"H": 4, "fragments": 2, "delay": 1, "compression": "int8", "compression_options": {"block": 4}},
+        0.0,
+    ),
     # two machines of two ranks: W = lazy_ring(2) (x) 11^T/2, through the hierarchical communicator
     ("dsgd_hierarchical", "logistic", TWO_MACHINES, "dsgd", {}, 0.0),
     ("gradient_tracking_hierarchical", "logistic", TWO_MACHINES, "gradient_tracking", {}, 0.0),
