@@ -120,7 +120,9 @@ class _TwoStageShards:
             ("shards_received", self.index), tuple(sent.shape), torch.uint8, self.buffer.device
         )
         with record_function("gossip.all_to_all"):
-            self.work = dist.all_to_all_single(self.received, sent, group=self.group, async_op=async_op)
+            self.work = dist.all_to_all_single(self.received, sent, group=self.group, async_op=True)
+        if not async_op:
+            self.wait()
 
     def wait(self) -> None:
         if self.work is not None:
