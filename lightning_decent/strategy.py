@@ -247,6 +247,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self._communicator_name == "allreduce":
             return AllReduceCommunicator(self.topology)
         if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
+            refuse_compression_unsupported_by(self.algorithm, HierarchicalCommunicator)
             return HierarchicalCommunicator(
                 self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
             )
@@ -603,6 +604,17 @@ def _enable_overlap(algorithm: Algorithm, communicator: str) -> None:
             f"has no background transfer. Use communicator='p2p', or overlap=False."
         )
     algorithm.enable_overlap()
+
+
+def refuse_compression_unsupported_by(algorithm: Algorithm, communicator: type[Communicator]) -> None:
+    """Refuse, before training starts, an algorithm that sends compressed payloads through a communicator
+    that cannot (rather than failing at its first synchronisation, possibly ``H`` steps later)."""
+    if algorithm.sends_compressed and not communicator.sends_compressed:
+        raise ValueError(
+            f"algorithm={algorithm.name!r} sends compressed payloads, which {communicator.__name__} cannot "
+            f"(hierarchical topologies average exactly inside a machine); use a flat topology with the 'p2p' or "
+            f"'allreduce' communicator, or drop compression."
+        )
 
 
 def _compressor(compression: str | Compressor | None, options: dict[str, Any] | None) -> Compressor:

@@ -11,10 +11,17 @@ import pytest
 import torch
 from mp_launch import run_gloo_world
 
-from lightning_decent.algorithms import Bucket, ErrorFeedback, allocate_residuals
+from lightning_decent.algorithms import Bucket, ErrorFeedback, allocate_residuals, get_algorithm
 from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL
-from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator, get_compressor
+from lightning_decent.comm import (
+    AllReduceCommunicator,
+    HierarchicalCommunicator,
+    P2PCommunicator,
+    SimulatedCommunicator,
+    get_compressor,
+)
 from lightning_decent.comm.compressed_collectives import shard_length
+from lightning_decent.strategy import refuse_compression_unsupported_by
 from lightning_decent.topology import get_topology
 
 N, DIM, STEPS = 4, 300, 3
@@ -186,3 +193,14 @@ def test_error_feedback_in_both_stages_equals_the_simulator(gloo: dict) -> None:
         torch.testing.assert_close(real, x[rank], rtol=0, atol=1e-13)
         torch.testing.assert_close(state["residual"], bucket.state[RESIDUAL][rank], rtol=0, atol=1e-13)
         torch.testing.assert_close(state["shard"], bucket.state[SHARD_RESIDUAL][rank], rtol=0, atol=1e-13)
+
+
+def test_compressed_algorithms_on_a_communicator_without_payloads_are_refused_before_training() -> None:
+    diloco_int8 = get_algorithm("diloco", H=4, compression="int8")
+    for algorithm in (diloco_int8, get_algorithm("choco", compression="int8")):
+        with pytest.raises(ValueError, match=r"HierarchicalCommunicator cannot .* use a flat topology"):
+            refuse_compression_unsupported_by(algorithm, HierarchicalCommunicator)
+        refuse_compression_unsupported_by(algorithm, P2PCommunicator)  # these send payloads
+        refuse_compression_unsupported_by(algorithm, AllReduceCommunicator)
+    refuse_compression_unsupported_by(get_algorithm("diloco", H=4), HierarchicalCommunicator)  # uncompressed
+    refuse_compression_unsupported_by(get_algorithm("diloco", H=4, compression="none"), HierarchicalCommunicator)

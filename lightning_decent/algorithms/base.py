@@ -78,6 +78,7 @@ class Algorithm(ABC):
             the user's optimizer state.
         needs_doubly_stochastic: refuse column-stochastic (directed) graphs.
         transforms_gradients: the algorithm rewrites the gradient before the optimizer step.
+        sends_compressed: its messages go through the communicator's ``*_compressed`` methods.
 
     ``overlap`` is True once :meth:`enable_overlap` switched an algorithm to its overlapped form, in
     which the exchange started in ``after_step`` of step ``k`` runs during the forward and backward
@@ -91,6 +92,7 @@ class Algorithm(ABC):
     extra_memory: ClassVar[float] = 0.0
     needs_doubly_stochastic: ClassVar[bool] = True
     transforms_gradients: ClassVar[bool] = False
+    sends_compressed: bool = False
     overlap: bool = False
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:

@@ -99,6 +99,8 @@ class Choco(Algorithm):
     def name(self) -> str:
         return f"choco[{self.compressor.describe()}]"
 
+    sends_compressed = True
+
     def use_compression(self, compressor: Compressor) -> None:
         self.compressor = compressor
 

@@ -134,6 +134,10 @@ class LocalSteps(Algorithm):
     def use_compression(self, compressor: Compressor) -> None:
         self.compressor = compressor
 
+    @property  # type: ignore[override]
+    def sends_compressed(self) -> bool:
+        return not self.compressor.lossless
+
     # ---- set-up ---------------------------------------------------------------------------------------
     def enable_overlap(self) -> None:
         raise ValueError(

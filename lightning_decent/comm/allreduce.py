@@ -26,6 +26,8 @@ class AllReduceCommunicator(Communicator):
     see :mod:`~lightning_decent.comm.compressed_collectives`.
     """
 
+    sends_compressed = True
+
     def __init__(self, topology: Topology, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(topology)
         self.group = group

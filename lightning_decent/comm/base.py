@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -54,6 +55,9 @@ class Communicator(ABC):
     ``mix`` is the gossip primitive of every algorithm: after it, this node's buffer is
     ``sum_j W[i, j](step) * x_j``. Buffers given together in one call travel in the same round.
     """
+
+    #: Whether the ``*_compressed`` methods are implemented (compressed payloads on the wire).
+    sends_compressed: ClassVar[bool] = False
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology

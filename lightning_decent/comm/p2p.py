@@ -81,6 +81,8 @@ class P2PCommunicator(Communicator):
         check_finite: raise :class:`NonFiniteValueError` instead of sending NaN/Inf (one sum per buffer).
     """
 
+    sends_compressed = True
+
     def __init__(
         self,
         topology: Topology,

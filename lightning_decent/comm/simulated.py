@@ -24,6 +24,8 @@ class SimulatedCommunicator(Communicator):
     they can be compared with the real communicators'.
     """
 
+    sends_compressed = True
+
     def __init__(self, topology: Topology) -> None:
         super().__init__(topology)
         self._edges = [_off_diagonal_count(topology.sparse(k)) for k in range(topology.period)]
