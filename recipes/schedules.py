@@ -24,18 +24,22 @@ def warmup_decay(
     total_steps: int,
     steps_per_epoch: int,
     warmup_epochs: float = 0.0,
+    warmup_start_lr: float | None = None,
     decay: Literal["cosine", "step", "none"] = "cosine",
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
     final_lr_ratio: float = 0.0,
 ) -> LRScheduler:
-    """Linear warm-up from ``lr / warmup_steps`` to the optimizer's lr over ``warmup_steps``, then a decay.
+    """Linear warm-up to the optimizer's lr over ``warmup_steps``, then a decay.
 
     Args:
         optimizer: the optimizer whose lr is scaled.
         total_steps: optimizer steps in the run.
         steps_per_epoch: optimizer steps per epoch.
         warmup_epochs: length of the linear warm-up.
+        warmup_start_lr: the lr of the first step (Goyal et al. 2017: the small-batch lr 0.1, rising to the
+            scaled ``0.1 k``; at or above ``lr``, i.e. ``k <= 1``, the lr is constant during the warm-up);
+            ``None``: ``lr / warmup_steps``. Every parameter group must share the lr.
         decay: ``"cosine"`` (to ``final_lr_ratio * lr`` at ``total_steps``), ``"step"`` (times
             ``gamma`` at every epoch in ``milestones``, which must not fall inside the warm-up) or ``"none"``.
         milestones: epochs of the step decay.
@@ -65,7 +69,10 @@ def warmup_decay(
     if warmup_steps == 1:  # the full lr for one step, then the decay starts
         warmup: LRScheduler = ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
-        warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps - 1)
+        start = 1.0 / warmup_steps if warmup_start_lr is None else min(1.0, warmup_start_lr / _shared_lr(optimizer))
+        if start <= 0.0:
+            raise ValueError(f"warmup_start_lr={warmup_start_lr} must be positive (or null: lr / warmup steps).")
+        warmup = LinearLR(optimizer, start_factor=start, total_iters=warmup_steps - 1)
     return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
 
 
@@ -74,6 +81,7 @@ def _shared_lr(optimizer: torch.optim.Optimizer) -> float:
     lrs = {group.get("initial_lr", group["lr"]) for group in optimizer.param_groups}
     if len(lrs) > 1:
         raise ValueError(
-            f"final_lr_ratio > 0 needs one lr for every parameter group (got {sorted(lrs)}); set final_lr_ratio=0."
+            f"final_lr_ratio > 0 and warmup_start_lr need one lr for every parameter group (got {sorted(lrs)}); "
+            f"set final_lr_ratio=0 / warmup_start_lr=null."
         )
     return lrs.pop()

@@ -184,6 +184,7 @@ def test_imagenet_defaults_follow_goyal_et_al_with_cosine_as_the_alternative(hyd
     goyal = compose("train", overrides=["recipe=imagenet", "trainer.devices=8", f"paths.output_dir={tmp_path}"])
     assert (goyal.model.scheduler.decay, list(goyal.model.scheduler.milestones)) == ("step", [30, 60, 80])
     assert goyal.model.scheduler.warmup_epochs == 5 and goyal.model.label_smoothing == 0.0
+    assert goyal.model.scheduler.warmup_start_lr == 0.1  # from the batch-256 lr up to the scaled one
     assert goyal.model.net.zero_init_residual and goyal.model.channels_last and not goyal.model.compile
     assert goyal.data.pin_memory and goyal.optimizer.lr == pytest.approx(0.1 * 8 * 32 / 256)
     cosine = compose("train", overrides=["recipe=imagenet_cosine", f"paths.output_dir={tmp_path}"])

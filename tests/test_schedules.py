@@ -66,3 +66,16 @@ def test_milestones_inside_the_warm_up_and_mixed_lrs_with_a_cosine_floor_are_ref
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.1, 0.2)]
     with pytest.raises(ValueError, match="one lr for every parameter group"):
         warmup_decay(torch.optim.SGD(groups), total_steps=100, steps_per_epoch=10, final_lr_ratio=0.1)
+
+
+def test_goyal_warm_up_rises_linearly_from_the_small_batch_lr_to_the_scaled_lr() -> None:
+    # Goyal et al. 2017: batch 8k -> lr 3.2, warm-up from 0.1 over 5 epochs (here 5 steps per epoch)
+    factory = partial(warmup_decay, total_steps=60, steps_per_epoch=5, warmup_epochs=5, warmup_start_lr=0.1,
+                      decay="step", milestones=[8])  # fmt: skip
+    lrs = lr_sequence(factory, lr=3.2, steps=45)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[:25] == pytest.approx([0.1 + (3.2 - 0.1) * k / 24 for k in range(25)])
+    assert lrs[25:40] == pytest.approx([3.2] * 15) and lrs[40:] == pytest.approx([0.32] * 5)
+    assert lr_sequence(factory, lr=0.05, steps=25) == pytest.approx([0.05] * 25)  # k < 1: nothing to warm up
+    with pytest.raises(ValueError, match=r"warmup_start_lr=0\.0 must be positive"):
+        lr_sequence(partial(factory, warmup_start_lr=0.0), lr=3.2, steps=1)
