@@ -104,7 +104,8 @@ class DecentralizedStrategy(DDPStrategy):
             delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
         compression: what goes on the wire: a name from :data:`lightning_decent.comm.COMPRESSORS`
             (``"int8"``, ``"topk"``, ...) or a built ``Compressor``, handed to the algorithm. Per-step
-            gossip compresses through ``algorithm="choco"`` (CHOCO-SGD); other algorithms refuse a lossy
+            gossip compresses through ``algorithm="choco"`` (CHOCO-SGD); ``local_sgd``, ``diloco`` and
+            ``gasloc`` compress their synchronisations with error feedback; other algorithms refuse a lossy
             compressor with an error naming it. ``None`` keeps the algorithm's own setting.
         compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
 
