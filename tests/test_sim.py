@@ -46,15 +46,30 @@ def test_convex_problems_know_their_optimum(problem) -> None:
     assert grad.norm() < 1e-12
 
 
-def test_heterogeneity_moves_the_local_optima_away_from_the_global_one() -> None:
-    def local_gradient_norm(h: float) -> float:
-        problem = LeastSquares(n=8, dim=6, heterogeneity=h)
-        x = problem.optimum.expand(8, -1).clone().requires_grad_(True)
-        problem.local_losses(x).sum().backward()
-        return float(x.grad.norm())
+def local_gradient_norm(kind: type, h: float) -> float:
+    """``||(grad f_i(x*))_i||``: zero exactly when every node's optimum is the global one."""
+    problem = kind(n=8, dim=6, heterogeneity=h)
+    x = problem.optimum.expand(8, -1).clone().requires_grad_(True)
+    problem.local_losses(x).sum().backward()
+    return float(x.grad.norm())
 
-    assert local_gradient_norm(0.0) < 1e-12
-    assert local_gradient_norm(2.0) > 2 * local_gradient_norm(0.5) > 0
+
+def test_heterogeneity_moves_the_local_optima_away_from_the_global_one() -> None:
+    assert local_gradient_norm(LeastSquares, 0.0) < 1e-12
+    assert local_gradient_norm(LeastSquares, 2.0) > 2 * local_gradient_norm(LeastSquares, 0.5) > 0
+
+
+def test_logistic_with_heterogeneity_zero_has_iid_nodes() -> None:
+    assert local_gradient_norm(Logistic, 0.0) < 1e-12  # every node holds the same samples
+    assert local_gradient_norm(Logistic, 0.5) > 0.1
+
+
+def test_dsgd_on_iid_logistic_nodes_has_no_heterogeneity_floor() -> None:
+    floors = {}
+    for h in (0.0, 0.5):
+        result = simulate(Logistic(n=8, dim=6, heterogeneity=h), "dsgd", "ring", steps=1000, lr=1.0, eval_every=500)
+        floors[h] = result.final("excess_loss")
+    assert floors[0.0] < 1e-12 < 1e-6 < floors[0.5]  # h = 0 converges exactly; h = 0.5 stalls at its bias
 
 
 def test_digits_alpha_controls_the_label_skew_between_nodes() -> None:
