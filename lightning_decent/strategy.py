@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _sync_ddp_if_available
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -33,7 +34,7 @@ from typing_extensions import override
 from lightning_decent import checkpoint as ckpt
 from lightning_decent import rng
 from lightning_decent._version import __version__
-from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
+from lightning_decent.algorithms import DDP, Algorithm, Bucket, all_reduce_baseline, get_algorithm
 from lightning_decent.buckets import ParamBucket, build_buckets
 from lightning_decent.comm import (
     AllReduceCommunicator,
@@ -41,6 +42,7 @@ from lightning_decent.comm import (
     Communicator,
     P2PCommunicator,
 )
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 DECENTRALIZED_KEY = "decentralized"
 _CHILD_GRACE_SECONDS = 10.0
+#: How long a world-wide collective may wait for the slowest rank (Lightning's ``timeout``; DDP's default
+#: is 30 minutes): a stopped or hung rank is then named within this time (see ``comm.collectives``).
+DEFAULT_TIMEOUT = timedelta(minutes=5)
 
 EvalModel = Literal["average", "local"]
 
@@ -75,8 +80,10 @@ class DecentralizedStrategy(DDPStrategy):
         topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology``;
             a name is built for the world size at setup.
         algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
-        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"``
-            (exact global averaging every step, the P-SGD/DDP-equivalent baseline).
+        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"`` (exact
+            averaging: with ``algorithm="dsgd"`` this is the DDP-equivalent baseline
+            :class:`~lightning_decent.algorithms.DDP`, gradients averaged before one optimizer step; any
+            other algorithm's ``mix`` becomes an exact average of what it mixes).
         topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
         algorithm_options: keyword arguments for the algorithm.
         bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
@@ -90,7 +97,7 @@ class DecentralizedStrategy(DDPStrategy):
         log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
             it costs a global all-reduce).
         log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
-        gossip_timeout: seconds to wait for a neighbour before failing with its rank named.
+        gossip_timeout: seconds to wait for a neighbour before failing with its rank named (positive).
         check_finite: stop with an error naming the rank when a value about to be sent is NaN/Inf,
             instead of spreading it to the neighbours (one reduction per bucket and step).
         resume_from_average: when resuming from a sharded checkpoint saved with another world size,
@@ -99,7 +106,11 @@ class DecentralizedStrategy(DDPStrategy):
         overlap: overlap each step's neighbour exchange with the next step's computation (one-step
             delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
 
-    The remaining arguments are Lightning's, as for ``DDPStrategy``.
+    The remaining arguments are Lightning's, as for ``DDPStrategy``. ``timeout`` (default 5 minutes here,
+    30 for DDP) bounds every world-wide collective: the evaluation, consensus and final averages,
+    checkpoint saves, set-up, global averaging, and Lightning's barriers, broadcasts and ``sync_dist``
+    reductions, which all run through :class:`~lightning_decent.comm.collectives.BoundedCollectives`: a rank
+    that does not reach one within ``timeout`` is named in a ``CollectiveTimeoutError`` on every other rank.
     """
 
     strategy_name = "decentralized"
@@ -127,7 +138,7 @@ class DecentralizedStrategy(DDPStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         super().__init__(
@@ -149,9 +160,18 @@ class DecentralizedStrategy(DDPStrategy):
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
+        if not gossip_timeout > 0:
+            raise ValueError(
+                f"gossip_timeout must be a positive number of seconds, got {gossip_timeout!r}; it bounds every "
+                f"wait for a neighbour (e.g. gossip_timeout=60)."
+            )
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
         if overlap:
             _enable_overlap(self.algorithm, communicator)
+        if communicator == "allreduce":
+            self.algorithm = all_reduce_baseline(self.algorithm)
+        if isinstance(self.algorithm, DDP):
+            self.algorithm.check_finite = check_finite
         if isinstance(topology, str):
             _check_topology_options(topology, topology_options or {})
         self._topology_spec = topology
@@ -171,6 +191,7 @@ class DecentralizedStrategy(DDPStrategy):
         self.gossip_step = 0
         self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
         self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._collectives: BoundedCollectives | None = None
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -196,6 +217,7 @@ class DecentralizedStrategy(DDPStrategy):
         world_size = self.num_nodes * self.num_processes
         self.topology = self._build_topology(world_size)  # fail before any process-group traffic
         super().setup_environment()
+        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self._timeout or DEFAULT_TIMEOUT)
         self._check_ranks_agree()
         previous = self.communicator
         same_graph = previous is not None and previous.topology.fingerprint() == self.topology.fingerprint()
@@ -216,8 +238,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1:
             return
         mine = (self.topology.fingerprint(), self.algorithm.name, self._communicator_name)
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine)
+        everyone = self._guard.all_gather_object(mine, "set-up check of topology/algorithm/communicator")
         differing = [r for r, theirs in enumerate(everyone) if theirs != mine]
         if differing:
             raise RuntimeError(
@@ -228,10 +249,50 @@ class DecentralizedStrategy(DDPStrategy):
     def _build_communicator(self) -> Communicator:
         assert self.topology is not None
         if self._communicator_name == "allreduce":
-            return AllReduceCommunicator(self.topology)
+            return AllReduceCommunicator(
+                self.topology, rank=self.global_rank, check_finite=self.check_finite, collectives=self._collectives
+            )
         return P2PCommunicator(
-            self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+            self.topology,
+            self.global_rank,
+            timeout=self.gossip_timeout,
+            check_finite=self.check_finite,
+            collectives=self._collectives,
         )
+
+    @property
+    def _guard(self) -> BoundedCollectives:
+        """The bounded world-wide collectives (built in ``setup_environment``)."""
+        if self._collectives is None:
+            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self._timeout or DEFAULT_TIMEOUT)
+        return self._collectives
+
+    # ---- Lightning's collectives, bounded (see comm.collectives) -------------------------------------------
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if self._collectives is None:
+            return super().barrier(name)
+        self._collectives.barrier(f"barrier {name!r}" if name else "barrier")
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._collectives is None:
+            return super().broadcast(obj, src)
+        return self._collectives.broadcast_object(obj, src, f"broadcast from rank {src}")
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if self._collectives is None or group is not None or not isinstance(tensor, torch.Tensor):
+            return super().reduce(tensor, group, reduce_op)
+        return self._collectives.run(
+            "metric reduction (sync_dist, ModelCheckpoint)", lambda: _sync_ddp_if_available(tensor, None, reduce_op)
+        )
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if self._collectives is None or group is not None:
+            return super().all_gather(tensor, group, sync_grads)
+        return self._collectives.run("all_gather", lambda: _all_gather_ddp_if_available(tensor, None, sync_grads))
 
     def _refuse_sync_batchnorm(self) -> None:
         if self._layer_sync is not None:
@@ -261,8 +322,8 @@ class DecentralizedStrategy(DDPStrategy):
         """Replicas start identical: rank 0's parameters and buffers, broadcast once."""
         if self.world_size == 1:
             return
-        for tensor in self.lightning_module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        tensors = list(self.lightning_module.state_dict().values())
+        self._guard.run("initial broadcast of rank 0's model", lambda: [dist.broadcast(t, src=0) for t in tensors])
 
     def _build_buckets(self) -> None:
         self._buckets = {}
@@ -340,12 +401,16 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1 or not flats:
             return 0.0, 0.0
         means = [x.clone() for x in flats]
-        average_all_reduce(means)
         sums = torch.zeros(2, dtype=torch.float64, device=flats[0].device)
-        for x, mean in zip(flats, means):
-            sums[0] += (x - mean).double().pow(2).sum()
-            sums[1] += mean.double().pow(2).sum() / self.world_size
-        dist.all_reduce(sums)
+
+        def measure() -> None:
+            average_all_reduce(means)
+            for x, mean in zip(flats, means):
+                sums[0] += (x - mean).double().pow(2).sum()
+                sums[1] += mean.double().pow(2).sum() / self.world_size
+            dist.all_reduce(sums)
+
+        self._guard.run("consensus measurement", measure)
         distance = sums[0].item() / self.world_size
         return distance, distance / max(sums[1].item(), torch.finfo(torch.float64).tiny)
 
@@ -363,7 +428,7 @@ class DecentralizedStrategy(DDPStrategy):
     def _module_average(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The module's parameters and floating-point buffers, and their network average (new tensors)."""
         tensors = _floating_tensors(self.lightning_module.state_dict())
-        return tensors, network_average(tensors, self._average_weight())
+        return tensors, network_average(tensors, self._average_weight(), self._guard, "network average of the model")
 
     def _restore_local_replica(self) -> None:
         if self._eval_backup is None:
@@ -390,6 +455,9 @@ class DecentralizedStrategy(DDPStrategy):
         which keeps counting ``comm_stats``)."""
         if self.communicator is not None:
             self.communicator.close()
+        if self._collectives is not None:
+            self._collectives.close()
+            self._collectives = None
         super().teardown()
 
     @override
@@ -440,37 +508,52 @@ class DecentralizedStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
-        """Write a sharded checkpoint directory (every rank calls this; see :mod:`lightning_decent.checkpoint`)."""
+        """Write ``filepath`` with the network average and every rank's shard beside it (every rank calls
+        this; see :mod:`lightning_decent.checkpoint`)."""
         if storage_options is not None:
             raise TypeError("DecentralizedStrategy.save_checkpoint does not accept storage_options.")
         self.algorithm.wait_pending()
         final = Path(self.broadcast(str(filepath)))
-        staging = ckpt.staging_path(final, self.broadcast(uuid.uuid4().hex[:12]))
+        token = self.broadcast(uuid.uuid4().hex[:12])
+        shards = ckpt.shard_dir(final)
+        staging = ckpt.staging_path(shards, token)
         if self.is_global_zero:
             staging.mkdir(parents=True)
-        self.barrier("decentralized_checkpoint_staging")
-        checkpoint = {**checkpoint, DECENTRALIZED_KEY: self._decentralized_state()}
-        self.checkpoint_io.save_checkpoint(checkpoint, staging / ckpt.rank_file(self.global_rank))
+        self.barrier("checkpoint save: staging directory")
+        own = staging / ckpt.rank_file(self.global_rank)
+        self.checkpoint_io.save_checkpoint({**checkpoint, DECENTRALIZED_KEY: self._decentralized_state()}, own)
+        hashes = dict(self._guard.all_gather_object((own.name, ckpt.sha256(own)), "checkpoint save: shard hashes"))
         average = self._average_state_dict(checkpoint["state_dict"])
         if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(_average_checkpoint(checkpoint, average), staging / ckpt.AVERAGE_FILE)
-        self.barrier("decentralized_checkpoint_written")
-        if self.is_global_zero:
-            ckpt.write_meta(staging, self._checkpoint_meta())
-            ckpt.commit(staging, final)
-        self.barrier("decentralized_checkpoint_committed")
+            top = ckpt.staging_path(final, token)
+            record = ckpt.record(shards, token, self.world_size)
+            self.checkpoint_io.save_checkpoint({**checkpoint, "state_dict": average, ckpt.RECORD_KEY: record}, top)
+            ckpt.write_meta(staging, self._checkpoint_meta(token), hashes)
+            ckpt.commit(staging, shards)
+            ckpt.commit(top, final)
+            ckpt.remove_stale_staging(final.parent, token)
+        self.barrier("checkpoint save: commit")
+
+    @override
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
+        """Remove a checkpoint file and its shard directory (``ModelCheckpoint`` keeping its top k)."""
+        super().remove_checkpoint(filepath)
+        shards = ckpt.shard_dir(filepath)
+        if self.is_global_zero and shards.is_dir():
+            shutil.rmtree(shards, ignore_errors=True)
 
     def _average_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             return state
         keys = [k for k, t in state.items() if t.is_floating_point()]
-        return {**state, **dict(zip(keys, network_average([state[k] for k in keys], self._average_weight())))}
+        average = network_average([state[k] for k in keys], self._average_weight(), self._guard, "checkpoint average")
+        return {**state, **dict(zip(keys, average))}
 
     def _average_weight(self) -> float:
         """This rank's weight in the network average (push-sum: ``v_i``; otherwise 1)."""
         return self.algorithm.average_weight([b for _, buckets in self._buckets.values() for b in buckets])
 
-    def _checkpoint_meta(self) -> ckpt.CheckpointMeta:
+    def _checkpoint_meta(self, token: str) -> ckpt.CheckpointMeta:
         assert self.topology is not None
         return ckpt.CheckpointMeta(
             world_size=self.world_size,
@@ -480,6 +563,7 @@ class DecentralizedStrategy(DDPStrategy):
             communicator=self._communicator_name,
             gossip_step=self.gossip_step,
             library_version=__version__,
+            token=token,
         )
 
     def _decentralized_state(self) -> dict[str, Any]:
@@ -509,11 +593,18 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        """Each rank reads its own shard of a sharded checkpoint (or, for a single file, the same file)."""
+        """Resuming ``fit``: each rank reads its own shard (bitwise resume). Evaluating: every rank reads the
+        network average (the top-level file). A plain Lightning checkpoint is read as is on every rank."""
         path = Path(checkpoint_path)
         self._resumed_from_average = False
         weights_only = True if weights_only is None else weights_only
         try:
+            if ckpt.is_v1_directory(path):
+                return self._load_v1_directory(path, weights_only)
+            if path.is_dir():
+                if not path.name.endswith(ckpt.SHARDS_SUFFIX):
+                    ckpt.read_meta(path)  # raises: an incomplete or foreign directory
+                path = ckpt.file_of_shard_dir(path)
             return self._load_checkpoint(path, weights_only)
         except pickle.UnpicklingError as err:
             raise pickle.UnpicklingError(
@@ -522,37 +613,62 @@ class DecentralizedStrategy(DDPStrategy):
                 f"{err}"
             ) from err
 
+    @property
+    def _fitting(self) -> bool:
+        return self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+
     def _load_checkpoint(self, path: Path, weights_only: bool) -> dict[str, Any]:
-        if not ckpt.is_sharded(path):
+        record = ckpt.read_record(path, weights_only) if self._fitting else None
+        if record is None:  # evaluation, or a plain Lightning checkpoint (DDP's, say): the file itself
             return super().load_checkpoint(path, weights_only=weights_only)
-        meta = ckpt.read_meta(path)
-        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         assert self.topology is not None
-        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
-        if problems and fitting:
-            if not self.resume_from_average:
-                raise ValueError(
-                    f"Cannot resume {path} exactly: it was saved with {', '.join(problems)}. Resume with the "
-                    f"same configuration, or pass DecentralizedStrategy(resume_from_average=True) to start every "
-                    f"rank from the checkpoint's network-average model."
-                )
-            return self._load_from_average(path, weights_only)
-        own = path / ckpt.rank_file(self.global_rank if not problems else 0)
-        loaded = self.checkpoint_io.load_checkpoint(own, weights_only=weights_only)
-        state = loaded.pop(DECENTRALIZED_KEY, None)
-        if fitting and state is not None:
-            self._restore_decentralized_state(state)
+        shards = ckpt.shard_dir(path)
+        problems = ckpt.shard_problems(
+            shards, record, self.world_size, self.topology.fingerprint(), self.algorithm.name
+        )
+        if problems:
+            return self._resume_from_average(path, super().load_checkpoint(path, weights_only=weights_only), problems)
+        meta = ckpt.read_meta(shards)
+        own = ckpt.rank_file(self.global_rank)
+        ckpt.verify(shards, own, meta)
+        loaded = self.checkpoint_io.load_checkpoint(shards / own, weights_only=weights_only)
+        self._restore_decentralized_state(loaded.pop(DECENTRALIZED_KEY))
         return loaded
 
-    def _load_from_average(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+    def _resume_from_average(self, path: Path, average: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+        """Every rank starts from ``average`` (the network average, loops continued, fresh optimizer and
+        algorithm state) if ``resume_from_average``; else refuse naming ``problems``."""
+        if not self.resume_from_average:
+            raise ValueError(
+                f"Cannot resume {path} exactly: {'; '.join(problems)}. Resume with the same configuration, or pass "
+                f"DecentralizedStrategy(resume_from_average=True) to start every rank from the checkpoint's "
+                f"network-average model."
+            )
         rank_zero_warn(f"Resuming every rank from the network-average model of {path} (fresh optimizer state).")
+        average.pop(ckpt.RECORD_KEY, None)
+        average.pop(DECENTRALIZED_KEY, None)
+        average.pop("optimizer_states", None)
+        self._resumed_from_average = True
+        return average
+
+    def _load_v1_directory(self, path: Path, weights_only: bool) -> dict[str, Any]:
+        """Format v1: a directory with the rank files, ``average.ckpt`` and ``meta.json``."""
+        meta = ckpt.read_meta(path)
+        assert self.topology is not None
+        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
+        if self._fitting and not problems:
+            loaded = self.checkpoint_io.load_checkpoint(
+                path / ckpt.rank_file(self.global_rank), weights_only=weights_only
+            )
+            self._restore_decentralized_state(loaded.pop(DECENTRALIZED_KEY))
+            return loaded
         loaded = self.checkpoint_io.load_checkpoint(path / ckpt.rank_file(0), weights_only=weights_only)
         average = self.checkpoint_io.load_checkpoint(path / ckpt.AVERAGE_FILE, weights_only=weights_only)
-        loaded.pop(DECENTRALIZED_KEY, None)
-        loaded.pop("optimizer_states", None)
         loaded["state_dict"] = average["state_dict"]
-        self._resumed_from_average = True
-        return loaded
+        if not self._fitting:  # evaluation: the network average
+            loaded.pop(DECENTRALIZED_KEY, None)
+            return loaded
+        return self._resume_from_average(path, loaded, [f"it was saved with {', '.join(problems)}"])
 
     @classmethod
     @override
@@ -615,21 +731,21 @@ def _make_sigterm_check_local(trainer: pl.Trainer) -> None:
     epoch_loop._broadcast_sigterm_tensor = check_local_sigterm
 
 
-def _average_checkpoint(checkpoint: dict[str, Any], average: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A plain Lightning checkpoint of the average model: ``load_from_checkpoint`` and ``torch.load`` read it."""
-    keep = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "hparams_name")
-    return {**{k: checkpoint[k] for k in keep if k in checkpoint}, "state_dict": average}
-
-
 def _floating_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [t for t in state.values() if t.is_floating_point()]
 
 
 @torch.no_grad()
-def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[torch.Tensor]:
+def network_average(
+    tensors: list[torch.Tensor],
+    weight: float = 1.0,
+    collectives: BoundedCollectives | None = None,
+    what: str = "network average",
+) -> list[torch.Tensor]:
     """``(1/n) sum_i weight_i t_i`` for every tensor, as new tensors: one all-reduce per dtype and device.
 
-    ``weight`` is this rank's ``weight_i`` (push-sum's ``v_i``, which sum to ``n``; 1 otherwise)."""
+    ``weight`` is this rank's ``weight_i`` (push-sum's ``v_i``, which sum to ``n``; 1 otherwise). With
+    ``collectives`` the all-reduces are bounded and a missing rank is named (``what`` names the average)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(index)
@@ -639,7 +755,10 @@ def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[to
         flat = torch.cat([m.reshape(-1) for m in members])  # a copy, also of a single tensor
         if weight != 1.0:
             flat.mul_(weight)
-        average_all_reduce([flat])
+        if collectives is None:
+            average_all_reduce([flat])
+        else:
+            collectives.average([flat], what)
         for i, t in zip(indices, torch._utils._unflatten_dense_tensors(flat, members)):
             out[i] = t
     return out

@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
+from lightning_decent.algorithms.ddp import DDP, all_reduce_baseline
 from lightning_decent.algorithms.dsgd import DSGD
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
@@ -28,6 +29,7 @@ from lightning_decent.algorithms.push_sum import (
 from lightning_decent.algorithms.qg_dsgdm import QGDSGDm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
+    "ddp": DDP,
     "dsgd": DSGD,
     "qg_dsgdm": QGDSGDm,
     "exact_diffusion": ExactDiffusion,
@@ -109,6 +111,7 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
 __all__ = [
     "ALGORITHMS",
     "ALIASES",
+    "DDP",
     "DSGD",
     "GUT",
     "MODIFIER_OPTIONS",
@@ -124,6 +127,7 @@ __all__ = [
     "PushSum",
     "QGDSGDm",
     "algorithm_options",
+    "all_reduce_baseline",
     "get_algorithm",
     "recommended_gossip_rounds",
     "require_plain_sgd",

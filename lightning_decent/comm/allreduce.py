@@ -1,4 +1,4 @@
-"""Exact global averaging with one all-reduce per buffer: the P-SGD baseline."""
+"""Exact global averaging with one all-reduce per buffer: the P-SGD baseline's transport."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent.comm.base import Communicator, nbytes
-from lightning_decent.comm.p2p import average_all_reduce
+from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.p2p import NonFiniteValueError, average_all_reduce
 from lightning_decent.topology import Topology
 
 
@@ -17,14 +18,41 @@ class AllReduceCommunicator(Communicator):
 
     Byte counts report the payload of a ring all-reduce, ``2 (n - 1) / n`` times the buffer size sent
     and received per rank; the backend may use another algorithm with the same order of traffic.
+
+    Args:
+        topology: the graph (only its size matters).
+        group: the process group (default: the world).
+        rank: this process's global rank (named in errors).
+        check_finite: ``mix`` raises :class:`NonFiniteValueError` instead of averaging NaN/Inf into every
+            replica (one sum per buffer).
+        collectives: bounded world collectives (the strategy's); without them a plain all-reduce.
     """
 
-    def __init__(self, topology: Topology, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        group: dist.ProcessGroup | None = None,
+        *,
+        rank: int = 0,
+        check_finite: bool = False,
+        collectives: BoundedCollectives | None = None,
+    ) -> None:
         super().__init__(topology)
         self.group = group
+        self.rank = rank
+        self.check_finite = check_finite
+        self.collectives = collectives if group is None else None
 
     @torch.no_grad()
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                if not torch.isfinite(buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()):
+                    raise NonFiniteValueError(
+                        f"rank {self.rank}: NaN or Inf in buffer {index} about to be averaged at step {step}; "
+                        f"stopping instead of spreading it to every replica. Lower the learning rate or clip "
+                        f"gradients (check_finite=False disables this check)."
+                    )
         self.global_average(buffers)
 
     @torch.no_grad()
@@ -32,7 +60,10 @@ class AllReduceCommunicator(Communicator):
         n = dist.get_world_size(self.group)
         if n == 1:
             return
-        average_all_reduce(buffers, self.group)
+        if self.collectives is not None:
+            self.collectives.average(list(buffers), "all-reduce communicator's average", check_in=False)
+        else:
+            average_all_reduce(buffers, self.group)
         traffic = sum(nbytes(b) for b in buffers) * 2 * (n - 1) // n
         self.stats.messages_sent += len(buffers)
         self.stats.messages_received += len(buffers)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from lightning_decent.comm.base import Communicator, PendingMix, nbytes
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
@@ -73,6 +74,8 @@ class P2PCommunicator(Communicator):
         group: the process group (default: the world).
         timeout: how long to wait for a neighbour before raising :class:`PeerTimeoutError`.
         check_finite: raise :class:`NonFiniteValueError` instead of sending NaN/Inf (one sum per buffer).
+        collectives: bounded world collectives for :meth:`global_average` (the strategy's); without them a
+            plain all-reduce.
     """
 
     def __init__(
@@ -82,9 +85,11 @@ class P2PCommunicator(Communicator):
         group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(seconds=60),
         check_finite: bool = True,
+        collectives: BoundedCollectives | None = None,
     ) -> None:
         super().__init__(topology)
         self.rank = rank
+        self.collectives = collectives if group is None else None
         self.group = group
         self.timeout = timeout
         self.check_finite = check_finite
@@ -219,7 +224,10 @@ class P2PCommunicator(Communicator):
 
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
-        average_all_reduce(buffers, self.group)
+        if self.collectives is not None:
+            self.collectives.average(list(buffers), "global average", check_in=False)
+        else:
+            average_all_reduce(buffers, self.group)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
