@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _sync_ddp_if_available
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 
 DECENTRALIZED_KEY = "decentralized"
 _CHILD_GRACE_SECONDS = 10.0
-#: How long a world-wide collective may wait for the slowest rank (Lightning's ``timeout``; DDP's default
-#: is 30 minutes): a stopped or hung rank is then named within this time (see ``comm.collectives``).
-DEFAULT_TIMEOUT = timedelta(minutes=5)
 
 EvalModel = Literal["average", "local"]
 
@@ -98,6 +96,10 @@ class DecentralizedStrategy(DDPStrategy):
             it costs a global all-reduce).
         log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
         gossip_timeout: seconds to wait for a neighbour before failing with its rank named (positive).
+        collective_timeout: seconds a world-wide collective waits for the slowest rank before failing with
+            the missing ranks named (positive): the evaluation, consensus and final averages, checkpoint
+            saves, set-up, global averaging, and Lightning's barriers, broadcasts and ``sync_dist``
+            reductions all run through :class:`~lightning_decent.comm.collectives.BoundedCollectives`.
         check_finite: stop with an error naming the rank when a value about to be sent is NaN/Inf,
             instead of spreading it to the neighbours (one reduction per bucket and step).
         resume_from_average: when resuming from a sharded checkpoint saved with another world size,
@@ -106,11 +108,8 @@ class DecentralizedStrategy(DDPStrategy):
         overlap: overlap each step's neighbour exchange with the next step's computation (one-step
             delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
 
-    The remaining arguments are Lightning's, as for ``DDPStrategy``. ``timeout`` (default 5 minutes here,
-    30 for DDP) bounds every world-wide collective: the evaluation, consensus and final averages,
-    checkpoint saves, set-up, global averaging, and Lightning's barriers, broadcasts and ``sync_dist``
-    reductions, which all run through :class:`~lightning_decent.comm.collectives.BoundedCollectives`: a rank
-    that does not reach one within ``timeout`` is named in a ``CollectiveTimeoutError`` on every other rank.
+    The remaining arguments are Lightning's, as for ``DDPStrategy`` (``timeout`` bounds the start-up
+    rendezvous and collectives the strategy does not see, such as torchmetrics' own synchronisation).
     """
 
     strategy_name = "decentralized"
@@ -129,6 +128,7 @@ class DecentralizedStrategy(DDPStrategy):
         log_consensus_every: int = 0,
         log_comm_stats: bool = True,
         gossip_timeout: float = 60.0,
+        collective_timeout: float = 300.0,
         check_finite: bool = True,
         resume_from_average: bool = False,
         overlap: bool = False,
@@ -138,7 +138,7 @@ class DecentralizedStrategy(DDPStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = DEFAULT_TIMEOUT,
+        timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         super().__init__(
@@ -160,11 +160,12 @@ class DecentralizedStrategy(DDPStrategy):
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
-        if not gossip_timeout > 0:
-            raise ValueError(
-                f"gossip_timeout must be a positive number of seconds, got {gossip_timeout!r}; it bounds every "
-                f"wait for a neighbour (e.g. gossip_timeout=60)."
-            )
+        for name, seconds in (("gossip_timeout", gossip_timeout), ("collective_timeout", collective_timeout)):
+            if not seconds > 0:
+                raise ValueError(
+                    f"{name} must be a positive number of seconds, got {seconds!r}; it bounds every wait for "
+                    f"another rank (e.g. {name}=60)."
+                )
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
         if overlap:
             _enable_overlap(self.algorithm, communicator)
@@ -183,6 +184,7 @@ class DecentralizedStrategy(DDPStrategy):
         self.log_consensus_every = log_consensus_every
         self.log_comm_stats = log_comm_stats
         self.gossip_timeout = timedelta(seconds=gossip_timeout)
+        self.collective_timeout = timedelta(seconds=collective_timeout)
         self.check_finite = check_finite
         self.resume_from_average = resume_from_average
         self._resumed_from_average = False
@@ -192,6 +194,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
         self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._collectives: BoundedCollectives | None = None
+        self._prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -217,7 +220,7 @@ class DecentralizedStrategy(DDPStrategy):
         world_size = self.num_nodes * self.num_processes
         self.topology = self._build_topology(world_size)  # fail before any process-group traffic
         super().setup_environment()
-        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self._timeout or DEFAULT_TIMEOUT)
+        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
         self._check_ranks_agree()
         previous = self.communicator
         same_graph = previous is not None and previous.topology.fingerprint() == self.topology.fingerprint()
@@ -264,7 +267,7 @@ class DecentralizedStrategy(DDPStrategy):
     def _guard(self) -> BoundedCollectives:
         """The bounded world-wide collectives (built in ``setup_environment``)."""
         if self._collectives is None:
-            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self._timeout or DEFAULT_TIMEOUT)
+            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
         return self._collectives
 
     # ---- Lightning's collectives, bounded (see comm.collectives) -------------------------------------------
@@ -284,15 +287,17 @@ class DecentralizedStrategy(DDPStrategy):
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
         if self._collectives is None or group is not None or not isinstance(tensor, torch.Tensor):
             return super().reduce(tensor, group, reduce_op)
+        group = self._collectives.group
         return self._collectives.run(
-            "metric reduction (sync_dist, ModelCheckpoint)", lambda: _sync_ddp_if_available(tensor, None, reduce_op)
+            "metric reduction (sync_dist, ModelCheckpoint)", lambda: _sync_ddp_if_available(tensor, group, reduce_op)
         )
 
     @override
     def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
         if self._collectives is None or group is not None:
             return super().all_gather(tensor, group, sync_grads)
-        return self._collectives.run("all_gather", lambda: _all_gather_ddp_if_available(tensor, None, sync_grads))
+        group = self._collectives.group
+        return self._collectives.run("all_gather", lambda: _all_gather_ddp_if_available(tensor, group, sync_grads))
 
     def _refuse_sync_batchnorm(self) -> None:
         if self._layer_sync is not None:
@@ -322,11 +327,12 @@ class DecentralizedStrategy(DDPStrategy):
         """Replicas start identical: rank 0's parameters and buffers, broadcast once."""
         if self.world_size == 1:
             return
-        tensors = list(self.lightning_module.state_dict().values())
-        self._guard.run("initial broadcast of rank 0's model", lambda: [dist.broadcast(t, src=0) for t in tensors])
+        tensors, group = list(self.lightning_module.state_dict().values()), self._guard.group
+        self._guard.run("initial broadcast of rank 0's model", lambda: [dist.broadcast(t, 0, group) for t in tensors])
 
     def _build_buckets(self) -> None:
         self._buckets = {}
+        self._prepared_step = None
         seen: set[int] = set()
         for optimizer in self.optimizers:
             params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in seen]
@@ -357,7 +363,9 @@ class DecentralizedStrategy(DDPStrategy):
         param_buckets, buckets = entry
         comm, step = self.communicator, self.gossip_step
         sent_before = comm.stats.bytes_sent
-        self.algorithm.before_step(buckets, comm, step)
+        if self._prepared_step != step:
+            self.algorithm.before_step(buckets, comm, step)
+        self._prepared_step = None
         if self.algorithm.transforms_gradients:
             closure = self._closure_with_gradient_transform(closure, param_buckets, buckets, step)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -372,6 +380,23 @@ class DecentralizedStrategy(DDPStrategy):
             self._log("gossip/consensus_distance", distance)
             self._log("gossip/consensus_relative", relative)
         return output
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Run the algorithm's ``before_step`` before the first forward of an optimizer step.
+
+        With gradient accumulation, Lightning runs the first ``k - 1`` micro-batches outside
+        ``optimizer_step``; an algorithm that moves the parameters in ``before_step`` (GUT places them
+        at the gossiped model ``M^t``) must do so before their forward passes too, or their gradients are
+        taken at the wrong point. The same holds for manual optimization, whose forward runs before
+        ``optimizer.step()``. Done for the single optimizer of automatic optimization, or when only one
+        optimizer has parameters; with several, ``before_step`` stays inside ``optimizer_step``.
+        """
+        if len(self._buckets) != 1 or self.communicator is None or self._prepared_step == self.gossip_step:
+            return
+        ((_, buckets),) = self._buckets.values()
+        self.algorithm.before_step(buckets, self.communicator, self.gossip_step)
+        self._prepared_step = self.gossip_step
 
     def _closure_with_gradient_transform(
         self, closure: Callable[[], Any], param_buckets: list[ParamBucket], buckets: list[Bucket], step: int
@@ -404,11 +429,11 @@ class DecentralizedStrategy(DDPStrategy):
         sums = torch.zeros(2, dtype=torch.float64, device=flats[0].device)
 
         def measure() -> None:
-            average_all_reduce(means)
+            average_all_reduce(means, self._guard.group)
             for x, mean in zip(flats, means):
                 sums[0] += (x - mean).double().pow(2).sum()
                 sums[1] += mean.double().pow(2).sum() / self.world_size
-            dist.all_reduce(sums)
+            dist.all_reduce(sums, group=self._guard.group)
 
         self._guard.run("consensus measurement", measure)
         distance = sums[0].item() / self.world_size

@@ -51,8 +51,10 @@ def test_resume_with_another_world_size_is_refused_then_works_from_the_average(r
     assert len(params(resumed, "dsgd_from_average", 0)) == len(params(resumed, "dsgd_straight", 0))
 
 
-def run_failure(tmp_path: Path, mode: str, gossip_timeout: float) -> tuple[float, str]:
-    proc = launch("failure.py", str(tmp_path), "--mode", mode, "--gossip-timeout", str(gossip_timeout), cwd=tmp_path)
+def run_failure(tmp_path: Path, mode: str, gossip_timeout: float, *options: str) -> tuple[float, str]:
+    """Launch ``failure.py``; seconds from the victim's signal to the exit of every process, and stderr."""
+    argv = ("--mode", mode, "--gossip-timeout", str(gossip_timeout), *options)
+    proc = launch("failure.py", str(tmp_path), *argv, cwd=tmp_path)
     exited = time.time()
     assert proc.returncode != 0
     died = float((tmp_path / "victim_time").read_text())
@@ -72,3 +74,37 @@ def test_a_hung_rank_stops_the_others_after_the_gossip_timeout(tmp_path: Path) -
     assert 5 <= elapsed < 30, f"took {elapsed:.1f}s to stop after rank 2 hung"
     assert "rank 1: lost rank 2 at gossip step 5" in stderr
     assert "gossip_timeout=5s" in stderr
+
+
+#: (mode, when, what the other ranks must say). ``collective_timeout=5`` bounds every world-wide collective; after it,
+#: the launching rank gives the others 10 s to report before it stops them.
+COLLECTIVE_FAULTS = [
+    ("hang", "validation", "rank 2 did not reach the metric reduction (sync_dist, ModelCheckpoint) within timeout=5s"),
+    ("hang", "checkpoint", "rank 2 did not reach the checkpoint save: shard hashes within timeout=5s"),
+    ("hang", "end", "rank 2 did not reach the network average of the model within timeout=5s"),
+    ("kill", "validation", "rank 2 died (connection closed)"),
+    ("kill", "checkpoint", "rank 2 died (connection closed)"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "when", "message"), COLLECTIVE_FAULTS, ids=[f"{m}-{w}" for m, w, _ in COLLECTIVE_FAULTS]
+)
+def test_a_rank_lost_in_a_collective_is_named_within_the_timeout(tmp_path: Path, mode: str, when: str, message: str):
+    # Issue 13: a stopped rank left the others in the evaluation all-reduce or the checkpoint broadcast for
+    # the process group's 30 minutes; a killed one ended the run with gloo's "Connection reset by peer".
+    elapsed, stderr = run_failure(tmp_path, mode, 60, "--when", when, "--collective-timeout", "5")
+    assert elapsed < 45, f"took {elapsed:.1f}s to stop after rank 2 {'was killed' if mode == 'kill' else 'hung'}"
+    for rank in (1, 3):  # (rank 0, the launcher, is stopped by Lightning once a child has failed)
+        assert f"rank {rank}: {message}" in stderr, stderr[-3000:]
+    if when == "checkpoint":  # nothing that looks like a complete checkpoint was left behind
+        assert not [p for p in (tmp_path / "checkpoints").glob("*.ckpt")]
+
+
+@pytest.mark.slow
+def test_check_finite_stops_the_all_reduce_baseline_naming_the_origin(tmp_path: Path) -> None:
+    # Before: NaN from one rank spread to every replica and the run exited 0.
+    _, stderr = run_failure(tmp_path, "nan", 60, "--communicator", "allreduce")
+    assert "rank 2: NaN or Inf in the parameters after the averaged-gradient step 5" in stderr
+    assert "this node's own gradient was NaN/Inf: this node is an origin" in stderr

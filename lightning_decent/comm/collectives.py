@@ -13,15 +13,16 @@ through the strategy (``barrier``, ``broadcast``, ``reduce`` for ``sync_dist`` a
   waits on them: the collective is not started and :class:`CollectiveTimeoutError` names them, e.g.
   ``rank 1: rank 2 did not reach the evaluation average within timeout=5s (stopped, hung, or waiting
   elsewhere)``. A barrier is a roll call alone.
-* **Bounded operation.** The collective itself runs on the world process group, whose operations fail
-  after its ``timeout`` (gloo enforces it per operation), for a rank that fails between the roll call
-  and the collective; collectives that may run every step (``sync_dist``, the all-reduce
-  communicator, global averaging) skip the roll call and hold one only after such a failure, to name
-  who is missing (best effort: gloo may already have closed some healthy connections by then).
+* **Bounded operation.** The collective itself runs on a process group of all ranks created with the
+  same ``timeout`` (gloo enforces it per operation; the world group keeps Lightning's long ``timeout``,
+  which also bounds the start-up rendezvous), for a rank that fails between the roll call and the
+  collective. Collectives that may run every step (the all-reduce communicator, global averaging)
+  skip the roll call and hold one only after such a failure, to name who is missing (best effort: gloo
+  may already have closed some healthy connections by then).
 
 So a collective ends on every live rank within ``timeout`` when a rank is missing when it starts, and
-within ``2 x timeout`` otherwise. On NCCL the world group's timeout is enforced by NCCL's watchdog,
-which aborts the process instead of raising; the roll call still names missing ranks first.
+within ``2 x timeout`` otherwise. On NCCL the group's timeout is enforced by NCCL's watchdog, which
+aborts the process instead of raising; the roll call still names missing ranks first.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class RollCall:
 class BoundedCollectives:
     """World-wide collectives that end within ``2 x timeout`` and name the ranks that are missing.
 
-    Create it on every rank once the world process group exists (it creates the roll-call group, a
-    collective call).
+    Create it on every rank once the world process group exists (it creates its two process groups, a
+    collective call). ``group`` is the group the collectives run on.
 
     Args:
         rank: this process's global rank.
@@ -71,8 +72,11 @@ class BoundedCollectives:
         self.world_size = world_size
         self.timeout = timeout
         self.sequence = 0
-        self._roll_group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
-        if self._roll_group is not None:
+        self.group: dist.ProcessGroup | None = None
+        self._roll_group: dist.ProcessGroup | None = None
+        if world_size > 1:
+            self.group = dist.new_group(timeout=timeout)
+            self._roll_group = dist.new_group(backend="gloo", timeout=timeout)
             dist.barrier(group=self._roll_group)  # connects every pair now, while every rank is alive
 
     # ---- the guarded operations ----------------------------------------------------------------------
@@ -106,7 +110,7 @@ class BoundedCollectives:
 
         def reduce_all() -> None:
             for buf in buffers:
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
                 buf.div_(self.world_size)
 
         self.run(what, reduce_all, check_in=check_in)
@@ -115,20 +119,21 @@ class BoundedCollectives:
         if self.world_size == 1:
             return obj
         holder = [obj]
-        self.run(what, lambda: dist.broadcast_object_list(holder, src))
+        self.run(what, lambda: dist.broadcast_object_list(holder, src, group=self.group))
         return holder[0]
 
     def all_gather_object(self, obj: Any, what: str) -> list[Any]:
         if self.world_size == 1:
             return [obj]
         everyone: list[Any] = [None] * self.world_size
-        self.run(what, lambda: dist.all_gather_object(everyone, obj))
+        self.run(what, lambda: dist.all_gather_object(everyone, obj, group=self.group))
         return everyone
 
     def close(self) -> None:
-        if self._roll_group is not None:
-            dist.destroy_process_group(self._roll_group)
-            self._roll_group = None
+        for group in (self.group, self._roll_group):
+            if group is not None:
+                dist.destroy_process_group(group)
+        self.group = self._roll_group = None
 
     # ---- diagnosis -----------------------------------------------------------------------------------
     def _check_in(self, what: str) -> None:
@@ -152,7 +157,7 @@ class BoundedCollectives:
             causes.append(f"the {what} failed although every rank answered afterwards: {err}")
         return CollectiveTimeoutError(
             f"rank {self.rank}: {'; '.join(causes)} (world-wide collective #{self.sequence}). Every rank must "
-            f"reach it; raise the strategy's timeout (now {seconds}) only if a rank is legitimately that slow."
+            f"reach it; raise collective_timeout (now {seconds}) only if a rank is legitimately that slow."
         )
 
     def roll_call(self, what: str) -> RollCall:

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class TinyClassifier(pl.LightningModule):
-    """64 -> ``hidden`` -> 10 MLP; ``optimizer`` is ``"sgd"`` (momentum 0.9) or ``"adam"``."""
+    """64 -> ``hidden`` -> 10 MLP; ``optimizer`` is ``"sgd"`` (momentum 0.9), ``"plain_sgd"`` or ``"adam"``."""
 
     def __init__(self, hidden: int = 16, lr: float = 0.05, optimizer: str = "sgd") -> None:
         super().__init__()
@@ -48,7 +48,8 @@ class TinyClassifier(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        momentum = 0.0 if self.hparams.optimizer == "plain_sgd" else 0.9
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=momentum)
 
 
 def flat_params(module: torch.nn.Module) -> torch.Tensor:
