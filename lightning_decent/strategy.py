@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -47,6 +48,7 @@ from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
+from lightning_decent.uneven import EpochAgreement
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._collectives: BoundedCollectives | None = None
         self._prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
+        self._agreement: EpochAgreement | None = None
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -228,6 +231,10 @@ class DecentralizedStrategy(DDPStrategy):
             self.communicator = self._build_communicator()
             if same_graph:
                 self.communicator.stats = previous.stats  # counts continue over fit/validate calls
+        self._agreement = EpochAgreement(self.global_rank, self.world_size, self.topology.period)
+        if self._headers_flow:
+            assert isinstance(self.communicator, P2PCommunicator)
+            self.communicator.headers = self._agreement
 
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
@@ -363,6 +370,9 @@ class DecentralizedStrategy(DDPStrategy):
         param_buckets, buckets = entry
         comm, step = self.communicator, self.gossip_step
         sent_before = comm.stats.bytes_sent
+        epoch_ends = self._epoch_ends_after_this_batch()
+        if self._agreement is not None:
+            self._agreement.begin_step(step, real=True, last_real=epoch_ends, batch=self._batch_in_epoch())
         if self._prepared_step != step:
             self.algorithm.before_step(buckets, comm, step)
         self._prepared_step = None
@@ -373,6 +383,10 @@ class DecentralizedStrategy(DDPStrategy):
             self.algorithm.observe_loss(output.detach())
         self.algorithm.after_step(buckets, comm, step)
         self.gossip_step += 1
+        if self._agreement is not None:
+            self._agreement.end_step(real=True)
+            if epoch_ends:
+                self._end_epoch_with_the_others(buckets)
         if self.log_comm_stats:
             self._log("gossip/bytes_sent", comm.stats.bytes_sent - sent_before)
         if self.log_consensus_every and self.gossip_step % self.log_consensus_every == 0:
@@ -392,11 +406,69 @@ class DecentralizedStrategy(DDPStrategy):
         ``optimizer.step()``. Done for the single optimizer of automatic optimization, or when only one
         optimizer has parameters; with several, ``before_step`` stays inside ``optimizer_step``.
         """
+        trainer = self.lightning_module.trainer
+        if self._agreement is not None and self._agreement.epoch != trainer.current_epoch:
+            self._start_epoch(trainer)
         if len(self._buckets) != 1 or self.communicator is None or self._prepared_step == self.gossip_step:
             return
         ((_, buckets),) = self._buckets.values()
+        if self._agreement is not None:
+            last_real, batch = self._epoch_ends_after_this_batch(), self._batch_in_epoch()
+            self._agreement.begin_step(self.gossip_step, real=True, last_real=last_real, batch=batch)
         self.algorithm.before_step(buckets, self.communicator, self.gossip_step)
         self._prepared_step = self.gossip_step
+
+    # ---- uneven inputs (see lightning_decent.uneven) -----------------------------------------------------
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
+        """This rank's number of optimizer steps in the new epoch, when Lightning knows it in advance."""
+        assert self._agreement is not None
+        batches = trainer.num_training_batches
+        known = self.lightning_module.automatic_optimization and math.isfinite(batches)
+        length = math.ceil(batches / trainer.accumulate_grad_batches) if known else None
+        self._agreement.start_epoch(trainer.current_epoch, length)
+        if not self._headers_flow and self.world_size > 1:
+            self._agreement.learn_lengths(self._guard.all_gather_object(length, "epoch lengths (uneven inputs)"))
+
+    @property
+    def _headers_flow(self) -> bool:
+        """Whether every step's gossip carries round headers (point-to-point rounds); otherwise the epoch
+        lengths are gathered at the start of each epoch (the all-reduce baseline)."""
+        return isinstance(self.communicator, P2PCommunicator) and self.algorithm.rounds_per_step > 0
+
+    def _batch_in_epoch(self) -> int:
+        """The current training batch, counted from 1 in its epoch (-1 outside ``fit``)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None or not module.trainer.training:
+            return -1
+        return module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _epoch_ends_after_this_batch(self) -> bool:
+        module = self.lightning_module
+        if module is None or module._trainer is None or not module.trainer.training:
+            return False
+        trainer = module.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+
+    def _end_epoch_with_the_others(self, buckets: list[Bucket]) -> None:
+        """After this rank's last real step of the epoch: empty steps until every rank has ended it."""
+        assert self._agreement is not None and self.communicator is not None
+        while self._agreement.wants_empty_step():
+            self._agreement.begin_step(self.gossip_step, real=False)
+            self._empty_step(buckets, self.communicator, self.gossip_step)
+            self.gossip_step += 1
+            self._agreement.end_step(real=False)
+
+    @torch.no_grad()
+    def _empty_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        """The algorithm's step with a zero local gradient and no optimizer update (D-SGD: gossip only)."""
+        self.algorithm.before_step(buckets, comm, step)
+        if self.algorithm.transforms_gradients:
+            for bucket in buckets:
+                assert bucket.grads is not None
+                bucket.grads.zero_()
+            self.algorithm.transform_gradients(buckets, comm, step)
+        self.algorithm.after_step(buckets, comm, step)
 
     def _closure_with_gradient_transform(
         self, closure: Callable[[], Any], param_buckets: list[ParamBucket], buckets: list[Bucket], step: int

@@ -108,3 +108,37 @@ def test_check_finite_stops_the_all_reduce_baseline_naming_the_origin(tmp_path: 
     _, stderr = run_failure(tmp_path, "nan", 60, "--communicator", "allreduce")
     assert "rank 2: NaN or Inf in the parameters after the averaged-gradient step 5" in stderr
     assert "this node's own gradient was NaN/Inf: this node is an origin" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algorithm", "communicator"), [("dsgd", "p2p"), ("gradient_tracking", "p2p"), ("dsgd", "allreduce")]
+)
+def test_ranks_with_uneven_epochs_end_every_epoch_together(tmp_path: Path, algorithm: str, communicator: str) -> None:
+    # Rank r has 10 + r batches per epoch. Before: the ranks with fewer hung in validation until gossip_timeout,
+    # and their neighbours then blamed a healthy peer.
+    argv = ("--mode", "sized", "--algorithm", algorithm, "--communicator", communicator)
+    proc = launch("uneven.py", str(tmp_path), *argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = [torch.load(tmp_path / f"{algorithm}_{communicator}_rank{r}.pt", weights_only=True) for r in range(RANKS)]
+    for rank, run in enumerate(runs):
+        assert run["global_step"] == 2 * (10 + rank)  # its own optimizer steps
+        assert run["gossip_step"] == 2 * 13  # the longest rank's, padded with empty steps
+        assert torch.isfinite(run["params"]).all()
+
+
+@pytest.mark.slow
+def test_unknown_uneven_lengths_fail_at_the_first_mismatch_naming_ranks_and_steps(tmp_path: Path) -> None:
+    start = time.time()
+    proc = launch("uneven.py", str(tmp_path), "--mode", "iterable", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 0 ran out of batches after 10 optimizer steps in epoch 0 while rank 1 has more" in proc.stderr
+    assert time.time() - start < 120  # at once, not after gossip_timeout on every rank
+
+
+@pytest.mark.slow
+def test_a_skipped_optimizer_step_stops_the_run_at_once_naming_both_ranks(tmp_path: Path) -> None:
+    proc = launch("uneven.py", str(tmp_path), "--mode", "skip", cwd=tmp_path)
+    assert proc.returncode != 0
+    # Rank 2 skipped its step at batch 4: its step 3 comes from batch 5, its neighbours' from batch 4.
+    assert "rank 1: at gossip step 3 rank 2 is at batch 5 of epoch 0 and this rank at batch 4" in proc.stderr

@@ -12,6 +12,7 @@ from torch.autograd.profiler import record_function
 
 from lightning_decent.comm.base import Communicator, PendingMix, nbytes
 from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.headers import HEADER_TAG, RoundHeaders
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
@@ -76,6 +77,9 @@ class P2PCommunicator(Communicator):
         check_finite: raise :class:`NonFiniteValueError` instead of sending NaN/Inf (one sum per buffer).
         collectives: bounded world collectives for :meth:`global_average` (the strategy's); without them a
             plain all-reduce.
+
+    ``headers`` (set by the strategy; ``None``: none) adds a small header message to every round, see
+    :mod:`~lightning_decent.comm.headers`.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class P2PCommunicator(Communicator):
         super().__init__(topology)
         self.rank = rank
         self.collectives = collectives if group is None else None
+        self.headers: RoundHeaders | None = None
         self.group = group
         self.timeout = timeout
         self.check_finite = check_finite
@@ -136,6 +141,7 @@ class P2PCommunicator(Communicator):
         received = [self._receive_buffers((index,), buf)[: len(phase.in_peers)] for index, buf in enumerate(buffers)]
         with record_function("gossip.post_receives"):
             receives = self._post_receives(phase, received)
+            headers = self._post_headers(phase, step)
         last_sends: list[tuple[dist.Work, int]] = []
         for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
             sends = []
@@ -150,6 +156,7 @@ class P2PCommunicator(Communicator):
             with record_function("gossip.wait"):
                 for work, _ in sends:
                     self._wait(work, peer, step)
+        self._check_headers(headers, step)
         for index, (buf, recv) in enumerate(zip(buffers, received)):  # combine while later buffers travel
             with record_function("gossip.wait"):
                 for work, peer in receives[index] + last_sends[index : index + 1]:
@@ -182,10 +189,31 @@ class P2PCommunicator(Communicator):
         received = [self._receive_buffers(key, buf)[: len(phase.in_peers)] for key, buf in zip(keys, buffers)]
         with record_function("gossip.start"):
             receives = self._post_receives(phase, received)
+            headers = self._post_headers(phase, step)
             sends = self._post_sends(phase, buffers)
         self._count(buffers, phase)
         works = [r + s for r, s in zip(receives, sends)]
-        return _P2PPendingMix(self, phase, buffers, step, received, works, keys)
+        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, headers)
+
+    # ---- round headers (see comm.headers) ----------------------------------------------------------
+    def _post_headers(self, phase: _Phase, step: int) -> list[tuple[dist.Work, int, torch.Tensor | None]]:
+        """Post this round's header receives and sends: ``(work, peer, received header or None)``."""
+        if self.headers is None:
+            return []
+        mine = self.headers.outgoing(step)
+        posted = []
+        for peer, _ in phase.in_peers:
+            theirs = torch.empty_like(mine)
+            posted.append((dist.irecv(theirs, peer, self._channel(peer, self.rank), tag=HEADER_TAG), peer, theirs))
+        for peer in phase.out_peers:
+            posted.append((dist.isend(mine, peer, self._channel(self.rank, peer), tag=HEADER_TAG), peer, None))
+        return posted
+
+    def _check_headers(self, posted: list[tuple[dist.Work, int, torch.Tensor | None]], step: int) -> None:
+        for work, peer, theirs in posted:
+            self._wait(work, peer, step)
+            if theirs is not None and self.headers is not None:
+                self.headers.incoming(peer, step, theirs)
 
     def is_silent(self, step: int) -> bool:
         phase = self._phases[step % len(self._phases)]
@@ -252,9 +280,11 @@ class _P2PPendingMix(PendingMix):
         received: list[list[torch.Tensor]],
         works: list[list[tuple[dist.Work, int]]],
         keys: list[tuple],
+        headers: list[tuple[dist.Work, int, torch.Tensor | None]] | None = None,
     ) -> None:
         super().__init__(buffers, step)
         self.comm = comm
+        self.headers = headers or []
         self.phase = phase
         self.received = received
         self.works = works
@@ -262,6 +292,9 @@ class _P2PPendingMix(PendingMix):
         self.finished = [False] * len(self.buffers)
 
     def _wait_buffer(self, index: int) -> None:
+        if self.headers:
+            posted, self.headers = self.headers, []
+            self.comm._check_headers(posted, self.step)
         with record_function("gossip.wait"):
             for work, peer in self.works[index]:
                 self.comm._wait(work, peer, self.step)
