@@ -198,6 +198,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._collectives: BoundedCollectives | None = None
         self._prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
         self._agreement: EpochAgreement | None = None
+        self._epoch_lengths: list[int | None] = []
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -231,7 +232,7 @@ class DecentralizedStrategy(DDPStrategy):
             self.communicator = self._build_communicator()
             if same_graph:
                 self.communicator.stats = previous.stats  # counts continue over fit/validate calls
-        self._agreement = EpochAgreement(self.global_rank, self.world_size, self.topology.period)
+        self._agreement = EpochAgreement(self.global_rank)
         if self._headers_flow:
             assert isinstance(self.communicator, P2PCommunicator)
             self.communicator.headers = self._agreement
@@ -419,20 +420,30 @@ class DecentralizedStrategy(DDPStrategy):
         self._prepared_step = self.gossip_step
 
     # ---- uneven inputs (see lightning_decent.uneven) -----------------------------------------------------
-    def _start_epoch(self, trainer: pl.Trainer) -> None:
-        """This rank's number of optimizer steps in the new epoch, when Lightning knows it in advance."""
-        assert self._agreement is not None
+    @override
+    def on_train_start(self) -> None:
+        """Every rank's number of optimizer steps per epoch (one small bounded all-gather per ``fit``)."""
+        super().on_train_start()
+        self._epoch_lengths = self._gather_epoch_lengths()
+
+    def _gather_epoch_lengths(self) -> list[int | None]:
+        trainer = self.lightning_module.trainer
         batches = trainer.num_training_batches
         known = self.lightning_module.automatic_optimization and math.isfinite(batches)
         length = math.ceil(batches / trainer.accumulate_grad_batches) if known else None
-        self._agreement.start_epoch(trainer.current_epoch, length)
-        if not self._headers_flow and self.world_size > 1:
-            self._agreement.learn_lengths(self._guard.all_gather_object(length, "epoch lengths (uneven inputs)"))
+        if self.world_size == 1:
+            return [length]
+        return self._guard.all_gather_object(length, "exchange of epoch lengths (uneven inputs)")
+
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
+        assert self._agreement is not None
+        if trainer.reload_dataloaders_every_n_epochs and self._agreement.epoch >= 0:  # lengths may change
+            self._epoch_lengths = self._gather_epoch_lengths()
+        self._agreement.start_epoch(trainer.current_epoch, self._epoch_lengths)
 
     @property
     def _headers_flow(self) -> bool:
-        """Whether every step's gossip carries round headers (point-to-point rounds); otherwise the epoch
-        lengths are gathered at the start of each epoch (the all-reduce baseline)."""
+        """Whether every step's gossip carries round headers (point-to-point rounds)."""
         return isinstance(self.communicator, P2PCommunicator) and self.algorithm.rounds_per_step > 0
 
     def _batch_in_epoch(self) -> int:

@@ -33,15 +33,14 @@ def test_roll_call_messages_carry_rank_sequence_and_collective() -> None:
     assert len(_encode(0, 0, "x" * 100)) == 64  # names are cut to fit a fixed 64-byte message
 
 
-# ---- uneven inputs: the header protocol, run synchronously over a ring ----------------------------------
-def run_epoch(lengths: list[int | None], real: list[int] | None = None) -> list[int]:
+# ---- uneven inputs: the epoch agreement, run synchronously over a ring --------------------------------
+def run_epoch(lengths: list[int | None], real: list[int]) -> list[int]:
     """Every rank's number of steps when it ends the epoch, exchanging headers with its ring neighbours each
     step as the point-to-point communicator does; ``real`` are the batches each rank really has."""
     n = len(lengths)
-    real = real or [length or 0 for length in lengths]
-    ranks = [EpochAgreement(r, n) for r in range(n)]
-    for rank, length in zip(ranks, lengths):
-        rank.start_epoch(0, length)
+    ranks = [EpochAgreement(r) for r in range(n)]
+    for rank in ranks:
+        rank.start_epoch(0, lengths)
     ended: dict[int, int] = {}
     for step in range(100):
         active = [r for r in range(n) if r not in ended]
@@ -49,28 +48,24 @@ def run_epoch(lengths: list[int | None], real: list[int] | None = None) -> list[
             break
         for r in active:
             is_real = ranks[r].real_steps < real[r]
-            ranks[r].begin_step(step, real=is_real, last_real=is_real and ranks[r].real_steps == real[r] - 1)
+            last = is_real and ranks[r].real_steps == real[r] - 1
+            ranks[r].begin_step(step, real=is_real, last_real=last, batch=step + 1 if is_real else -1)
         headers = {r: ranks[r].outgoing(step) for r in active}
         for r in active:
             for peer in ((r - 1) % n, (r + 1) % n):
                 if peer in headers:
-                    ranks[r].incoming(peer, step, headers[peer])
+                    ranks[r].incoming(peer, step, headers[peer], headers[r])
         for r in active:
-            was_real = ranks[r].real_steps < real[r]
-            ranks[r].end_step(real=was_real)
+            ranks[r].end_step(real=ranks[r].real_steps < real[r])
             if ranks[r].real_steps == real[r] and not ranks[r].wants_empty_step():
                 ended[r] = ranks[r].steps_taken
     return [ended[r] for r in range(n)]
 
 
 def test_ranks_with_uneven_epochs_take_empty_steps_and_end_together() -> None:
-    assert run_epoch([12, 15, 13, 15, 9, 15]) == [15] * 6
-    assert run_epoch([7] * 6) == [7] * 6  # even epochs: no empty step at all
-
-
-def test_an_epoch_shorter_than_the_time_to_learn_every_length_is_refused() -> None:
-    with pytest.raises(UnevenInputsError, match="lasts 2 steps on the longest rank, shorter than the 3 steps"):
-        run_epoch([1, 2, 2, 2, 2, 2])
+    lengths = [12, 15, 13, 15, 9, 15]
+    assert run_epoch(lengths, lengths) == [15] * 6
+    assert run_epoch([1] * 6, [1] * 6) == [1] * 6  # even epochs: no empty step at all
 
 
 def test_unknown_lengths_fail_at_the_first_mismatch_naming_both_ranks_and_their_steps() -> None:
@@ -81,13 +76,13 @@ def test_unknown_lengths_fail_at_the_first_mismatch_naming_both_ranks_and_their_
 
 def test_a_skipped_optimizer_step_is_reported_at_once_with_both_ranks_and_batches() -> None:
     # Rounds pair up by count, so rank 2's step 6 meets rank 1's step 6; only the batches show the skip.
-    sender, receiver = EpochAgreement(2, 4), EpochAgreement(1, 4)
+    sender, receiver = EpochAgreement(2), EpochAgreement(1)
     for agreement in (sender, receiver):
-        agreement.start_epoch(0, 10)
+        agreement.start_epoch(0, [10] * 4)
     sender.begin_step(6, real=True, batch=8)
     receiver.begin_step(6, real=True, batch=7)
     match = "rank 1: at gossip step 6 rank 2 is at batch 8 of epoch 0 and this rank at batch 7"
     with pytest.raises(StepMismatchError, match=match):
-        receiver.incoming(2, 6, sender.outgoing(6))
+        receiver.incoming(2, 6, sender.outgoing(6), receiver.outgoing(6))
     sender.begin_step(6, real=True, batch=7)
-    receiver.incoming(2, 6, sender.outgoing(6))  # the same batch: fine
+    receiver.incoming(2, 6, sender.outgoing(6), receiver.outgoing(6))  # the same batch: fine

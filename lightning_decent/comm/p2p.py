@@ -16,6 +16,9 @@ from lightning_decent.comm.headers import HEADER_TAG, RoundHeaders
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
 
+#: This rank's header of a round and its posted header messages ``(work, peer, received header or None)``.
+_Headers = tuple[torch.Tensor | None, list[tuple[dist.Work, int, torch.Tensor | None]]]
+
 
 class PeerTimeoutError(RuntimeError):
     """A neighbour did not complete its part of a gossip round in time (it died or hangs)."""
@@ -196,24 +199,25 @@ class P2PCommunicator(Communicator):
         return _P2PPendingMix(self, phase, buffers, step, received, works, keys, headers)
 
     # ---- round headers (see comm.headers) ----------------------------------------------------------
-    def _post_headers(self, phase: _Phase, step: int) -> list[tuple[dist.Work, int, torch.Tensor | None]]:
-        """Post this round's header receives and sends: ``(work, peer, received header or None)``."""
+    def _post_headers(self, phase: _Phase, step: int) -> _Headers:
+        """Post this round's header receives and sends; this rank's header and ``(work, peer, received)``."""
         if self.headers is None:
-            return []
+            return None, []
         mine = self.headers.outgoing(step)
-        posted = []
+        posted: list[tuple[dist.Work, int, torch.Tensor | None]] = []
         for peer, _ in phase.in_peers:
             theirs = torch.empty_like(mine)
             posted.append((dist.irecv(theirs, peer, self._channel(peer, self.rank), tag=HEADER_TAG), peer, theirs))
         for peer in phase.out_peers:
             posted.append((dist.isend(mine, peer, self._channel(self.rank, peer), tag=HEADER_TAG), peer, None))
-        return posted
+        return mine, posted
 
-    def _check_headers(self, posted: list[tuple[dist.Work, int, torch.Tensor | None]], step: int) -> None:
+    def _check_headers(self, headers: _Headers, step: int) -> None:
+        mine, posted = headers
         for work, peer, theirs in posted:
             self._wait(work, peer, step)
-            if theirs is not None and self.headers is not None:
-                self.headers.incoming(peer, step, theirs)
+            if theirs is not None and mine is not None and self.headers is not None:
+                self.headers.incoming(peer, step, theirs, mine)
 
     def is_silent(self, step: int) -> bool:
         phase = self._phases[step % len(self._phases)]
@@ -280,11 +284,11 @@ class _P2PPendingMix(PendingMix):
         received: list[list[torch.Tensor]],
         works: list[list[tuple[dist.Work, int]]],
         keys: list[tuple],
-        headers: list[tuple[dist.Work, int, torch.Tensor | None]] | None = None,
+        headers: _Headers = (None, []),
     ) -> None:
         super().__init__(buffers, step)
         self.comm = comm
-        self.headers = headers or []
+        self.headers = headers
         self.phase = phase
         self.received = received
         self.works = works
@@ -292,9 +296,9 @@ class _P2PPendingMix(PendingMix):
         self.finished = [False] * len(self.buffers)
 
     def _wait_buffer(self, index: int) -> None:
-        if self.headers:
-            posted, self.headers = self.headers, []
-            self.comm._check_headers(posted, self.step)
+        if self.headers[1]:
+            headers, self.headers = self.headers, (None, [])
+            self.comm._check_headers(headers, self.step)
         with record_function("gossip.wait"):
             for work, peer in self.works[index]:
                 self.comm._wait(work, peer, self.step)
