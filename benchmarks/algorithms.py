@@ -1,6 +1,6 @@
 """Algorithm benchmarks on the n-node simulator, at a larger scale than the tests (default n = 64).
 
-Three comparisons, each written as a table on stdout and as JSON + PNG under ``--out``:
+Five comparisons, each written as a table on stdout and as JSON + PNG under ``--out``:
 
 * ``heterogeneous``: L2-regularised logistic regression with heterogeneous nodes on a ring, exact
   gradients: every algorithm and modifier against parallel SGD (P-SGD, exact averaging), with
@@ -10,7 +10,12 @@ Three comparisons, each written as a table on stdout and as JSON + PNG under ``-
   excess loss to 1e-3 of its start, and the final (bias-floor) excess loss.
 * ``digits``: a small MLP on scikit-learn's digits split by Dirichlet(alpha = 0.1) labels over the
   ring, mini-batches of 32: held-out accuracy of the average model, mean and spread over seeds.
-* ``scale``: the simulator's wall time for 1,024 nodes x logistic regression (d = 100) x 1,000 steps.
+* ``any_n``: n = 6, 12, 24 (not powers of two): gossip rounds to a consensus error of 1e-4 and 1e-8 and
+  D-SGD's accuracy on digits (Dirichlet 0.1) for ring, exponential, one-peer exponential, Base-2,
+  Base-3, EquiDyn and P-SGD.
+* ``scale``: on one thread, one gossip round of 4,096 nodes (sparse against dense ``W @ X``), and the
+  wall time of 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps of D-SGD
+  on the one-peer exponential graph plus the P-SGD baseline, in float32 (goal: under 30 s) and float64.
 
 Usage::
 
@@ -26,10 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import BASELINE, AlgorithmSpec, LeastSquares, Logistic, compare, simulate
 from lightning_decent.sim.problems import Digits
 from lightning_decent.sim.report import format_table, plot, results_json
+from lightning_decent.topology import consensus_error_curve, get_topology
 
 #: (label, spec) of every run; a spec is ``name:key=value...`` (see ``lightning_decent.sim.AlgorithmSpec``).
 ALGORITHMS = [
@@ -101,17 +109,100 @@ def digits(args: argparse.Namespace, out: Path) -> None:
     plot(last, out / "digits.png", title + f" (curves: seed {args.seeds - 1})")
 
 
-def scale(args: argparse.Namespace, out: Path) -> None:
-    """Simulator speed at scale: D-SGD on a 1,024-node ring, logistic regression, d = 100, 1,000 steps."""
-    problem = Logistic(n=1024, dim=100)
+def _mixing_seconds(comm: SimulatedCommunicator, rows: torch.Tensor, rounds: int) -> float:
     start = time.perf_counter()
-    result = simulate(problem, "dsgd", "ring", steps=1000, lr=0.05, eval_every=100)
-    seconds = time.perf_counter() - start
-    first, last = result.series["excess_loss"][0], result.final("excess_loss")
-    print(f"\n## scale: 1,024 nodes x logistic (d = 100) x 1,000 steps of dsgd on a ring\n"
-          f"wall time {seconds:.1f} s; excess loss {first:.3e} -> {last:.3e}")  # fmt: skip
-    summary = {"nodes": 1024, "dim": 100, "steps": 1000, "seconds": seconds, "excess_loss": [first, last]}
+    for k in range(rounds):
+        comm.mix([rows], k)
+    return (time.perf_counter() - start) / rounds
+
+
+def scale(args: argparse.Namespace, out: Path) -> None:
+    """Simulator speed at scale, on one thread: one gossip round of 4,096 nodes x d = 100 (sparse against the
+    dense ``W @ X``), then 4,096 nodes x logistic regression (d = 100, 8 samples per node) x 1,000 steps,
+    D-SGD on the one-peer exponential graph and the P-SGD baseline, metrics every 100 steps, in float32
+    (the goal: under 30 s) and float64."""
+    nodes, dim, samples = 4096, 100, 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    summary: dict[str, object] = {"nodes": nodes, "dim": dim, "samples": samples, "steps": 1000, "threads": 1}
+    lines = [f"\n## scale: {nodes:,} nodes, one thread"]
+    try:
+        graph = get_topology("one_peer_exponential", nodes)
+        rows = torch.randn(nodes, dim, dtype=torch.float64)
+        sparse_round = _mixing_seconds(SimulatedCommunicator(graph), rows, 1000)
+        dense = graph.weights(0)
+        start = time.perf_counter()
+        for _ in range(5):
+            rows.copy_(dense @ rows)
+        dense_round = (time.perf_counter() - start) / 5
+        summary["round_ms"] = {"sparse": sparse_round * 1e3, "dense": dense_round * 1e3}
+        lines.append(f"one gossip round on one_peer_exponential, d = {dim}, float64: {sparse_round * 1e3:.2f} ms "
+                     f"sparse, {dense_round * 1e3:.0f} ms as the dense W @ X")  # fmt: skip
+        for dtype in (torch.float32, torch.float64):
+            start = time.perf_counter()
+            problem = Logistic(n=nodes, dim=dim, samples=samples).to(dtype)
+            results = compare(problem, ["dsgd"], "one_peer_exponential", steps=1000, lr=0.05, eval_every=100,
+                              dtype=dtype)  # fmt: skip
+            seconds = time.perf_counter() - start
+            runs = {label: {"seconds": r.seconds, "excess_loss": [r.series["excess_loss"][0], r.final("excess_loss")]}
+                    for label, r in results.items()}  # fmt: skip
+            summary[str(dtype).removeprefix("torch.")] = {"seconds": seconds, "runs": runs}
+            lines.append(
+                f"logistic (d = {dim}, {samples} samples per node) x 1,000 steps, {dtype}, dsgd on "
+                f"one_peer_exponential and P-SGD: {seconds:.1f} s in all (with the problem and its optimum); "
+                + ", ".join(f"{label} {run['seconds']:.1f} s, excess loss {run['excess_loss'][0]:.3e} -> "
+                            f"{run['excess_loss'][1]:.3e}" for label, run in runs.items())
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    print("\n".join(lines))
     (out / "scale.json").write_text(json.dumps(summary, indent=1))
+
+
+#: The graphs of the any-n comparison: (label, registry name, options).
+ANY_N_TOPOLOGIES = [
+    ("ring", "ring", {}),
+    ("exponential", "exponential", {}),
+    ("one_peer_exponential", "one_peer_exponential", {}),
+    ("base-2 (k=1)", "base", {"k": 1}),
+    ("base-3 (k=2)", "base", {"k": 2}),
+    ("equidyn", "equidyn", {}),
+    ("complete (P-SGD)", "complete", {}),
+]
+ANY_N_SIZES = (6, 12, 24)
+
+
+def _rounds_to(curve: np.ndarray, target: float) -> str:
+    reached = np.flatnonzero(curve <= target)
+    return str(int(reached[0])) if reached.size else f">{len(curve) - 1}"
+
+
+def any_n(args: argparse.Namespace, out: Path) -> None:
+    """Sizes that are not powers of two: gossip rounds to a consensus error, and D-SGD's accuracy on
+    digits split by Dirichlet(0.1) labels (mean over seeds), for each graph of ANY_N_TOPOLOGIES."""
+    steps, seeds, rounds = args.any_n_steps, args.seeds, 200
+    rows = [("n", "topology", "max peers", "period", "rounds to 1e-4", "rounds to 1e-8", "accuracy mean", "min", "max")]
+    summary: dict[str, dict[str, object]] = {}
+    for n in ANY_N_SIZES:
+        for label, name, options in ANY_N_TOPOLOGIES:
+            graph = get_topology(name, n, **options)
+            curve = consensus_error_curve(graph, rounds, seed=0)
+            accuracy = [
+                simulate(Digits(n=n, alpha=0.1, batch_size=32, seed=s), "dsgd", graph, steps=steps, lr=0.1,
+                         eval_every=steps, seed=s).final("accuracy")
+                for s in range(seeds)
+            ]  # fmt: skip
+            to_4, to_8 = _rounds_to(curve, 1e-4), _rounds_to(curve, 1e-8)
+            rows.append((str(n), label, str(graph.max_degree), str(graph.period), to_4, to_8,
+                         f"{np.mean(accuracy):.4f}", f"{min(accuracy):.4f}", f"{max(accuracy):.4f}"))  # fmt: skip
+            summary[f"{n}/{label}"] = {"rounds_to_1e-4": to_4, "rounds_to_1e-8": to_8, "accuracy": accuracy}
+    title = (
+        f"gossip rounds to a relative consensus error (x0 ~ N(0, I), seed 0; '>{rounds}': not within {rounds}), "
+        f"and D-SGD on digits, Dirichlet 0.1, MLP, lr 0.1, batch 32, {steps} steps, seeds 0-{seeds - 1}"
+    )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    print(f"\n## any_n: {title}\n" + "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+    (out / "any_n.json").write_text(json.dumps({"title": title, "runs": summary}, indent=1))
 
 
 def main() -> None:
@@ -120,11 +211,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=["heterogeneous", "topologies", "digits", "scale"])
+    parser.add_argument("--only", choices=["heterogeneous", "topologies", "digits", "scale", "any_n"])
+    parser.add_argument("--any-n-steps", type=int, default=1000, help="D-SGD steps of the any_n digits runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for section in (heterogeneous, topologies, digits, scale):
+    for section in (heterogeneous, topologies, digits, scale, any_n):
         if args.only in (None, section.__name__):
             section(args, args.out)
     print(f"\nwrote {args.out}/*.json, *.png in {time.perf_counter() - start:.0f} s")

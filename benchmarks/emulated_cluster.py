@@ -16,6 +16,14 @@ Usage (from the repository root)::
 without overlap), ``overhead`` (one rank: the strategy against plain Lightning, no network),
 ``straggler``, ``scaling`` (extra clusters of ``--scaling-ranks``) and ``accuracy`` (digits, DDP vs
 gossip, time to DDP's final accuracy).
+
+Two-level clusters (``--machines M --ranks-per-machine L``, comma lists for several): one namespace per
+machine holding its ``L`` ranks (loopback inside), the machines joined by the shaped links, which their
+ranks share as they would a NIC; suites ``two_level`` (DDP, decent-dp's alternating exponential ring,
+ours flat and hierarchical; :mod:`benchmarks.cluster.two_level`) and ``accuracy``::
+
+    sudo PYTHONPATH=. .venv/bin/python benchmarks/emulated_cluster.py --machines 2,4 --ranks-per-machine 4,2 \
+        --bandwidth 1gbit --model mlp16m --steps 20 --json benchmarks/results/two_level.json
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster import report  # noqa: E402
+from benchmarks.cluster import report, two_level  # noqa: E402
 from benchmarks.cluster.workloads import ModelSpec  # noqa: E402
 from lightning_decent.emulation import EmulatedCluster, available  # noqa: E402
 
 SUITES = ("core", "overhead", "straggler", "scaling", "accuracy")
+TWO_LEVEL_SUITES = ("two_level", "accuracy")  # with --machines: M machines of L ranks
 MASTER_PORT = 29731
 GOSSIP_ACCURACY = "accuracy:one_peer_exponential:overlap"
 
@@ -53,7 +62,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (or rounds) per case")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="per-rank batch size")
-    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
+    parser.add_argument(
+        "--suites",
+        default=None,
+        help=f"comma-separated, from {', '.join(SUITES)} (default: all); with --machines from "
+        f"{', '.join(TWO_LEVEL_SUITES)} (default: both)",
+    )
+    parser.add_argument(
+        "--machines",
+        default=None,
+        help="two-level clusters: machines per cluster, comma-separated (e.g. 2,4), paired with --ranks-per-machine",
+    )
+    parser.add_argument("--ranks-per-machine", default=None, help="ranks per machine, e.g. 4,2 (one namespace each)")
     parser.add_argument(
         "--cases", default=None, help="instead of the core suite's cases: these (see benchmarks.cluster.cases)"
     )
@@ -126,9 +146,12 @@ def launches(cases: list[str], per_launch: int) -> list[list[str]]:
     return groups + ([theirs] if theirs else [])
 
 
-def run_cluster(args: argparse.Namespace, ranks: int, cases: list[str], logs: Path) -> dict[str, list[dict[str, Any]]]:
-    """Run ``cases`` on a fresh ``ranks``-host cluster; ``{case: [rank 0's result, rank 1's, ...]}``."""
-    out = logs / f"ranks{ranks}"
+def run_cluster(
+    args: argparse.Namespace, ranks: int, cases: list[str], logs: Path, local: int = 1
+) -> dict[str, list[dict[str, Any]]]:
+    """Run ``cases`` on a fresh cluster of ``ranks / local`` machines (namespaces) of ``local`` ranks each;
+    ``{case: [rank 0's result, rank 1's, ...]}``."""
+    out = logs / (f"ranks{ranks}" if local == 1 else f"{ranks // local}x{local}")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("rank*.*"):
         stale.unlink()
@@ -136,28 +159,30 @@ def run_cluster(args: argparse.Namespace, ranks: int, cases: list[str], logs: Pa
     options += ["--epochs", str(args.epochs), "--accuracy-hidden", str(args.accuracy_hidden)]
     options += ["--accuracy-lr", str(args.accuracy_lr)]
     options += ["--model-mb", str(args.model_mb)] if args.model_mb else ["--model", args.model]
-    with EmulatedCluster(ranks, args.bandwidth) as cluster:
+    with EmulatedCluster(ranks // local, args.bandwidth) as cluster:
         if args.mtu != 1500:
             _set_mtu(cluster, args.mtu)
         per_launch = args.cases_per_launch if ranks <= 8 else 1  # 16 processes of ~1 GB each: one case at a time
         for index, group in enumerate(launches(cases, per_launch)):
-            print(f"[{time.strftime('%H:%M:%S')}] {ranks} ranks: {', '.join(group)}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {out.name}: {', '.join(group)}", flush=True)
             worker = [sys.executable, "-m", "benchmarks.cluster.worker", *options, "--cases", ",".join(group)]
-            _launch(cluster, worker, str(MASTER_PORT + index), out, args.timeout)
+            _launch(cluster, worker, str(MASTER_PORT + index), out, args.timeout, local)
     return _collect(out, ranks)
 
 
-def _launch(cluster: EmulatedCluster, worker: list[str], port: str, out: Path, timeout: float) -> None:
-    """One process per host running ``worker``; all of them are stopped when this returns or raises."""
-    ranks = len(cluster.hosts)
+def _launch(cluster: EmulatedCluster, worker: list[str], port: str, out: Path, timeout: float, local: int) -> None:
+    """``local`` processes per host (machine ``m`` runs ranks ``m local .. m local + local - 1``, the layout of
+    torchrun) running ``worker``; all of them are stopped when this returns or raises."""
+    ranks = len(cluster.hosts) * local
     base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(ranks)}
-    base.update(MASTER_ADDR=cluster.hosts[0].address, MASTER_PORT=port, LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    base.update(MASTER_ADDR=cluster.hosts[0].address, MASTER_PORT=port, LOCAL_WORLD_SIZE=str(local))
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(ranks):
-            env = {**base, "RANK": str(rank), "NODE_RANK": str(rank)}
+            machine, local_rank = divmod(rank, local)
+            env = {**base, "RANK": str(rank), "NODE_RANK": str(machine), "LOCAL_RANK": str(local_rank)}
             with (out / f"rank{rank}.log").open("a") as log:
-                procs.append(cluster.popen(rank, worker, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+                procs.append(cluster.popen(machine, worker, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         _wait_all(procs, timeout, out)
     finally:
         for proc in procs:
@@ -222,6 +247,56 @@ def measure(args: argparse.Namespace, suites: list[str], delays: list[float], sc
     return {"main": main_results, "overhead": overhead, "scaling": {str(n): r for n, r in by_ranks.items()}}
 
 
+def two_level_clusters(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``(machines, ranks per machine)`` of each two-level cluster of ``--machines``/``--ranks-per-machine``."""
+    machines = [int(m) for m in args.machines.split(",")]
+    local = [int(x) for x in (args.ranks_per_machine or "").split(",") if x.strip()]
+    if len(local) != len(machines) or min(machines + local) < 1:
+        sys.exit("--machines and --ranks-per-machine take as many positive numbers each, e.g. 2,4 and 4,2.")
+    return list(zip(machines, local))
+
+
+def measure_two_level(args: argparse.Namespace, suites: list[str]) -> dict[str, Any]:
+    """``{"two_level": {"MxL": per-case results}}`` for every two-level cluster."""
+    results = {}
+    with TemporaryDirectory(prefix="emulated_cluster_") as tmp:
+        logs = args.keep_logs or Path(tmp)
+        for machines, local in two_level_clusters(args):
+            cases = two_level.two_level_cases(machines) if "two_level" in suites else []
+            cases += two_level.accuracy_cases() if "accuracy" in suites else []
+            results[f"{machines}x{local}"] = run_cluster(args, machines * local, cases, logs, local)
+    return {"two_level": results}
+
+
+def render_two_level(
+    args: argparse.Namespace, suites: list[str], spec: ModelSpec, raw: dict[str, Any]
+) -> tuple[str, list[report.Goal], dict[str, Any]]:
+    """The tables and goals of the two-level clusters."""
+    bandwidth = report.bandwidth_bytes_per_second(args.bandwidth)
+    model_bytes = spec.parameters * 4
+    sections = [
+        f"# Emulated two-level clusters: machines joined by {args.bandwidth} links (MTU {args.mtu}), ranks of a "
+        f"machine on its loopback; model {spec.parameters / 1e6:.1f}M parameters ({model_bytes / 1e6:.1f} MB), "
+        f"batch {args.batch} per rank, {args.steps} timed steps after {args.warmup} warm-up, one thread per rank\n"
+        f"# command: {' '.join(sys.argv)}\n"
+    ]
+    goals: list[report.Goal] = []
+    for name, results in raw["two_level"].items():
+        machines, local = (int(x) for x in name.split("x"))
+        if "two_level" in suites:
+            text, cluster_goals = two_level.step_report(results, machines, local, model_bytes, bandwidth)
+            sections.append(text)
+            goals += cluster_goals
+        for gossip in two_level.ACCURACY_RUNS if "accuracy" in suites else ():
+            text, goal = report.accuracy_report(results, gossip)
+            goal.name = f"{name}: {gossip.split(':')[1]}: {goal.name}"
+            sections.append(f"{name}, {gossip}:\n{text}")
+            goals.append(goal)
+    sections.append(report.goals_table(goals, "Goals (issue 15)"))
+    summary = {name: {case: t.mean for case, t in report.timings(r).items()} for name, r in raw["two_level"].items()}
+    return "\n".join(sections), goals, summary
+
+
 def render(
     args: argparse.Namespace, suites: list[str], delays: list[float], spec: ModelSpec, raw: dict[str, Any]
 ) -> tuple[str, list[report.Goal], dict[str, Any]]:
@@ -261,10 +336,11 @@ def main() -> None:
     # A kill (SIGTERM) unwinds like Ctrl-C, so the ranks are stopped and the namespaces removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
-    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
-    unknown = sorted(set(suites) - set(SUITES))
+    offered = TWO_LEVEL_SUITES if args.machines else SUITES
+    suites = [s.strip() for s in (args.suites or ",".join(offered)).split(",") if s.strip()]
+    unknown = sorted(set(suites) - set(offered))
     if unknown:
-        sys.exit(f"Unknown suite(s) {unknown}; choose from {', '.join(SUITES)}.")
+        sys.exit(f"Unknown suite(s) {unknown}; choose from {', '.join(offered)}.")
     spec = ModelSpec.of_size(args.model_mb) if args.model_mb else ModelSpec.named(args.model)
     delays = [float(d) for d in args.straggler_delays.split(",") if d.strip()]
     scaling = sorted({int(n) for n in args.scaling_ranks.split(",")}) if "scaling" in suites else []
@@ -275,7 +351,7 @@ def main() -> None:
         if not ok:
             sys.exit(f"The emulated cluster {why}.")
         started = time.time()
-        raw = measure(args, suites, delays, scaling)
+        raw = measure_two_level(args, suites) if args.machines else measure(args, suites, delays, scaling)
         print(f"(measured in {time.time() - started:.0f}s)", flush=True)
     payload: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -285,7 +361,10 @@ def main() -> None:
     if args.json:  # the raw numbers first: a report that fails to render loses nothing
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=1))
-    text, goals, summary = render(args, suites, delays, spec, raw)
+    if "two_level" in raw:
+        text, goals, summary = render_two_level(args, suites, spec, raw)
+    else:
+        text, goals, summary = render(args, suites, delays, spec, raw)
     print(text, flush=True)
     if args.json:
         payload["summary"] = summary

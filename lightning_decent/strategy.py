@@ -22,11 +22,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _sync_ddp_if_available
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -35,6 +32,12 @@ from typing_extensions import override
 
 from lightning_decent import checkpoint as ckpt
 from lightning_decent import rng
+from lightning_decent._lightning_private import (
+    _all_gather_ddp_if_available,
+    _optimizers_to_device,
+    _SubprocessScriptLauncher,
+    _sync_ddp_if_available,
+)
 from lightning_decent._version import __version__
 from lightning_decent.algorithms import DDP, Algorithm, Bucket, all_reduce_baseline, get_algorithm
 from lightning_decent.buckets import ParamBucket, build_buckets
@@ -42,11 +45,14 @@ from lightning_decent.comm import (
     AllReduceCommunicator,
     CommStats,
     Communicator,
+    Compressor,
+    HierarchicalCommunicator,
     P2PCommunicator,
+    get_compressor,
 )
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.p2p import average_all_reduce
-from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
 from lightning_decent.uneven import EpochAgreement
 
@@ -83,7 +89,9 @@ class DecentralizedStrategy(DDPStrategy):
         communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"`` (exact
             averaging: with ``algorithm="dsgd"`` this is the DDP-equivalent baseline
             :class:`~lightning_decent.algorithms.DDP`, gradients averaged before one optimizer step; any
-            other algorithm's ``mix`` becomes an exact average of what it mixes).
+            other algorithm's ``mix`` becomes an exact average of what it mixes). With
+            ``topology="hierarchical"``, ``"p2p"`` runs :class:`~lightning_decent.comm.HierarchicalCommunicator`
+            (machine average, then ``1/L`` of the model per rank between machines).
         topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
         algorithm_options: keyword arguments for the algorithm.
         bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
@@ -109,6 +117,11 @@ class DecentralizedStrategy(DDPStrategy):
             and algorithm state) instead of refusing.
         overlap: overlap each step's neighbour exchange with the next step's computation (one-step
             delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
+        compression: what goes on the wire: a name from :data:`lightning_decent.comm.COMPRESSORS`
+            (``"int8"``, ``"topk"``, ...) or a built ``Compressor``, handed to the algorithm. Per-step
+            gossip compresses through ``algorithm="choco"`` (CHOCO-SGD); other algorithms refuse a lossy
+            compressor with an error naming it. ``None`` keeps the algorithm's own setting.
+        compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
 
     The remaining arguments are Lightning's, as for ``DDPStrategy`` (``timeout`` bounds the start-up
     rendezvous and collectives the strategy does not see, such as torchmetrics' own synchronisation).
@@ -134,6 +147,8 @@ class DecentralizedStrategy(DDPStrategy):
         check_finite: bool = True,
         resume_from_average: bool = False,
         overlap: bool = False,
+        compression: str | Compressor | None = None,
+        compression_options: dict[str, Any] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -169,6 +184,8 @@ class DecentralizedStrategy(DDPStrategy):
                     f"another rank (e.g. {name}=60)."
                 )
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
+        if compression is not None or compression_options:
+            self.algorithm.use_compression(_compressor(compression, compression_options))
         if overlap:
             _enable_overlap(self.algorithm, communicator)
         if communicator == "allreduce":
@@ -240,7 +257,11 @@ class DecentralizedStrategy(DDPStrategy):
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
             return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
-        topology = get_topology(self._topology_spec, world_size, **self._topology_options)
+        options, spec = dict(self._topology_options), self._topology_spec
+        two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
+        if two_level and not options.get("local_world_size"):
+            options["local_world_size"] = self.num_processes  # the ranks Lightning runs on each machine
+        topology = get_topology(spec, world_size, **options)
         return self.algorithm.prepare_topology(topology)
 
     def _check_ranks_agree(self) -> None:
@@ -262,6 +283,10 @@ class DecentralizedStrategy(DDPStrategy):
         if self._communicator_name == "allreduce":
             return AllReduceCommunicator(
                 self.topology, rank=self.global_rank, check_finite=self.check_finite, collectives=self._collectives
+            )
+        if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
+            return HierarchicalCommunicator(
+                self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
             )
         return P2PCommunicator(
             self.topology,
@@ -678,7 +703,7 @@ class DecentralizedStrategy(DDPStrategy):
         return {
             "gossip_step": self.gossip_step,
             "algorithm": self.algorithm.state_dict(),
-            "buckets": [[dict(b.state) for b in buckets] for _, buckets in self._buckets.values()],
+            "buckets": [[self.algorithm.bucket_state_dict(b) for b in group] for _, group in self._buckets.values()],
             "rng": rng.collect_states(),
         }
 
@@ -692,11 +717,9 @@ class DecentralizedStrategy(DDPStrategy):
                 "The checkpoint's parameter buckets do not match this run's (different model, optimizers or "
                 "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True."
             )
-        with torch.no_grad():
-            for saved_group, buckets in zip(saved, current):
-                for saved_state, bucket in zip(saved_group, buckets):
-                    for key, tensor in saved_state.items():
-                        bucket.state[key].copy_(tensor)
+        for saved_group, buckets in zip(saved, current):
+            for saved_state, bucket in zip(saved_group, buckets):
+                self.algorithm.load_bucket_state_dict(bucket, saved_state)
         rng.restore_states(state["rng"])
 
     @override
@@ -808,6 +831,12 @@ def _enable_overlap(algorithm: Algorithm, communicator: str) -> None:
             f"has no background transfer. Use communicator='p2p', or overlap=False."
         )
     algorithm.enable_overlap()
+
+
+def _compressor(compression: str | Compressor | None, options: dict[str, Any] | None) -> Compressor:
+    if compression is None:
+        raise ValueError(f"compression_options={options!r} need compression=... (e.g. 'int8', 'topk').")
+    return get_compressor(compression, **(options or {}))
 
 
 def _check_topology_options(name: str, options: dict[str, Any]) -> None:

@@ -1,1 +1,2 @@
-"""Training tasks (LightningModules and DataModules) used by the Hydra application and the tests."""
+"""Training tasks (LightningModules and DataModules) of the Hydra application, installed as
+``lightning_decent.recipes``."""

@@ -1,9 +1,11 @@
 """Object detection on COCO or Pascal VOC with torchvision's RetinaNet / Faster R-CNN, mAP from torchmetrics.
 
-The network comes from ``torchvision.models.get_model`` (``retinanet_resnet50_fpn`` or
-``fasterrcnn_resnet50_fpn``, ``weights=None, weights_backbone=None``); it resizes and normalises
-images itself (``min_size``/``max_size``), so the data pipeline only converts and flips.
-Detection batches are lists of differently sized images and per-image target dicts.
+Defaults follow torchvision's detection reference: the network comes from
+``torchvision.models.get_model`` (``retinanet_resnet50_fpn`` or ``fasterrcnn_resnet50_fpn``) with an
+ImageNet-pretrained ResNet-50 backbone (``weights_backbone``, which also makes torchvision freeze its
+BatchNorm layers and train only the last three stages), images batched by aspect ratio (group factor
+3). The model resizes and normalises images itself (``min_size``/``max_size``), so the data pipeline
+only converts and flips. Detection batches are lists of differently sized images and per-image target dicts.
 """
 
 from __future__ import annotations
@@ -20,18 +22,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VOCDetection, wrap_dataset_for_transforms_v2
+from torchvision.models import get_model
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from lightning_decent.data import Partition
-from recipes.common import (
+from lightning_decent.recipes.common import (
+    Config,
     DataRootError,
     OptimizerFactory,
     RecipeDataModule,
     RecipeModule,
     ScheduleFactory,
+    build,
     require_paths,
 )
+from lightning_decent.recipes.grouping import aspect_ratio_groups
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -86,10 +92,32 @@ def _dominant(labels: Sequence[int]) -> int:
     return min(counts, key=lambda label: (-counts[label], label))
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights named in the config could be neither found in torch's cache nor downloaded."""
+
+
+def detection_model(
+    name: str, weights: str | None = None, weights_backbone: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=..., weights_backbone=..., **kwargs)``, with a message
+    naming the overrides when pretrained weights are neither in torch's cache nor downloadable."""
+    try:
+        return get_model(name, weights=weights, weights_backbone=weights_backbone, **kwargs)
+    except OSError as error:  # urllib's URLError when offline
+        raise WeightsUnavailableError(
+            f"detection: the pretrained weights (weights={weights!r}, weights_backbone={weights_backbone!r}) are not "
+            f"in {torch.hub.get_dir()}/checkpoints and could not be downloaded ({error}). Copy the file there, or "
+            "train from scratch with model.net.weights_backbone=null (and model.net.weights=null); without a "
+            "pretrained backbone torchvision also trains its BatchNorm layers."
+        ) from error
+
+
 class DetectionDataModule(RecipeDataModule):
     """COCO (``dataset="coco"``) or Pascal VOC (``dataset="voc"``) detection data.
 
-    For a non-iid ``partition`` an image's label is its most frequent object class.
+    For a non-iid ``partition`` an image's label is its most frequent object class. With
+    ``aspect_ratio_group_factor`` set, each training batch holds images of one aspect-ratio group
+    (:mod:`lightning_decent.recipes.grouping`).
 
     Args:
         root: the data root (see :data:`COCO_LAYOUT` and :data:`VOC_LAYOUT`).
@@ -100,6 +128,8 @@ class DetectionDataModule(RecipeDataModule):
         batch_size: images per rank and step.
         num_workers: ``DataLoader`` workers per rank.
         partition: the training split over ranks.
+        aspect_ratio_group_factor: ``k`` of :func:`~lightning_decent.recipes.grouping.aspect_ratio_groups`
+            (``None``: batches of any shapes).
     """
 
     def __init__(
@@ -112,8 +142,10 @@ class DetectionDataModule(RecipeDataModule):
         batch_size: int = 2,
         num_workers: int = 4,
         partition: Partition | None = None,
+        aspect_ratio_group_factor: int | None = 3,
     ) -> None:
         super().__init__(batch_size, num_workers, partition)
+        self.aspect_ratio_group_factor = aspect_ratio_group_factor
         if dataset not in DEFAULT_SPLITS:
             raise ValueError(f"data.dataset={dataset!r} is not one of {', '.join(DEFAULT_SPLITS)}.")
         self.root = root
@@ -166,6 +198,15 @@ class DetectionDataModule(RecipeDataModule):
         assert isinstance(raw, VOCDetection)
         return [_dominant(self._voc_classes(path)) for path in raw.annotations]
 
+    def train_aspect_ratios(self) -> list[float]:
+        """Width / height of every training image, from the annotations (no image is opened)."""
+        raw = self._raw_train
+        if isinstance(raw, CocoDetection):
+            return [raw.coco.imgs[i]["width"] / raw.coco.imgs[i]["height"] for i in raw.ids]
+        assert isinstance(raw, VOCDetection)
+        sizes = [ET.parse(path).find("size") for path in raw.annotations]
+        return [float(size.findtext("width")) / float(size.findtext("height")) for size in sizes]
+
     @staticmethod
     def _coco_classes(dataset: CocoDetection, image_id: int) -> list[int]:
         return [a["category_id"] for a in dataset.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
@@ -180,7 +221,9 @@ class DetectionDataModule(RecipeDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return self._train_loader(self.train_set, collate_detection)
+        factor = self.aspect_ratio_group_factor
+        groups = None if factor is None else aspect_ratio_groups(self.train_aspect_ratios(), factor)
+        return self._train_loader(self.train_set, collate_detection, group_ids=groups)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
@@ -194,21 +237,21 @@ class Detector(RecipeModule):
     ``val/map_75`` from ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend).
 
     Args:
-        net: a torchvision detection model (e.g. ``retinanet_resnet50_fpn(weights=None, ...)``).
-        optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`recipes.schedules`).
+        net: a torchvision detection model (e.g. :func:`detection_model`), or its config.
+        optimizer: ``params -> Optimizer``, or its config.
+        scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        net: nn.Module | Config,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
-        self.net = net
+        self.net: nn.Module = build(net)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -13,16 +13,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_decent._extras import require
 from lightning_decent.data import Partition
-from recipes.classification import ImageClassifier
-from recipes.common import OptimizerFactory, RecipeDataModule, ScheduleFactory
+from lightning_decent.recipes.classification import ImageClassifier
+from lightning_decent.recipes.common import Config, OptimizerFactory, RecipeDataModule, ScheduleFactory
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as ``[N, 1, 8, 8]`` float images in ``[0, 1]`` and integer labels."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "app", "the digits recipe").load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.tensor(data.target, dtype=torch.long)
 
@@ -94,16 +93,16 @@ class DigitsClassifier(ImageClassifier):
     """Cross-entropy classification of the digits with accuracy from torchmetrics.
 
     Args:
-        net: the network (default: :func:`digits_cnn`).
-        optimizer: a factory ``params -> Optimizer`` (default SGD, lr 0.05, momentum 0.9).
-        scheduler: an optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
+        net: the network or its config (default: :func:`digits_cnn`).
+        optimizer: a factory ``params -> Optimizer`` or its config (default SGD, lr 0.05, momentum 0.9).
+        scheduler: an optional factory ``optimizer -> LRScheduler`` or its config, stepped every optimizer step.
     """
 
     def __init__(
         self,
-        net: nn.Module | None = None,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: ScheduleFactory | None = None,
+        net: nn.Module | Config | None = None,
+        optimizer: OptimizerFactory | Config | None = None,
+        scheduler: ScheduleFactory | Config | None = None,
     ) -> None:
         super().__init__(
             net if net is not None else digits_cnn(),

@@ -1,7 +1,7 @@
 """ImageNet-1k (or any ImageFolder tree) with the standard ResNet training augmentation.
 
 The model is a torchvision classifier (``torchvision.models.get_model``, ``weights=None``) inside
-:class:`recipes.classification.ImageClassifier`; see ``conf/recipe/imagenet.yaml``.
+:class:`lightning_decent.recipes.classification.ImageClassifier`; see ``conf/recipe/imagenet.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from lightning_decent.data import Partition
-from recipes.common import DataRootError, RecipeDataModule, require_paths
+from lightning_decent.recipes.common import DataRootError, RecipeDataModule, require_paths
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -63,6 +63,7 @@ class ImageNetDataModule(RecipeDataModule):
         val_resize: validation short-side resize before the center crop.
         num_workers: ``DataLoader`` workers per rank.
         partition: the training split over ranks (labels are the class folders).
+        pin_memory: page-locked batches for faster copies to the GPU (only used on CUDA).
     """
 
     def __init__(
@@ -74,8 +75,9 @@ class ImageNetDataModule(RecipeDataModule):
         val_resize: int = 256,
         num_workers: int = 8,
         partition: Partition | None = None,
+        pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, num_workers, partition)
+        super().__init__(batch_size, num_workers, partition, pin_memory=pin_memory)
         self.root = root
         self.num_classes = num_classes
         self.image_size = image_size

@@ -1,14 +1,15 @@
 """Byte-level language modelling with a small GPT-style decoder on any folder of text files.
 
-Tokens are the files' raw bytes (a vocabulary of 256; nothing to download). The default corpus is
-the Python standard library's own source tree (``sysconfig.get_paths()["stdlib"]``, ``*.py``),
-capped by ``max_bytes``. For a non-iid ``partition`` a block's label is the top-level folder of
-its file (for the standard library: ``asyncio``, ``email``, ...; ``.`` for top-level modules).
+Tokens are the files' raw bytes (a vocabulary of 256; nothing to download), written once into
+memory-mapped token files (:mod:`lightning_decent.recipes.text_tokens`). The default corpus is the
+Python standard library's own source tree (``sysconfig.get_paths()["stdlib"]``, ``*.py``), capped by
+``max_bytes``. For a non-iid ``partition`` a block's label is the top-level folder of its file (for the
+standard library: ``asyncio``, ``email``, ...; ``.`` for top-level modules).
 """
 
 from __future__ import annotations
 
-import sysconfig
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,80 +17,62 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
 
 from lightning_decent.data import Partition
-from recipes.common import (
+from lightning_decent.recipes.common import (
+    Config,
     DataRootError,
     OptimizerFactory,
     RecipeDataModule,
     RecipeModule,
     ScheduleFactory,
+    build,
     require_paths,
 )
-
-VOCAB_SIZE = 256
+from lightning_decent.recipes.text_tokens import (
+    DEFAULT_EXCLUDE,
+    VOCAB_SIZE,
+    TokenBlocks,
+    default_corpus,
+    is_prepared,
+    prepare,
+)
 
 LAYOUT = """\
   ROOT/**/<files matching data.pattern>   any folder tree of text files (read as raw bytes), e.g.
                                           data.root=/data/corpus data.pattern='**/*.txt'"""
 
 
-class TokenBlocks(Dataset):
-    """``(input, target)`` pairs from ``[N, block_size + 1]`` byte blocks; the target is the input shifted by one."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self.blocks[index].long()
-        return block[:-1], block[1:]
-
-
-def read_corpus(
-    root: Path, pattern: str, max_bytes: int, exclude_dirs: Sequence[str], seed: int
-) -> list[tuple[Path, bytes]]:
-    """Files under ``root`` matching ``pattern`` (none inside ``exclude_dirs``), in a seeded random
-    order, until ``max_bytes`` are read (the last file is truncated)."""
-    files = sorted(
-        p for p in root.glob(pattern) if p.is_file() and not set(p.relative_to(root).parts[:-1]) & set(exclude_dirs)
-    )
-    corpus, total = [], 0
-    for index in np.random.default_rng(seed).permutation(len(files)):
-        if total >= max_bytes:
-            break
-        data = files[index].read_bytes()[: max_bytes - total]
-        corpus.append((files[index], data))
-        total += len(data)
-    return corpus
-
-
 class TextDataModule(RecipeDataModule):
-    """Non-overlapping byte blocks of every file, split at random into training and validation blocks.
+    """Non-overlapping byte blocks of memory-mapped token files (:mod:`lightning_decent.recipes.text_tokens`).
+
+    ``prepare_data`` (Lightning runs it on global rank 0 before every rank's ``setup``) writes the token
+    files into ``tokens_dir`` from the corpus under ``root`` unless they are there already, e.g. from
+    ``python -m lightning_decent.recipes.text_tokens``.
 
     Args:
+        tokens_dir: the folder of ``train.bin``, ``val.bin`` and ``meta.json``.
         root: the corpus folder (default: the Python standard library's source tree).
         pattern: glob of the files under ``root`` (recursive with ``**``).
-        max_bytes: read at most this many bytes.
+        max_bytes: read at most this many bytes of the corpus.
         exclude_dirs: folder names to skip anywhere under ``root`` (third-party packages, caches).
         block_size: tokens per training sequence.
-        val_fraction: share of blocks held out for validation.
-        split_seed: seed of the file order and of the split (the same on every rank).
+        val_fraction: share of the bytes (whole files) held out for validation.
+        split_seed: seed of the file order and of the split.
         batch_size: sequences per rank and step.
         num_workers: ``DataLoader`` workers per rank.
-        partition: the training split over ranks (labels: a block's top-level folder).
+        partition: the training split over ranks (labels: the top-level folder of a block's file).
     """
 
     def __init__(
         self,
+        tokens_dir: str,
         root: str | None = None,
         pattern: str = "**/*.py",
-        max_bytes: int = 2_000_000,
-        exclude_dirs: Sequence[str] = ("site-packages", "dist-packages", "__pycache__"),
+        max_bytes: int | None = 2_000_000,
+        exclude_dirs: Sequence[str] = DEFAULT_EXCLUDE,
         block_size: int = 128,
         val_fraction: float = 0.05,
         split_seed: int = 0,
@@ -98,7 +81,8 @@ class TextDataModule(RecipeDataModule):
         partition: Partition | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, partition)
-        self.root = root or sysconfig.get_paths()["stdlib"]
+        self.tokens_dir = Path(tokens_dir)
+        self.root = root or default_corpus()
         self.pattern = pattern
         self.max_bytes = max_bytes
         self.exclude_dirs = tuple(exclude_dirs)
@@ -107,37 +91,35 @@ class TextDataModule(RecipeDataModule):
         self.split_seed = split_seed
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
-        self._train_labels: torch.Tensor | None = None
+        # One process of the whole run writes the token files (several machines share the run directory).
+        self.prepare_data_per_node = False
+
+    def prepare_data(self) -> None:
+        if is_prepared(self.tokens_dir):
+            return
+        root = require_paths("language_model", self.root, LAYOUT)
+        try:
+            prepare(root, self.tokens_dir, self.pattern, self.max_bytes, self.exclude_dirs, self.val_fraction,
+                    self.split_seed)  # fmt: skip
+        except ValueError as error:
+            raise DataRootError(f"language_model: {error}. Expected the layout\n{LAYOUT}") from error
 
     def setup(self, stage: str | None = None) -> None:
-        root = require_paths("language_model", self.root, LAYOUT)
-        corpus = read_corpus(root, self.pattern, self.max_bytes, self.exclude_dirs, self.split_seed)
-        blocks, groups = [], []
-        for path, data in corpus:
-            count = (len(data) - 1) // self.block_size
-            if count < 1:  # shorter than one block (or empty)
-                continue
-            tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            starts = torch.arange(count) * self.block_size
-            blocks.append(tokens[starts[:, None] + torch.arange(self.block_size + 1)])
-            relative = path.relative_to(root).parts
-            groups += [relative[0] if len(relative) > 1 else "."] * count
-        if len(groups) < 2:
+        if not is_prepared(self.tokens_dir):  # used without a Trainer, which calls prepare_data first
+            self.prepare_data()
+        self.train_set = TokenBlocks(self.tokens_dir / "train.bin", self.block_size)
+        self.val_set = TokenBlocks(self.tokens_dir / "val.bin", self.block_size)
+        if not len(self.train_set) or not len(self.val_set):
             raise DataRootError(
-                f"language_model: {root} has no files matching {self.pattern!r} with more than "
-                f"data.block_size={self.block_size} bytes. Expected the layout\n{LAYOUT}"
+                f"language_model: {self.tokens_dir} holds fewer than data.block_size={self.block_size} + 1 training "
+                f"or validation tokens; use a larger corpus or a smaller block size. Expected the layout\n{LAYOUT}"
             )
-        all_blocks = torch.cat(blocks)
-        labels = torch.as_tensor(np.unique(groups, return_inverse=True)[1])
-        order = torch.randperm(len(all_blocks), generator=torch.Generator().manual_seed(self.split_seed))
-        held_out = max(1, int(self.val_fraction * len(order)))
-        self.val_set = TokenBlocks(all_blocks[order[:held_out]])
-        self.train_set = TokenBlocks(all_blocks[order[held_out:]])
-        self._train_labels = labels[order[held_out:]]
 
     def train_labels(self) -> Sequence[int]:
-        assert self._train_labels is not None
-        return self._train_labels
+        assert self.train_set is not None
+        files = json.loads((self.tokens_dir / "meta.json").read_text())["train_files"]
+        file_of_block = np.searchsorted([f["offset"] for f in files], self.train_set.block_starts(), side="right") - 1
+        return np.unique([f["group"] for f in files], return_inverse=True)[1][file_of_block]
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
@@ -238,21 +220,21 @@ class LanguageModel(RecipeModule):
     """Next-token cross-entropy; logs ``train/loss``, ``val/loss`` and ``val/perplexity`` (torchmetrics).
 
     Args:
-        net: a model mapping token ids to next-token logits (e.g. :class:`GPT`).
-        optimizer: ``params -> Optimizer``.
-        scheduler: optional per-step schedule factory (see :mod:`recipes.schedules`).
+        net: a model mapping token ids to next-token logits (e.g. :class:`GPT`), or its config.
+        optimizer: ``params -> Optimizer``, or its config.
+        scheduler: optional per-step schedule factory or its config (see :mod:`lightning_decent.recipes.schedules`).
         decay_bias_and_norm: apply weight decay to biases and norm weights too.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: ScheduleFactory | None = None,
+        net: nn.Module | Config,
+        optimizer: OptimizerFactory | Config,
+        scheduler: ScheduleFactory | Config | None = None,
         decay_bias_and_norm: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, decay_bias_and_norm)
-        self.net = net
+        self.net: nn.Module = build(net)
         self.val_perplexity = Perplexity()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

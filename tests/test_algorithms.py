@@ -14,6 +14,7 @@ from lightning_decent.algorithms import (
     PUSH_SUM_ALGORITHMS,
     Algorithm,
     Bucket,
+    LocalSteps,
     Modified,
     get_algorithm,
 )
@@ -23,9 +24,12 @@ from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import Quadratic, simulate
 from lightning_decent.topology import get_topology, lambda_min
 
-#: The doubly stochastic family. The push-sum algorithms send an extra scalar, keep a per-node scalar and
-#: have graph-dependent rounds; their costs and refusals are tested in tests/test_push_sum.py.
-NAMES = [name for name in ALGORITHMS if name not in PUSH_SUM_ALGORITHMS]
+#: The doubly stochastic per-step family. The push-sum algorithms send an extra scalar, keep a per-node scalar
+#: and have graph-dependent rounds; their costs and refusals are tested in tests/test_push_sum.py. The
+#: local-steps algorithms communicate once per H steps and take no modifier: tests/test_local_steps.py.
+NAMES = [
+    name for name in ALGORITHMS if name not in PUSH_SUM_ALGORITHMS and not issubclass(ALGORITHMS[name], LocalSteps)
+]
 
 
 # ---- registry -------------------------------------------------------------------------------------
@@ -96,7 +100,7 @@ def test_class_attributes_match_the_docstring_and_the_state(name: str) -> None:
     assert persistent == algo.extra_memory
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [name for name in NAMES if name != "choco"])  # choco: tests/test_choco.py
 def test_bytes_sent_per_step_are_rounds_times_buffers_times_out_degree(name: str) -> None:
     problem = Quadratic(n=8)
     result = simulate(problem, name, "ring", steps=5, lr=0.1, eval_every=5, gossip_rounds=2)
@@ -282,6 +286,7 @@ def _fresh(
         ("gut", {}, 0.0),
         ("qg_gut", {}, 0.0),
         ("dsgd", {"global_average_every": 2, "adaptive_global_average": True}, 0.0),
+        ("choco", {"compression": "randomk", "compression_options": {"fraction": 0.5}}, 0.9),
     ],
 )
 def test_bucket_state_and_state_dict_resume_exactly(name: str, options: dict, momentum: float) -> None:

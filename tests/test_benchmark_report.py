@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.cluster import report
+from benchmarks.cluster import report, two_level
 
 MODEL_BYTES = 67_200_000
 BANDWIDTH = 1.25e8  # 1 Gbit/s
@@ -78,3 +78,38 @@ def test_time_to_accuracy_is_when_gossip_first_reaches_ddps_final_accuracy() -> 
     never = [{"curve": [(6.0, 0.90), (12.0, 0.93)], "parameters": 1_000_000}] * 2
     _, goal = report.accuracy_report({"accuracy:ddp": ddp, "gossip": never}, "gossip")
     assert goal.value is None and "never reached" in goal.note
+
+
+def test_two_level_goals_compare_the_hierarchical_step_with_ddp_and_aer() -> None:
+    results = {
+        "lightning_local": timed(0.20, 0.30),  # mean 0.25 < M/B: the floor is the link
+        "comm:hierarchical": timed(0.60, 0.62, 0.90),
+        "lightning_ddp": timed(1.50, 1.70),  # mean 1.60
+        two_level.AER: timed(1.00, 1.20),  # mean 1.10
+        two_level.FLAT: timed(1.00, 1.00),
+        two_level.HIERARCHICAL: timed(0.70, 0.74),  # mean 0.72
+    }
+    text, goals = two_level.step_report(results, 2, 4, MODEL_BYTES, BANDWIDTH)
+    by_name = {g.name: g for g in goals}
+    assert by_name["2x4: hierarchical step / Lightning DDP"].value == pytest.approx(0.72 / 1.60)
+    assert by_name["2x4: hierarchical step / Lightning DDP"].status == "met"  # 0.45 <= 0.6
+    assert by_name["2x4: hierarchical step / decent-dp AER"].value == pytest.approx(0.72 / 1.10)
+    assert by_name["2x4: hierarchical step / decent-dp AER"].status == "met"  # 0.655 <= 0.7
+    row = next(line for line in text.splitlines() if line.startswith("| ours, hierarchical"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:5] == ["720", "0.450", "0.655", f"{0.72 / LINK:.3f}"]
+    assert f"max(compute, M/B) = {LINK * 1000:.0f} ms" in text
+
+
+def test_two_level_report_when_decent_dp_is_absent_or_the_machines_are_not_a_power_of_two() -> None:
+    assert two_level.AER not in two_level.two_level_cases(3) and two_level.AER in two_level.two_level_cases(4)
+    results = {
+        "lightning_ddp": timed(1.0),
+        two_level.HIERARCHICAL: timed(0.5),
+        two_level.AER: [{"skipped": "decent-dp is not installed (pip install decent-dp)"}] * 2,
+    }
+    text, goals = two_level.step_report(results, 2, 4, MODEL_BYTES, BANDWIDTH)
+    aer = goals[1]
+    assert aer.value is None and aer.status == "not measured" and "not installed" in aer.note
+    assert "| decent-dp alternating exponential ring" in text and "skipped" in text
+    _, goals = two_level.step_report({"lightning_ddp": timed(1.0), two_level.HIERARCHICAL: timed(0.5)}, 3, 2, 1, 1.0)
+    assert "M not a power of 2" in goals[1].note

@@ -18,7 +18,7 @@ from mp_scripts.tiny_model import TinyClassifier, flat_params
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent import checkpoint as ckpt
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 NAMES = ("epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt")
 

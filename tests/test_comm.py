@@ -30,6 +30,10 @@ CASES = [
     ("one_peer_exponential", {}),
     ("alternating_exponential_ring", {"local_world_size": 2}),
     ("challenging_digraph", {}),
+    ("base", {"k": 1}),
+    ("equidyn", {"period": 5}),
+    ("equistatic", {"directed": True}),
+    ("hierarchical", {"local_world_size": 2}),
 ]
 
 

@@ -30,6 +30,12 @@ def options(name: str, n: int) -> dict | None:
         return {"rows": 1}  # a prime n has no 2-D shape; the 1 x n mesh is accepted when asked for
     if name == "directed_graph":
         return {"edges": [(i, (i + 1) % n) for i in range(n)] + [(i, (i + 3) % n) for i in range(n)]}
+    if name == "hierarchical":
+        return {"local_world_size": 2, "machines": "base"} if n % 2 == 0 and n > 2 else None
+    if name == "equidyn":
+        return {"period": 12}
+    if name == "base":
+        return {"k": 1 + n % 3}
     if name == "alternating_exponential_ring":
         machines = n // 2
         return {"local_world_size": 2} if n % 2 == 0 and machines >= 2 and machines & (machines - 1) == 0 else None
@@ -102,7 +108,18 @@ GLOO_CASES = [
     ("directed_ring", {}),
     ("challenging_digraph", {}),
     ("complete", {}),
+    ("base", {"k": 1}),
+    ("base", {"k": 2}),
+    ("equidyn", {"period": 6}),
+    ("equidyn", {"period": 6, "directed": False}),
+    ("equistatic", {"M": 2}),
+    ("hierarchical", {"local_world_size": 2, "machines": "base"}),
 ]
+
+
+def label(name: str, opts: dict) -> str:
+    """A case's key in the results (a name may appear with several options)."""
+    return f"{name}{sorted(opts.items())}"
 
 
 def values(seed: int) -> torch.Tensor:
@@ -121,7 +138,7 @@ def _worker(rank: int, queue) -> None:
             first.finish(0)
             second.finish(0, into=into)
             anchor.copy_(split)
-        queue.put((name, rank, mixed, split, into, comm._reverse is not None))
+        queue.put((label(name, opts), rank, mixed, split, into, comm._reverse is not None))
     comm = P2PCommunicator(get_topology("ring", WORLD), rank)
     buf = torch.zeros(DIM, dtype=torch.float64)
     pending = comm.start_mix([buf], 0)
@@ -166,7 +183,7 @@ def test_scheduled_gloo_rounds_equal_the_matrix_product(gloo_results: dict, name
         for k in range(topology.period)
     )
     for rank in range(WORLD):
-        got_mixed, got_split, got_into, has_reverse = gloo_results[(name, rank)]
+        got_mixed, got_split, got_into, has_reverse = gloo_results[(label(name, opts), rank)]
         torch.testing.assert_close(got_mixed, mixed[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_split, split[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_into, into[rank], rtol=0, atol=1e-12)

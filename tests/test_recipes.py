@@ -3,22 +3,28 @@ and a clear error naming the layout when the data is missing or malformed."""
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Callable, Iterator
+import urllib.error
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.utils import instantiate
 from recipe_data import make_coco, make_image_folder, make_text_corpus, make_voc
+from torch.utils.data import DistributedSampler
 from train_cli import failure_message, run_dirs, run_train, summary
 
-import lightning_decent.train  # noqa: F401 - registers the config resolvers
-from recipes.common import DataRootError
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from lightning_decent.recipes import text_tokens
+from lightning_decent.recipes.classification import ImageClassifier
+from lightning_decent.recipes.common import DataRootError
+from lightning_decent.recipes.detection import WeightsUnavailableError, detection_model
+from lightning_decent.recipes.grouping import GroupedSampler, aspect_ratio_groups
+from lightning_decent.recipes.language_model import TextDataModule
+from lightning_decent.train import build_model  # also registers the config resolvers
 
 #: recipe case -> (data generator, overrides that make it tiny; "{root}" is the generated data root)
 CASES: dict[str, tuple[Callable[[Path], Path] | None, list[str]]] = {
@@ -31,12 +37,13 @@ CASES: dict[str, tuple[Callable[[Path], Path] | None, list[str]]] = {
     "coco": (
         make_coco,
         ["recipe=detection", "data.batch_size=2", "data.num_workers=0", "model.net.min_size=64",
-         "model.net.max_size=96"],
+         "model.net.max_size=96", "model.net.weights_backbone=null"],
     ),
     "voc": (
         make_voc,
         ["recipe=detection", "data.dataset=voc", "data.batch_size=2", "data.num_workers=0",
-         "model.net.name=fasterrcnn_resnet50_fpn", "model.net.min_size=64", "model.net.max_size=96"],
+         "model.net.name=fasterrcnn_resnet50_fpn", "model.net.min_size=64", "model.net.max_size=96",
+         "model.net.weights_backbone=null"],
     ),
     "language_model": (
         make_text_corpus,
@@ -50,14 +57,6 @@ def case_overrides(case: str, tmp_path: Path) -> list[str]:
     make, overrides = CASES[case]
     root = [f"data.root={make(tmp_path / 'data')}"] if make else []
     return [*overrides, *root]
-
-
-@pytest.fixture(scope="module")
-def hydra_context() -> Iterator[None]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -89,7 +88,7 @@ def test_recipe_takes_a_training_step_and_validates(hydra_context, tmp_path: Pat
         ("voc", None, r"ROOT/VOCdevkit/VOC<year>/Annotations/<id>\.xml"),
         ("voc", lambda root: (root / "VOCdevkit/VOC2012/ImageSets/Main/val.txt").unlink(), r"val\.txt not found"),
         ("language_model", None, r"any folder tree of text files"),
-        ("language_model", lambda root: [p.unlink() for p in root.rglob("*.txt")], r"no files matching"),
+        ("language_model", lambda root: [p.unlink() for p in root.rglob("*.txt")], r"found 0 file\(s\) matching"),
     ],
 )
 def test_missing_or_malformed_data_names_the_expected_layout(
@@ -134,4 +133,91 @@ def test_recipe_end_to_end_with_two_processes(tmp_path: Path, case: str) -> None
     assert (run_dir / "config.yaml").is_file() and (run_dir / "training_curves.png").is_file()
     if partition:
         assert "Training labels per rank (dirichlet split" in proc.stdout + proc.stderr
-        assert "data_partition" in (run_dir / "csv" / "hparams.yaml").read_text()
+        assert "data_partition" in (run_dir / "csv" / "gossip" / "hparams.yaml").read_text()
+
+
+# ---- fidelity to the references ------------------------------------------------------------------------------
+
+
+def test_detection_without_its_pretrained_weights_fails_at_start_naming_the_override(
+    hydra_context, tmp_path: Path, monkeypatch
+) -> None:
+    # Offline and with an empty cache: the torchvision reference's ImageNet backbone cannot be had.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    cfg = compose("train", overrides=["recipe=detection", "data.root=/data/coco", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.net.weights_backbone == "ResNet50_Weights.IMAGENET1K_V1" and cfg.optimizer.lr > 0
+    with pytest.raises(WeightsUnavailableError, match=r"model\.net\.weights_backbone=null"):
+        detection_model(**{k: v for k, v in cfg.model.net.items() if k != "_target_"})
+    with pytest.raises(Exception, match=r"model\.net\.weights_backbone=null"):
+        build_model(cfg)  # the application builds the model before any process starts
+
+
+def _offline(url: str, *args, **kwargs) -> None:
+    raise urllib.error.URLError("no network")
+
+
+def test_grouped_batches_hold_one_aspect_ratio_group_and_every_index_once() -> None:
+    group_ids = [0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 1, 2, 0, 2, 2, 1, 0, 0, 2, 1]
+    inner = DistributedSampler(range(20), num_replicas=2, rank=1, seed=3)
+    grouped = GroupedSampler(inner, group_ids, batch_size=3)
+    grouped.set_epoch(4)
+    inner.set_epoch(4)
+    order = list(grouped)
+    assert sorted(order) == sorted(inner) and len(grouped) == len(inner) == 10
+    full = order[: 3 * (len(order) // 3)]
+    batches = [full[i : i + 3] for i in range(0, len(full), 3)]
+    assert sum(len({group_ids[i] for i in batch}) == 1 for batch in batches) >= 2  # only leftovers mix
+    assert aspect_ratio_groups([0.4, 0.6, 1.0, 1.33, 1.9, 3.0], factor=3) == [0, 1, 4, 5, 6, 7]
+
+
+def test_detection_data_groups_images_by_their_annotated_aspect_ratio(hydra_context, tmp_path: Path) -> None:
+    for case in ("coco", "voc"):
+        cfg = compose("train", overrides=[*case_overrides(case, tmp_path / case), f"paths.output_dir={tmp_path}"])
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        assert datamodule.train_aspect_ratios() == [64 / 48] * len(datamodule.train_set)
+        assert isinstance(datamodule.train_dataloader().sampler, GroupedSampler)
+
+
+def test_imagenet_defaults_follow_goyal_et_al_with_cosine_as_the_alternative(hydra_context, tmp_path: Path) -> None:
+    goyal = compose("train", overrides=["recipe=imagenet", "trainer.devices=8", f"paths.output_dir={tmp_path}"])
+    assert (goyal.model.scheduler.decay, list(goyal.model.scheduler.milestones)) == ("step", [30, 60, 80])
+    assert goyal.model.scheduler.warmup_epochs == 5 and goyal.model.label_smoothing == 0.0
+    assert goyal.model.net.zero_init_residual and goyal.model.channels_last and not goyal.model.compile
+    assert goyal.data.pin_memory and goyal.optimizer.lr == pytest.approx(0.1 * 8 * 32 / 256)
+    cosine = compose("train", overrides=["recipe=imagenet_cosine", f"paths.output_dir={tmp_path}"])
+    assert (cosine.recipe.name, cosine.model.scheduler.decay, cosine.model.label_smoothing) == (
+        "imagenet",
+        "cosine",
+        0.1,
+    )
+
+
+def test_channels_last_and_compile_keep_the_checkpoint_keys() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    model = ImageClassifier(net, 10, optimizer=partial(torch.optim.SGD, lr=0.1), channels_last=True, compile=True)
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
+    keys = sorted(model.state_dict())
+    model.configure_model()  # what Lightning calls at the start of fit: compiles the network in place
+    assert sorted(model.state_dict()) == keys and model.net is net
+
+
+def test_language_model_reads_token_files_prepared_once(tmp_path: Path) -> None:
+    corpus = make_text_corpus(tmp_path / "corpus")
+    tokens = tmp_path / "tokens"
+    text_tokens.main(["--root", str(corpus), "--pattern", "**/*.txt", "--out", str(tokens), "--val-fraction", "0.2"])
+    meta = json.loads((tokens / "meta.json").read_text())
+    total = sum(p.stat().st_size for p in corpus.rglob("*.txt"))
+    assert meta["train_bytes"] + meta["val_bytes"] == total and meta["val_bytes"] >= 0.2 * total
+    assert (tokens / "train.bin").stat().st_size == meta["train_bytes"]
+    # Training finds the prepared files (no corpus needed any more) and memory-maps them.
+    datamodule = TextDataModule(tokens_dir=str(tokens), root=str(tmp_path / "gone"), block_size=16, batch_size=4)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    inputs, targets = datamodule.train_set[3]
+    raw = (tokens / "train.bin").read_bytes()[48:65]
+    assert inputs.tolist() == list(raw[:16]) and targets.tolist() == list(raw[1:17])
+    labels = datamodule.train_labels()
+    assert len(labels) == len(datamodule.train_set) and set(labels.tolist()) == {0, 1}  # folders alpha, beta

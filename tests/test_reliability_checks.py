@@ -12,7 +12,7 @@ from mp_launch import launch
 from mp_scripts.tiny_model import TinyClassifier, flat_params
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsDataModule
+from lightning_decent.recipes.digits import DigitsDataModule
 
 pytestmark = pytest.mark.slow
 RANKS = 4

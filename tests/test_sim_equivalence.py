@@ -33,5 +33,14 @@ def test_real_training_matches_the_simulator(ranks: list[dict], case: str) -> No
         assert r[case]["moved"] > 1e-3  # the parameters really changed
         assert r[case]["max_abs_diff"] < 1e-5  # typically ~1e-15 (float64, same summation)
         assert r[case]["average_max_abs_diff"] < 1e-12  # evaluation sees the simulator's network average
+    if "hierarchical" in case:  # the two-level path ran, not the flat point-to-point one
+        assert {r[case]["communicator"] for r in ranks} == {"HierarchicalCommunicator"}
     if "digraph" in case:  # push-sum: (1/n) sum v_i z_i, which is not the mean of the z_i before consensus
         assert ranks[0][case]["plain_mean_gap"] > 1e-6  # 3e-5 to 9e-2 here, far above the 1e-12 above
+
+
+@pytest.mark.slow
+def test_real_choco_with_the_identity_compressor_and_gamma_one_is_real_dsgd(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert max(abs(a - b) for a, b in zip(r["choco_identity"]["params"], r["dsgd"]["params"])) < 1e-12
+        assert r["choco_int8"]["params"] != r["dsgd"]["params"]  # int8 is lossy: not the same run

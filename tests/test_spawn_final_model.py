@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lightning_decent import DecentralizedStrategy
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.topology import Topology
-from recipes.digits import DigitsClassifier, DigitsDataModule
 
 RANKS = 2
 #: Two nodes that keep 3/4 of their own model per round, so the replicas stay different.

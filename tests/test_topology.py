@@ -36,7 +36,12 @@ SIZES = [4, 8, 12, 16]
 
 def build(name: str, n: int) -> Topology:
     """The named topology; AER runs on 4 machines of n/4 ranks, Erdős–Rényi with p = 1/2."""
-    options = {"erdos_renyi": {"p": 0.5}, "alternating_exponential_ring": {"local_world_size": n // 4}}
+    options = {
+        "erdos_renyi": {"p": 0.5},
+        "alternating_exponential_ring": {"local_world_size": n // 4},
+        "hierarchical": {"local_world_size": 2},
+        "equidyn": {"period": 20},
+    }
     return get_topology(name, n, **options.get(name, {}))
 
 
@@ -345,3 +350,16 @@ def test_from_matrix_names_the_bad_phase() -> None:
     good = one_peer_exponential(4).matrix(0)
     with pytest.raises(ValueError, match=r"rows of W\(1\) must sum to 1"):
         from_matrix([good, np.diag([1.0, 1.0, 1.0, 0.5])])
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "recorded"),
+    [
+        ("ring", 8, "449202b6291fd242"),
+        ("one_peer_exponential", 16, "c0a6017631a01ea1"),
+        ("challenging_digraph", 12, "a38e8d3cb54449a3"),
+    ],
+)
+def test_fingerprints_match_those_recorded_in_earlier_checkpoints(name: str, n: int, recorded: str) -> None:
+    """Values written into checkpoints by release 0.1 (dense matrices): a checkpoint resumes only if they match."""
+    assert get_topology(name, n).fingerprint() == recorded

@@ -109,6 +109,21 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_families_for_any_n_are_listed_and_plotted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """n = 12: Base-2 and the hierarchical graph average exactly after their periods (rho/period 0),
+    EquiDyn's drawn sequence is plotted as one union (its 1,000 phases would not fit a legend)."""
+    png, rows_json = tmp_path / "families.png", tmp_path / "rows.json"
+    argv = ["base", "equistatic", "equidyn", "hierarchical", "--n", "12", "--option", "local_world_size=3"]
+    code, out, _ = run([*argv, "--rounds", "10", "--plot", str(png), "--json", str(rows_json)], capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {row["name"]: row for row in json.loads(rows_json.read_text())}
+    assert (rows["base"]["max_degree"], rows["base"]["period"]) == (1, 5) and rows["base"]["rho_over_period"] < 1e-12
+    assert rows["equidyn"]["period"] == 1000 and rows["equidyn"]["max_degree"] == 1
+    assert rows["equistatic"]["period"] == 1 and 0 < rows["equistatic"]["rho_per_round"] < 1
+    assert rows["hierarchical"]["period"] == 2 and abs(rows["hierarchical"]["rho_over_period"]) < 1e-12
+    assert all(line.split()[0] in rows for line in out.splitlines()[2:6])
+
+
 def test_module_entry_point() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lightning_decent.topology", "ring", "--n", "8"],

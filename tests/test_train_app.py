@@ -9,7 +9,15 @@ import torch
 from train_cli import failure_message, run_dirs, run_train, summary
 
 from lightning_decent.app.callbacks import batch_size_of, format_label_table
-from lightning_decent.app.report import RunResult, plot_training_curves, read_metrics_csv, summary_markdown
+from lightning_decent.app.report import (
+    RunResult,
+    plot_runs,
+    read_metrics_csv,
+    read_summary,
+    summary_markdown,
+    write_summary,
+)
+from lightning_decent.app.sweep import summarize_sweep
 
 
 def test_default_command_gossip_matches_ddp_on_digits(tmp_path: Path) -> None:
@@ -29,9 +37,20 @@ def test_default_command_gossip_matches_ddp_on_digits(tmp_path: Path) -> None:
     assert gossip["samples_per_s"] > 0 and gossip["train_time_s"] > 0 and ddp["train_time_s"] > 0
     param_bytes = 151_306 * 4  # digits_cnn(32, 128) in float32; one peer per step on the one-peer graph
     assert gossip["bytes_sent_per_step"] == pytest.approx(param_bytes)
-    for name in ("config.yaml", "summary.md", "training_curves.png", "csv/metrics.csv", "checkpoints/last.ckpt"):
+    for name in ("config.yaml", "summary.md", "training_curves.png", "checkpoints/last.ckpt"):
         assert (run_dir / name).exists(), name
-    assert "| gossip one_peer_exponential/dsgd" in proc.stdout and "| DDP |" in proc.stdout
+    # Both fits on the same logger, each with the resolved config as hyper-parameters; the curves and the
+    # (digits: on by default) consensus distance come from their CSV logs.
+    for label, run in (("gossip", gossip), ("ddp", ddp)):
+        assert run["metrics_csv"] == str(run_dir / "csv" / label / "metrics.csv")
+        assert "run_label: " + label in (run_dir / "csv" / label / "hparams.yaml").read_text()
+    gossip_log, ddp_log = (read_metrics_csv(run_dir / "csv" / label / "metrics.csv") for label in ("gossip", "ddp"))
+    assert {"train/loss", "train/time", "val/acc", "gossip/consensus_distance"} <= set(gossip_log)
+    assert "gossip/consensus_distance" not in ddp_log and {"train/loss", "train/time"} <= set(ddp_log)
+    assert "| gossip one_peer_exponential/dsgd" in proc.stdout + proc.stderr
+    # train.log holds the run's log: Lightning's messages and the summary table.
+    run_log = (run_dir / "train.log").read_text()
+    assert "`Trainer.fit` stopped" in run_log and "| DDP |" in run_log
 
 
 @pytest.mark.slow
@@ -48,6 +67,9 @@ def test_a_sweep_writes_one_directory_per_job(tmp_path: Path) -> None:
     for run_dir in dirs:
         assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 followed each job into its directory
         assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    _, rows = read_summary(dirs[0].parent)  # the sweep's own summary over both jobs
+    assert [row.name.split(" / ")[0] for row in rows] == ["0: topology=ring", "1: topology=exponential"]
+    assert (dirs[0].parent / "training_curves.png").is_file() and (dirs[0].parent / "summary.md").is_file()
 
 
 def test_summary_table_has_one_row_per_run() -> None:
@@ -61,13 +83,46 @@ def test_summary_table_has_one_row_per_run() -> None:
     assert table[5] == "| DDP | 0.94 | 60 | 2 | 3000 | - |"
 
 
-def test_training_curves_are_plotted_from_the_csv_log(tmp_path: Path) -> None:
-    csv = tmp_path / "metrics.csv"
-    csv.write_text("epoch,step,train/loss,val/acc\n0,9,2.3,\n0,11,,0.3\n1,19,1.1,\n1,23,,0.8\n")
-    assert read_metrics_csv(csv) == {"train/loss": ([9.0, 19.0], [2.3, 1.1]), "val/acc": ([11.0, 23.0], [0.3, 0.8])}
-    png = plot_training_curves(csv, tmp_path / "curves.png")
+def _write_metrics(path: Path, rows: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rows)
+    return path
+
+
+def test_curves_of_several_runs_share_axes(tmp_path: Path) -> None:
+    gossip = _write_metrics(
+        tmp_path / "gossip.csv",
+        "epoch,step,train/loss,train/time,val/acc,gossip/consensus_distance\n"
+        "0,9,2.3,1.0,,0.01\n0,11,,,0.3,\n1,19,1.1,3.0,,0.001\n1,23,,,0.8,\n",
+    )
+    assert read_metrics_csv(gossip)["train/loss"] == ([9.0, 19.0], [2.3, 1.1])
+    ddp = read_metrics_csv(_write_metrics(tmp_path / "ddp.csv", "epoch,step,train/loss,val/acc\n0,9,2.2,\n0,11,,0.4\n"))
+    png = plot_runs([("gossip", read_metrics_csv(gossip)), ("DDP", ddp)], "val/acc", tmp_path / "curves.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot_training_curves(tmp_path / "missing.csv", tmp_path / "none.png") is None
+    assert plot_runs([("DDP", ddp)], "val/map", tmp_path / "none.png") is not None  # the training loss alone
+    assert plot_runs([("empty", {})], "val/acc", tmp_path / "none.png") is None
+
+
+def test_a_sweep_summary_has_every_job_and_run(tmp_path: Path) -> None:
+    for job, topology, acc in (("0", "ring", 0.9), ("1", "exponential", 0.95)):
+        job_dir = tmp_path / job
+        metrics = _write_metrics(
+            job_dir / "csv" / "metrics.csv", f"epoch,step,train/loss,val/acc\n0,4,1.0,\n0,5,,{acc}\n"
+        )
+        _write_metrics(job_dir / ".hydra" / "overrides.yaml", f"- topology={topology}\n- trainer.devices=2\n")
+        run = RunResult(f"gossip {topology}/dsgd (p2p)", {"val/acc": acc}, 5, metrics_csv=str(metrics))
+        write_summary(job_dir, [run, RunResult("DDP", {"val/acc": 0.93}, 5)], "digits", {"monitor": "val/acc"})
+    markdown = summarize_sweep(tmp_path)
+    assert markdown is not None and "| 1: topology=exponential / DDP | 0.93 |" in markdown
+    info, rows = read_summary(tmp_path)
+    assert [r.name for r in rows] == [
+        "0: topology=ring / gossip ring/dsgd (p2p)", "0: topology=ring / DDP",
+        "1: topology=exponential / gossip exponential/dsgd (p2p)", "1: topology=exponential / DDP",
+    ]  # fmt: skip
+    overrides = [job["overrides"] for job in info["jobs"]]
+    assert overrides == [["topology=ring", "trainer.devices=2"], ["topology=exponential", "trainer.devices=2"]]
+    assert (tmp_path / "training_curves.png").is_file()
+    assert summarize_sweep(tmp_path / "0" / "csv") is None  # no job below
 
 
 def test_batch_sizes_of_every_recipe_batch() -> None:

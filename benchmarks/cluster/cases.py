@@ -13,10 +13,12 @@ curve. Names may carry ``@slow=SECONDS``: the last rank then does that much extr
 * ``torch_ddp``, ``lightning_ddp``: AllReduce data parallelism (torch, and Lightning's DDPStrategy).
 * ``raw_overlap``: plain torch training while raw gloo moves one model ``i -> i - 1`` each step, and
   nothing else: the fastest an overlapped one-peer step can be on this machine.
-* ``decent_dp:<topology>``: decent-dp's ``DecentralizedDataParallel`` (if installed).
+* ``decent_dp:<topology>``: decent-dp's ``DecentralizedDataParallel`` (if installed), e.g.
+  ``decent_dp:alternating-exp-ring`` on a two-level cluster (its ``local_world_size`` is the machine's).
 * ``ours:<topology>[:overlap]``: ``DecentralizedStrategy`` (D-SGD), blocking or overlapped; besides the
   library's topologies, ``alternating_pairs`` is decent-dp's "ring" (perfect matchings of neighbours,
-  alternating between even and odd pairs: one peer per step).
+  alternating between even and odd pairs: one peer per step). ``hierarchical`` takes the machines from
+  ``$LOCAL_WORLD_SIZE`` and gossips one-peer exponentially between them.
 * ``accuracy:ddp`` / ``accuracy:<topology>[:overlap]``: the digits recipe with a wide CNN; validation
   accuracy (of the network average) against training time, evaluation time excluded.
 """
@@ -41,9 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 from benchmarks.cluster.workloads import Classifier, ModelSpec, StepClock, step_summary, synthetic_loader
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.buckets import build_buckets
-from lightning_decent.comm import P2PCommunicator
+from lightning_decent.comm import HierarchicalCommunicator, P2PCommunicator
 from lightning_decent.comm.p2p import average_all_reduce
-from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -62,6 +64,13 @@ class Context:
     epochs: int
     accuracy_hidden: int
     accuracy_lr: float
+    local_world_size: int = 1  # ranks per machine (two-level cluster); rank = machine x L + local rank
+
+    def layout(self, distributed: bool = True) -> dict[str, int]:
+        """The Trainer's ``devices`` and ``num_nodes``: L devices on each of the world / L machines."""
+        if not distributed:
+            return {"devices": 1, "num_nodes": 1}
+        return {"devices": self.local_world_size, "num_nodes": self.world // self.local_world_size}
 
     def delay(self, slow: float) -> float:
         """Extra seconds per step on this rank: the last rank is the straggler."""
@@ -136,19 +145,25 @@ def comm_round(ctx: Context, topology: str, slow: float = 0.0) -> dict[str, Any]
     if topology == "allreduce":
         return _timed_rounds(ctx, lambda _: average_all_reduce(buffers))
     graph = _topology(topology, ctx.world)
-    comm = P2PCommunicator(graph if isinstance(graph, Topology) else get_topology(graph, ctx.world), ctx.rank)
+    graph = graph if isinstance(graph, Topology) else get_topology(graph, ctx.world)
+    rounds = ctx.warmup + ctx.steps
+    if isinstance(graph, HierarchicalTopology):
+        hierarchical = HierarchicalCommunicator(graph, ctx.rank)
+        result = _timed_rounds(ctx, lambda k: hierarchical.mix(buffers, k))
+        between = hierarchical.between_machines.bytes_sent / rounds
+        return {**result, "bytes_sent_per_round": hierarchical.stats.bytes_sent / rounds, "bytes_between": between}
+    comm = P2PCommunicator(graph, ctx.rank)
     result = _timed_rounds(ctx, lambda k: comm.mix(buffers, k))
-    return {**result, "bytes_sent_per_round": comm.stats.bytes_sent / (ctx.warmup + ctx.steps)}
+    return {**result, "bytes_sent_per_round": comm.stats.bytes_sent / rounds}
 
 
 # ---- training steps -------------------------------------------------------------------------------
-def _fit(ctx: Context, strategy: Any, num_nodes: int, slow: float) -> dict[str, Any]:
+def _fit(ctx: Context, strategy: Any, distributed: bool, slow: float) -> dict[str, Any]:
     torch.manual_seed(0)
     clock = StepClock()
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
-        num_nodes=num_nodes,
+        **ctx.layout(distributed),
         strategy=strategy,
         max_steps=ctx.warmup + ctx.steps + 1,
         logger=False,
@@ -160,30 +175,30 @@ def _fit(ctx: Context, strategy: Any, num_nodes: int, slow: float) -> dict[str, 
         callbacks=[clock],
     )
     module = Classifier(ctx.spec.build(), lr=ctx.lr, delay=ctx.delay(slow))
-    batches = (ctx.warmup + ctx.steps + 2) * (num_nodes if num_nodes > 1 else 1)
+    batches = (ctx.warmup + ctx.steps + 2) * (ctx.world if distributed else 1)
     trainer.fit(module, synthetic_loader(ctx.spec, ctx.batch, batches, seed=ctx.rank))
     return step_summary(clock.ends, ctx.warmup)
 
 
 def lightning_local(ctx: Context, slow: float = 0.0) -> dict[str, Any]:
-    return _fit(ctx, SingleDeviceStrategy(device=torch.device("cpu")), 1, slow)
+    return _fit(ctx, SingleDeviceStrategy(device=torch.device("cpu")), False, slow)
 
 
 def isolated(ctx: Context, slow: float = 0.0) -> dict[str, Any]:
     """The decentralized strategy on a graph with no edges: everything but the network."""
     no_edges = Topology([np.eye(ctx.world)], name="isolated")
-    return _fit(ctx, DecentralizedStrategy(topology=no_edges), ctx.world, slow)
+    return _fit(ctx, DecentralizedStrategy(topology=no_edges), True, slow)
 
 
 def lightning_ddp(ctx: Context, slow: float = 0.0) -> dict[str, Any]:
-    return _fit(ctx, DDPStrategy(process_group_backend="gloo"), ctx.world, slow)
+    return _fit(ctx, DDPStrategy(process_group_backend="gloo"), True, slow)
 
 
 def ours(ctx: Context, topology: str, *mode: str, slow: float = 0.0) -> dict[str, Any]:
     if mode not in ((), ("overlap",)):
         raise ValueError(f"ours:{topology}:{':'.join(mode)}: the only mode is 'overlap'.")
     strategy = DecentralizedStrategy(topology=_topology(topology, ctx.world), overlap=bool(mode))
-    result = _fit(ctx, strategy, ctx.world, slow)
+    result = _fit(ctx, strategy, True, slow)
     return {**result, "bytes_sent_per_step": strategy.comm_stats.bytes_sent / max(strategy.gossip_step, 1)}
 
 
@@ -239,7 +254,7 @@ def decent_dp(ctx: Context, topology: str, slow: float = 0.0) -> dict[str, Any]:
         optim_fn=lambda named: torch.optim.SGD([p for _, p in named], lr=ctx.lr, momentum=0.9),
         topology=topology,
         bucket_size_in_mb=BUCKET_BYTES // 2**20,
-        _local_world_size=1,
+        _local_world_size=ctx.local_world_size,
     )
 
     def step(inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -275,7 +290,7 @@ class TrainingClock(pl.Callback):
 
 
 def accuracy(ctx: Context, which: str, *mode: str, slow: float = 0.0) -> dict[str, Any]:
-    from recipes.digits import DigitsClassifier, DigitsDataModule, digits_cnn
+    from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule, digits_cnn
 
     if which == "ddp":
         strategy: Any = DDPStrategy(process_group_backend="gloo")
@@ -285,8 +300,7 @@ def accuracy(ctx: Context, which: str, *mode: str, slow: float = 0.0) -> dict[st
     clock = TrainingClock()
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
-        num_nodes=ctx.world,
+        **ctx.layout(),
         strategy=strategy,
         max_epochs=ctx.epochs,
         logger=False,

@@ -304,5 +304,5 @@ def _mean_curve(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
     ]
 
 
-def goals_table(goals: list[Goal]) -> str:
-    return table("Goals (issue 7)", ["goal", "measured", "target", "status", "note"], [g.row() for g in goals])
+def goals_table(goals: list[Goal], title: str = "Goals (issue 7)") -> str:
+    return table(title, ["goal", "measured", "target", "status", "note"], [g.row() for g in goals])

@@ -1,8 +1,9 @@
 """One rank of the emulated-cluster benchmark: joins the gloo world and runs the cases in order.
 
-Started inside a host's network namespace by ``benchmarks/emulated_cluster.py`` with ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (and, for Lightning, ``NODE_RANK`` and
-``LOCAL_RANK=0``). Every case's result is appended to ``OUT/rank<r>.jsonl`` as soon as it is done.
+Started inside a machine's network namespace by ``benchmarks/emulated_cluster.py`` with ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and, for Lightning and hierarchical gossip, ``NODE_RANK``
+(the machine), ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (ranks per machine). Every case's result is
+appended to ``OUT/rank<r>.jsonl`` as soon as it is done.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
         epochs=args.epochs,
         accuracy_hidden=args.accuracy_hidden,
         accuracy_lr=args.accuracy_lr,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
     results = args.out / f"rank{rank}.jsonl"
     for name in args.cases.split(","):

@@ -3,8 +3,10 @@
 Build one by name with :func:`get_algorithm`; the modifiers ``global_average_every``,
 ``adaptive_global_average`` and ``gossip_rounds`` are accepted by every algorithm, except that
 ``push_diging`` and ``mg_push_diging`` take their gossip rounds as ``rounds=R`` (they refuse
-``gossip_rounds``). On directed (column-stochastic) graphs use ``push_sum``, ``push_diging`` or
-``mg_push_diging``; the other algorithms need a doubly stochastic matrix.
+``gossip_rounds``). ``choco`` (compressed gossip) takes none, and the local-steps family (``local_sgd``,
+``diloco``, ``gasloc``) synchronises every ``H`` steps itself and takes none either. On directed
+(column-stochastic) graphs use ``push_sum``, ``push_diging`` or ``mg_push_diging``; the other algorithms
+need a doubly stochastic matrix.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import inspect
 from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
+from lightning_decent.algorithms.choco import Choco
 from lightning_decent.algorithms.ddp import DDP, all_reduce_baseline
 from lightning_decent.algorithms.dsgd import DSGD
+from lightning_decent.algorithms.error_feedback import ErrorFeedback, allocate_residuals
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
 from lightning_decent.algorithms.gradient_tracking import GradientTracking
 from lightning_decent.algorithms.gut import GUT, QGGUT
+from lightning_decent.algorithms.local_steps import DiLoCo, GASLoC, LocalSGD, LocalSteps
 from lightning_decent.algorithms.modifiers import MODIFIER_OPTIONS, Modified, with_modifiers
 from lightning_decent.algorithms.push_sum import (
     PUSH_SUM_ALGORITHMS,
@@ -39,6 +44,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "push_sum": PushSum,
     "push_diging": PushDIGing,
     "mg_push_diging": MGPushDIGing,
+    "local_sgd": LocalSGD,
+    "diloco": DiLoCo,
+    "gasloc": GASLoC,
+    "choco": Choco,
 }
 
 #: Short names accepted by :func:`get_algorithm`.
@@ -51,8 +60,17 @@ ALIASES: dict[str, str] = {
 
 def algorithm_options(name: str) -> tuple[str, ...]:
     """The keyword options an algorithm name accepts (its own, then the modifiers')."""
-    own = tuple(inspect.signature(ALGORITHMS[_resolve(name)]).parameters)
-    return own + MODIFIER_OPTIONS
+    return _constructor_options(ALGORITHMS[_resolve(name)]) + MODIFIER_OPTIONS
+
+
+def _constructor_options(cls: type) -> tuple[str, ...]:
+    """The named parameters of ``cls``'s constructor; a ``**options`` parameter stands for the options of
+    the parent class it is forwarded to (``gasloc`` adds its own to those of every local-steps algorithm)."""
+    parameters = inspect.signature(cls).parameters.values()
+    names = tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        names += tuple(n for n in _constructor_options(cls.__mro__[1]) if n not in names)
+    return names
 
 
 def _resolve(name: str) -> str:
@@ -100,7 +118,19 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
     averaging composes with every algorithm, push-sum included: averaging ``x`` and ``v`` together gives
     ``v = 1`` and ``z = x`` equal to the exact network average.
     """
+    if isinstance(algorithm, Choco) and with_modifiers(algorithm, **modifiers) is not algorithm:
+        raise ValueError(
+            f"choco takes no modifiers (got {', '.join(sorted(modifiers))}): its neighbour sum "
+            f"s_i = sum_j w_ij x_hat_j is updated by exactly one compressed round of the static W per step. Remove "
+            f"global_average_every/adaptive_global_average/gossip_rounds, or use algorithm='dsgd' for them."
+        )
     rounds = modifiers.get("gossip_rounds", 1)
+    active = {key: value for key, value in modifiers.items() if value not in (None, False, 1)}
+    if isinstance(algorithm, LocalSteps) and active:
+        raise ValueError(
+            f"{algorithm.name} synchronises every H steps itself; the modifiers {sorted(active)} do not apply to it. "
+            f"Set its period with H=..., or use a per-step algorithm (dsgd) with them."
+        )
     if isinstance(algorithm, PushDIGing) and rounds != 1:
         raise ValueError(
             f"{algorithm.name} takes its gossip rounds per exchange as rounds=R (got gossip_rounds={rounds!r}); "
@@ -119,8 +149,14 @@ __all__ = [
     "QGGUT",
     "Algorithm",
     "Bucket",
+    "Choco",
+    "DiLoCo",
+    "ErrorFeedback",
     "ExactDiffusion",
+    "GASLoC",
     "GradientTracking",
+    "LocalSGD",
+    "LocalSteps",
     "MGPushDIGing",
     "Modified",
     "PushDIGing",
@@ -128,6 +164,7 @@ __all__ = [
     "QGDSGDm",
     "algorithm_options",
     "all_reduce_baseline",
+    "allocate_residuals",
     "get_algorithm",
     "recommended_gossip_rounds",
     "require_plain_sgd",

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_decent.comm import Communicator
+from lightning_decent.comm import Communicator, Compressor
 from lightning_decent.topology import Topology
 
 
@@ -148,6 +148,24 @@ class Algorithm(ABC):
             f"one-step-delayed form x^(k+1) = W x^k - lr d^k can overlap)."
         )
 
+    def use_compression(self, compressor: Compressor) -> None:
+        """Send this algorithm's messages through ``compressor`` (``DecentralizedStrategy(compression=...)``).
+
+        The identity (``"none"``) changes nothing and is accepted by every algorithm; a lossy compressor
+        is refused here, and accepted by the algorithms built for it (``choco``).
+
+        Raises:
+            ValueError: naming the fix.
+        """
+        if compressor.lossless:
+            return
+        raise ValueError(
+            f"algorithm={self.name!r} cannot send compressed messages (compression={compressor.describe()!r}): "
+            f"its update needs its neighbours' exact values. Per-step gossip with compression is CHOCO-SGD "
+            f"(public copies, compressed differences): use algorithm='choco' with compression="
+            f"{compressor.name!r} (Hydra: algorithm=choco strategy.compression={compressor.name})."
+        )
+
     def wait_pending(self) -> None:  # noqa: B027
         """Complete every transfer in flight without changing parameters or state (the strategy calls
         it before evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any."""
@@ -162,14 +180,25 @@ class Algorithm(ABC):
         return 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        """Python-level state that is not a per-bucket tensor (counters, adaptive periods), for checkpoints.
+        """Python-level state that is not per bucket (counters, adaptive periods), for checkpoints.
 
-        Per-bucket tensors belong in ``bucket.state``; the strategy checkpoints those itself.
+        Per-bucket state belongs in :meth:`bucket_state_dict`; the strategy checkpoints it per bucket.
         """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
         """Restore what :meth:`state_dict` returned."""
+
+    def bucket_state_dict(self, bucket: Bucket) -> dict[str, Any]:
+        """What a checkpoint keeps of ``bucket``: its ``state`` tensors. Algorithms with per-bucket objects
+        (the outer optimizer of local-steps algorithms) add their state."""
+        return dict(bucket.state)
+
+    @torch.no_grad()
+    def load_bucket_state_dict(self, bucket: Bucket, state: dict[str, Any]) -> None:
+        """Restore what :meth:`bucket_state_dict` returned into a bucket that ``init_state`` prepared."""
+        for key, tensor in state.items():
+            bucket.state[key].copy_(tensor)
 
     @abstractmethod
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:

@@ -198,6 +198,12 @@ class Modified(Algorithm):
             "loss_count": self._loss_count,
         }
 
+    def bucket_state_dict(self, bucket: Bucket) -> dict[str, Any]:
+        return self.base.bucket_state_dict(bucket)
+
+    def load_bucket_state_dict(self, bucket: Bucket, state: dict[str, Any]) -> None:
+        self.base.load_bucket_state_dict(bucket, state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base.load_state_dict(state["base"])
         self.period = state["period"]

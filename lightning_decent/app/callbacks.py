@@ -1,15 +1,12 @@
-"""Callbacks of the training application: throughput in the progress bar, the data split's label table."""
+"""Callbacks of the training application: the throughput meter, the data split's label table."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_decent.data import LabelPartitionSampler, label_skew
@@ -22,60 +19,11 @@ def batch_size_of(batch: Any) -> int:
     return len(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
-class TrainingThroughput(Callback):
-    """Global training samples per second: rolling in the progress bar and logs, averaged at the end.
-
-    Validation time is excluded. The global rate is this rank's rate times the world size (every
-    rank runs the same number of equal batches). After fit, :attr:`samples_per_s` and
-    :attr:`train_time_s` hold the whole run's average and training time.
-
-    Args:
-        window: training batches in the rolling average shown in the progress bar.
-    """
-
-    def __init__(self, window: int = 10) -> None:
-        self.window = window
-        self.samples_per_s: float | None = None
-        self.train_time_s: float | None = None
-        self._meter: Throughput | None = None
-        self._start = 0.0
-        self._paused_since: float | None = None
-        self._samples = 0
-        self._batches = 0
-
-    def _elapsed(self, trainer: pl.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - self._start
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._meter = Throughput(window_size=self.window, world_size=trainer.world_size)
-        self._start = time.perf_counter()
-        self._samples = self._batches = 0
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        assert self._meter is not None
-        self._samples += batch_size_of(batch)
-        self._batches += 1
-        self._meter.update(time=self._elapsed(trainer), batches=self._batches, samples=self._samples)
-        rate = self._meter.compute().get("samples_per_sec")
-        if rate is not None:
-            pl_module.log("train/samples_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._paused_since = time.perf_counter()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._paused_since is not None:
-            self._start += time.perf_counter() - self._paused_since
-            self._paused_since = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_time_s = self._elapsed(trainer)
-        self.samples_per_s = self._samples * trainer.world_size / max(self.train_time_s, 1e-9)
+def throughput_monitor(window: int = 10) -> ThroughputMonitor:
+    """Lightning's ``ThroughputMonitor`` for any recipe's batches, logging ``train/samples_per_sec``,
+    ``train/time`` (training seconds, validation excluded), ``train/samples`` and the per-device rates
+    every ``log_every_n_steps`` steps, averaged over the last ``window`` batches (rank 0)."""
+    return ThroughputMonitor(batch_size_fn=batch_size_of, window_size=window, separator="/")
 
 
 def format_label_table(histograms: torch.Tensor, classes: Any, max_classes: int = 16) -> str:
@@ -107,6 +55,7 @@ class PartitionReport(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = getattr(trainer.train_dataloader, "sampler", None)
+        sampler = getattr(sampler, "sampler", sampler)  # a GroupedSampler reorders a partition's indices
         if not isinstance(sampler, LabelPartitionSampler):
             return
         gathered = trainer.strategy.all_gather(sampler.label_histogram().to(pl_module.device))

@@ -1,14 +1,25 @@
-"""End-of-run report: a summary table (printed, ``summary.json``, ``summary.md``) and training curves (PNG)."""
+"""End-of-run report: a summary table (printed, ``summary.json``, ``summary.md``) and the runs' curves (PNG)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from lightning_decent._extras import require
+
+TRAIN_LOSS = "train/loss"
+TRAIN_TIME = "train/time"  # ThroughputMonitor: training seconds (validation excluded) at each logged step
+CONSENSUS = "gossip/consensus_distance"
+
+Series = dict[str, tuple[list[float], list[float]]]
+"""``{metric: (steps, values)}`` of one run."""
 
 
 @dataclass
@@ -19,9 +30,10 @@ class RunResult:
         name: a row label, e.g. ``"gossip one_peer_exponential/dsgd"`` or ``"DDP"``.
         metrics: final validation metrics of the (network-averaged) model.
         steps: optimizer steps taken.
-        train_time_s: training time without validation, on rank 0.
-        samples_per_s: global training throughput.
+        train_time_s: training time without validation, on rank 0, up to the last logged step.
+        samples_per_s: global training throughput over that time.
         bytes_sent_per_step: gossip bytes sent per rank and optimizer step (mean over ranks), if known.
+        metrics_csv: the run's ``metrics.csv`` (CSVLogger), the source of the curves.
     """
 
     name: str
@@ -30,6 +42,7 @@ class RunResult:
     train_time_s: float | None = None
     samples_per_s: float | None = None
     bytes_sent_per_step: float | None = None
+    metrics_csv: str | None = None
 
 
 def _cell(value: Any) -> str:
@@ -40,7 +53,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def summary_markdown(runs: list[RunResult], title: str) -> str:
+def summary_markdown(runs: Sequence[RunResult], title: str) -> str:
     """One table row per run: the validation metrics, steps, time, throughput and bytes per step."""
     metric_names = sorted({name for run in runs for name in run.metrics})
     header = ["run", *metric_names, "steps", "train time (s)", "samples/s", "bytes sent/step"]
@@ -52,7 +65,7 @@ def summary_markdown(runs: list[RunResult], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out_dir: Path, runs: list[RunResult], title: str, info: dict[str, Any]) -> str:
+def write_summary(out_dir: Path, runs: Sequence[RunResult], title: str, info: dict[str, Any]) -> str:
     """Write ``summary.json`` (runs and ``info``) and ``summary.md`` into ``out_dir``; return the markdown."""
     markdown = summary_markdown(runs, title)
     (out_dir / "summary.md").write_text(markdown)
@@ -61,9 +74,16 @@ def write_summary(out_dir: Path, runs: list[RunResult], title: str, info: dict[s
     return markdown
 
 
-def read_metrics_csv(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+def read_summary(run_dir: Path) -> tuple[dict[str, Any], list[RunResult]]:
+    """``(info, runs)`` from a run directory's ``summary.json``."""
+    payload = json.loads((run_dir / "summary.json").read_text())
+    runs = [RunResult(**run) for run in payload.pop("runs")]
+    return payload, runs
+
+
+def read_metrics_csv(path: Path) -> Series:
     """``{metric: (steps, values)}`` from a Lightning ``CSVLogger`` ``metrics.csv`` (blank cells skipped)."""
-    series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    series: Series = defaultdict(lambda: ([], []))
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             step = row.get("step")
@@ -78,31 +98,58 @@ def read_metrics_csv(path: Path) -> dict[str, tuple[list[float], list[float]]]:
     return dict(series)
 
 
-def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path | None:
-    """One panel per logged metric against the optimizer step; ``None`` when there is nothing to plot."""
-    if not metrics_csv.is_file():
+def _seconds_at(series: Series, steps: list[float]) -> np.ndarray | None:
+    """Training seconds at ``steps``, interpolated from the logged ``train/time`` (None if not logged)."""
+    if TRAIN_TIME not in series:
         return None
-    series = read_metrics_csv(metrics_csv)
-    if not series:
+    time_steps, seconds = series[TRAIN_TIME]
+    return np.interp(steps, time_steps, seconds)
+
+
+def plot_runs(runs: Sequence[tuple[str, Series]], monitor: str, out_png: Path) -> Path | None:
+    """The validation metric ``monitor``, the training loss and (log scale) the consensus distance of every
+    run on shared axes, against the optimizer step (left) and the training time in seconds (right).
+
+    Args:
+        runs: ``(label, series)`` per run, e.g. the gossip run and its DDP comparison.
+        monitor: the validation metric to show (the recipe's, e.g. ``val/acc``).
+        out_png: where to write the figure.
+
+    Returns:
+        ``out_png``, or ``None`` when no run logged any of these metrics.
+    """
+    rows = [name for name in (monitor, TRAIN_LOSS, CONSENSUS) if any(name in series for _, series in runs)]
+    if not rows:
         return None
-    import matplotlib
+    require("matplotlib", "app", "the run's plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(series, key=lambda n: (not n.startswith("train/loss"), not n.startswith("val/"), n))
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        steps, values = series[name]
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
+    fig = Figure(figsize=(11, 3.2 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for row, name in zip(axes, rows):
+        for index, (label, series) in enumerate(runs):
+            if name not in series:
+                continue
+            steps, values = series[name]
+            style = {"color": f"C{index % 10}", "label": label, "marker": "o" if len(steps) < 30 else None}
+            row[0].plot(steps, values, markersize=3, **style)
+            seconds = _seconds_at(series, steps)
+            if seconds is not None:
+                row[1].plot(seconds, values, markersize=3, **style)
+        for ax, xlabel in zip(row, ("optimizer step", "training time (s, validation excluded)")):
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if name == CONSENSUS:
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return out_png
+
+
+def plot_results(results: Sequence[RunResult], monitor: str, out_png: Path) -> Path | None:
+    """:func:`plot_runs` of the runs that have a ``metrics.csv``, labelled by their names."""
+    runs = [(r.name, read_metrics_csv(Path(r.metrics_csv))) for r in results if r.metrics_csv]
+    return plot_runs(runs, monitor, out_png)

@@ -1,7 +1,10 @@
-"""How bytes move: neighbour gossip, global averaging, and an in-process simulator of n nodes."""
+"""How bytes move: neighbour gossip, hierarchical gossip, global averaging, compressed payloads, and an
+in-process simulator of n nodes."""
 
 from lightning_decent.comm.allreduce import AllReduceCommunicator
 from lightning_decent.comm.base import CommStats, Communicator
+from lightning_decent.comm.compression import COMPRESSORS, Compressor, get_compressor
+from lightning_decent.comm.hierarchical import HierarchicalCommunicator
 from lightning_decent.comm.p2p import NonFiniteValueError, P2PCommunicator, PeerTimeoutError
 from lightning_decent.comm.simulated import SimulatedCommunicator
 
@@ -9,11 +12,15 @@ COMMUNICATORS = ("p2p", "allreduce")
 
 __all__ = [
     "COMMUNICATORS",
+    "COMPRESSORS",
     "AllReduceCommunicator",
     "CommStats",
     "Communicator",
+    "Compressor",
+    "HierarchicalCommunicator",
     "NonFiniteValueError",
     "P2PCommunicator",
     "PeerTimeoutError",
     "SimulatedCommunicator",
+    "get_compressor",
 ]

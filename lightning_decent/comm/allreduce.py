@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_decent.comm.base import Communicator, nbytes
+from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
 from lightning_decent.comm.collectives import BoundedCollectives
-from lightning_decent.comm.p2p import NonFiniteValueError, average_all_reduce
+from lightning_decent.comm.compressed_collectives import all_gather_average, start_two_stage_average, two_stage_average
+from lightning_decent.comm.compression import Compressor
+from lightning_decent.comm.p2p import NonFiniteValueError, average_all_reduce, start_average_all_reduce
 from lightning_decent.topology import Topology
 
 
@@ -18,6 +20,11 @@ class AllReduceCommunicator(Communicator):
 
     Byte counts report the payload of a ring all-reduce, ``2 (n - 1) / n`` times the buffer size sent
     and received per rank; the backend may use another algorithm with the same order of traffic.
+
+    Compressed: :meth:`mix_compressed` is the exact average of the decoded payloads (an all-gather of
+    payloads, ``(n - 1)`` payloads per rank: CHOCO-SGD needs its mixing exact), and
+    :meth:`average_compressed` the cheaper two-stage average (``~2 (n - 1) / n`` payloads per rank);
+    see :mod:`~lightning_decent.comm.compressed_collectives`.
 
     Args:
         topology: the graph (only its size matters).
@@ -57,15 +64,57 @@ class AllReduceCommunicator(Communicator):
 
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
-        n = dist.get_world_size(self.group)
-        if n == 1:
+        if dist.get_world_size(self.group) == 1:
             return
         if self.collectives is not None:
             self.collectives.average(list(buffers), "all-reduce communicator's average", check_in=False)
         else:
             average_all_reduce(buffers, self.group)
-        traffic = sum(nbytes(b) for b in buffers) * 2 * (n - 1) // n
+        self._count(buffers)
+
+    @torch.no_grad()
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
+        self._count(buffers)
+        group = self.collectives.group if self.collectives is not None else self.group  # bounded by its timeout
+        return start_average_all_reduce(buffers, group)
+
+    def _count(self, buffers: Sequence[torch.Tensor]) -> None:
+        n = dist.get_world_size(self.group)
+        if n == 1:
+            return
         self.stats.messages_sent += len(buffers)
         self.stats.messages_received += len(buffers)
-        self.stats.bytes_sent += traffic
-        self.stats.bytes_received += traffic
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), n)
+
+    @torch.no_grad()
+    def mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        all_gather_average(self, buffers, compressor, step, self.group, residuals)
+
+    @torch.no_grad()
+    def average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+
+    @torch.no_grad()
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)

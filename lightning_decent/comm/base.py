@@ -2,6 +2,7 @@
 
 ``mix`` is one blocking gossip round. ``start_mix`` splits it in two so that the transfer can run
 while the caller computes: it returns a :class:`PendingMix` whose ``finish`` completes the round.
+``global_average`` and ``start_global_average`` do the same for the exact average over all nodes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lightning_decent.comm.compression import Compressor
 from lightning_decent.topology import Topology
 
 
@@ -33,6 +35,17 @@ class CommStats:
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def count_all_reduce(stats: CommStats, node_bytes: int, n: int, nodes: int = 1) -> None:
+    """Add the payload of a ring all-reduce of ``node_bytes`` per node over ``n`` nodes to ``stats``:
+    ``2 (n - 1) / n`` times the buffer sent and received per node, for ``nodes`` nodes (the simulator
+    counts all ``n``). The backend may use another algorithm with the same order of traffic."""
+    if n == 1:
+        return
+    traffic = node_bytes * 2 * (n - 1) // n * nodes
+    stats.bytes_sent += traffic
+    stats.bytes_received += traffic
 
 
 class Communicator(ABC):
@@ -73,14 +86,107 @@ class Communicator(ABC):
 
     def _scratch(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like``, allocated once per ``key`` and reused."""
-        full_key = (*key, like.shape, like.dtype, like.device)
+        return self._workspace(key, like.shape, like.dtype, like.device)
+
+    def _workspace(self, key: tuple, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of this shape, dtype and device, allocated (zeroed) once per ``key`` and reused."""
+        full_key = (*key, tuple(shape), dtype, device)
         if full_key not in self._scratch_buffers:
-            self._scratch_buffers[full_key] = torch.empty_like(like)
+            self._scratch_buffers[full_key] = torch.zeros(tuple(shape), dtype=dtype, device=device)
         return self._scratch_buffers[full_key]
+
+    def _payload(self, key: tuple, compressor: Compressor, like: torch.Tensor) -> torch.Tensor:
+        """A reused payload buffer (``uint8 [..., P]``, padding zero) for ``like`` under ``compressor``."""
+        size = compressor.payload_bytes(like.shape[-1], like.dtype)
+        return self._workspace(("payload", *key), (*like.shape[:-1], size), torch.uint8, like.device)
 
     @abstractmethod
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         """In place, for every buffer: ``x_i <- (1/n) sum_j x_j`` (a collective over all nodes)."""
+
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """Begin :meth:`global_average` of ``buffers`` and return at once; ``finish(index)`` (without
+        ``into``) completes buffer ``index``. As for :meth:`start_mix`, do not write the buffers before
+        then. This default averages when finished; transports with asynchronous collectives override it."""
+        return DeferredAverage(self, buffers)
+
+    # ---- compressed messages -------------------------------------------------------------------------
+    def mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """In place: ``x_i <- sum_j W[i, j](step) C(x_j)``, every node sending the payload of ``C(x_j)``.
+
+        ``C`` is ``compressor``'s encode then decode; this node's own term is ``C(x_i)`` too, the value
+        its neighbours receive, so a doubly stochastic ``W`` preserves the network mean of what was
+        sent. With ``residuals``: ``residuals[b] <- x_i - C(x_i)`` for buffer ``b`` (what did not go on
+        the wire; error feedback and CHOCO-SGD use it). Message ``(step, b)`` is random-k's key.
+
+        Raises:
+            NotImplementedError: for a transport that cannot send payloads.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot send compressed payloads; use the 'p2p' or 'allreduce' communicator."
+        )
+
+    def average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """In place, the same result on every node: the network average of the compressed buffers.
+
+        Each buffer is cut into ``n`` shards (multiples of ``compressor.alignment``); shard ``s`` of
+        every node is compressed and sent to node ``s``, which averages what it decodes and sends the
+        compressed average to everyone (a compressed reduce-scatter, then a compressed all-gather)::
+
+            x <- C_s(a_s),  a_s = (1/n) sum_j C_s(x_j)      shard by shard, identical on every node
+
+        so ``2 (n - 1)`` shard payloads (about ``2 (n - 1) / n`` payloads) leave each node. With
+        ``residuals``: ``residuals[b] <- x_i - C_s(x_i)``, this node's first-stage compression error.
+        With ``shard_residuals`` (shaped like the buffers; node ``s`` uses only shard ``s``'s positions),
+        the second stage has error feedback too (as DoubleSqueeze, Tang et al., ICML 2019):
+        ``a_s <- a_s + e_s``, then ``e_s <- a_s - C_s(a_s)`` (see
+        :class:`~lightning_decent.algorithms.ErrorFeedback`).
+
+        Raises:
+            NotImplementedError: for a transport without collectives.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no compressed global average.")
+
+    def start_mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """Begin :meth:`mix_compressed` and return at once; ``finish(index)`` (without ``into``) completes
+        buffer ``index``. The buffers are encoded (and ``residuals`` written) before this returns; do not
+        write the buffers before ``finish``. This default runs the whole round now (the simulator's
+        numbers do not depend on when); transports with background transfers override it."""
+        self.mix_compressed(buffers, step, compressor, residuals)
+        return CompletedRound(buffers, step)
+
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """Begin :meth:`average_compressed` and return at once; ``finish(index)`` (without ``into``)
+        completes buffer ``index``. This default runs the whole average now; transports with
+        asynchronous collectives override it."""
+        self.average_compressed(buffers, compressor, step, residuals, shard_residuals)
+        return CompletedRound(buffers, step)
 
 
 class PendingMix(ABC):
@@ -131,3 +237,30 @@ class DeferredMix(PendingMix):
         into.add_(mixed).sub_(buffer)
         if refill:
             buffer.copy_(into)
+
+
+class DeferredAverage(PendingMix):
+    """A global average that runs when it is finished (simulator, and the default)."""
+
+    def __init__(self, comm: Communicator, buffers: Sequence[torch.Tensor]) -> None:
+        super().__init__(buffers, step=-1)
+        self.comm = comm
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
+        self.comm.global_average([self.buffers[index]])
+
+
+class CompletedRound(PendingMix):
+    """A round that already ran to completion when it was started: ``finish`` has nothing left to do."""
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("this round has completed its own buffers; finish(index) takes no 'into'.")

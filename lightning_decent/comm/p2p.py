@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
 import numpy as np
@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import Communicator, PendingMix, nbytes
+from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
 from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.compressed_collectives import start_two_stage_average, two_stage_average
+from lightning_decent.comm.compression import Compressor, encode_and_decode
 from lightning_decent.comm.headers import HEADER_TAG, RoundHeaders
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
@@ -72,6 +74,10 @@ class P2PCommunicator(Communicator):
     while the caller computes) and returns; the transfer then runs in the background (used by D-SGD
     with ``overlap``).
 
+    :meth:`mix_compressed` sends each buffer as one compressed payload on the same schedule (counted
+    at the payload's size); :meth:`average_compressed` is the two-stage compressed global average of
+    :mod:`~lightning_decent.comm.compressed_collectives`.
+
     Args:
         topology: the graph; node ``i`` is global rank ``i``.
         rank: this process's global rank.
@@ -81,8 +87,8 @@ class P2PCommunicator(Communicator):
         collectives: bounded world collectives for :meth:`global_average` (the strategy's); without them a
             plain all-reduce.
 
-    ``headers`` (set by the strategy; ``None``: none) adds a small header message to every round, see
-    :mod:`~lightning_decent.comm.headers`.
+    ``headers`` (set by the strategy; ``None``: none) adds a small header message to every round, plain or
+    compressed, see :mod:`~lightning_decent.comm.headers`.
     """
 
     def __init__(
@@ -141,18 +147,30 @@ class P2PCommunicator(Communicator):
         if phase.isolated:
             _scale(buffers, phase.self_weight)
             return
-        received = [self._receive_buffers((index,), buf)[: len(phase.in_peers)] for index, buf in enumerate(buffers)]
+        self._exchange(phase, buffers, step, lambda index, received: _combine(buffers[index], received, phase), True)
+
+    def _exchange(
+        self,
+        phase: _Phase,
+        wires: Sequence[torch.Tensor],
+        step: int,
+        combine: Callable[[int, list[torch.Tensor]], None],
+        check_finite: bool = False,
+    ) -> None:
+        """Send every tensor of ``wires`` to the out-neighbours, round by round, and call
+        ``combine(index, received)`` for each as soon as its messages from the in-neighbours are in."""
+        received = [self._receive_buffers((index,), wire)[: len(phase.in_peers)] for index, wire in enumerate(wires)]
         with record_function("gossip.post_receives"):
             receives = self._post_receives(phase, received)
             headers = self._post_headers(phase, step)
         last_sends: list[tuple[dist.Work, int]] = []
         for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
             sends = []
-            for index, buf in enumerate(buffers):
-                if position == 0 and self.check_finite:  # checked while the previous buffer is on the wire
-                    self._refuse_non_finite(buf, index, step)
+            for index, wire in enumerate(wires):
+                if position == 0 and check_finite and self.check_finite:  # checked while the previous one travels
+                    self._refuse_non_finite(wire, index, step)
                 with record_function("gossip.send"):
-                    sends.append((dist.isend(buf, peer, self._channel(self.rank, peer)), peer))
+                    sends.append((dist.isend(wire, peer, self._channel(self.rank, peer)), peer))
             if position == len(phase.out_peers) - 1:
                 last_sends = sends
                 break
@@ -160,13 +178,97 @@ class P2PCommunicator(Communicator):
                 for work, _ in sends:
                     self._wait(work, peer, step)
         self._check_headers(headers, step)
-        for index, (buf, recv) in enumerate(zip(buffers, received)):  # combine while later buffers travel
+        for index, recv in enumerate(received):  # combine while later buffers travel
             with record_function("gossip.wait"):
                 for work, peer in receives[index] + last_sends[index : index + 1]:
                     self._wait(work, peer, step)
             with record_function("gossip.combine"):
-                _combine(buf, recv, phase)
-        self._count(buffers, phase)
+                combine(index, recv)
+        self._count(wires, phase)
+
+    # ---- compressed messages -----------------------------------------------------------------------
+    @torch.no_grad()
+    def mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """The blocking round of :meth:`mix` with payloads on the wire (see :meth:`Communicator.mix_compressed`):
+        each buffer is encoded once into a reused payload, the payloads take the same link schedule, and
+        every received payload is decoded into one reused buffer and folded into the combination."""
+        phase = self._phases[step % len(self._phases)]
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                self._refuse_non_finite(buf, index, step)
+        payloads = []
+        for index, buf in enumerate(buffers):
+            payload = self._payload((index,), compressor, buf)
+            residual = None if residuals is None else residuals[index]
+            with record_function("gossip.encode"):
+                encode_and_decode(buf, compressor, payload, (step, index), residual)
+            payloads.append(payload)
+        if phase.isolated:
+            _scale(buffers, phase.self_weight)
+            return
+
+        def combine(index: int, received: list[torch.Tensor]) -> None:
+            decoded = self._scratch(("decoded",), buffers[index])
+            _combine(buffers[index], (compressor.decode(r, decoded, (step, index)) for r in received), phase)
+
+        self._exchange(phase, payloads, step, combine)
+
+    @torch.no_grad()
+    def average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+
+    @torch.no_grad()
+    def start_mix_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        step: int,
+        compressor: Compressor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        """:meth:`mix_compressed` split as :meth:`start_mix`: the buffers are encoded now (each then holds
+        its own ``C(x_i)``), the payloads' sends and receives are posted at once, and ``finish(index)``
+        decodes buffer ``index``'s received payloads into the combination."""
+        phase = self._phases[step % len(self._phases)]
+        if self.check_finite:
+            for index, buf in enumerate(buffers):
+                self._refuse_non_finite(buf, index, step)
+        payloads = []
+        for index, buf in enumerate(buffers):
+            payload = self._payload(("pending", index), compressor, buf)
+            residual = None if residuals is None else residuals[index]
+            with record_function("gossip.encode"):
+                encode_and_decode(buf, compressor, payload, (step, index), residual)
+            payloads.append(payload)
+
+        def decoded(index: int, received: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+            scratch = self._scratch(("decoded",), buffers[index])
+            return (compressor.decode(r, scratch, (step, index)) for r in received)
+
+        return self._start_round(phase, buffers, payloads, step, decoded)
+
+    @torch.no_grad()
+    def start_average_compressed(
+        self,
+        buffers: Sequence[torch.Tensor],
+        compressor: Compressor,
+        step: int,
+        residuals: Sequence[torch.Tensor] | None = None,
+        shard_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> PendingMix:
+        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
 
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,26 +279,39 @@ class P2PCommunicator(Communicator):
         rounds in flight at once; the same buffer may not have two.
         """
         phase = self._phases[step % len(self._phases)]
-        if phase.isolated:
-            return _P2PPendingMix(self, phase, buffers, step, [[] for _ in buffers], [[] for _ in buffers], [])
-        if self.check_finite:
+        if self.check_finite and not phase.isolated:
             for index, buf in enumerate(buffers):
                 self._refuse_non_finite(buf, index, step)
-        keys = [("pending", buf.data_ptr()) for buf in buffers]
+        return self._start_round(phase, buffers, buffers, step)
+
+    def _start_round(
+        self,
+        phase: _Phase,
+        buffers: Sequence[torch.Tensor],
+        wires: Sequence[torch.Tensor],
+        step: int,
+        decoded: Callable[[int, list[torch.Tensor]], Iterable[torch.Tensor]] | None = None,
+    ) -> PendingMix:
+        """Post the receives and sends of ``wires`` (the buffers themselves, or their payloads) for
+        ``buffers``' round; ``decoded`` turns a buffer's received payloads into values."""
+        if phase.isolated:
+            empty: list[list] = [[] for _ in buffers]
+            return _P2PPendingMix(self, phase, buffers, step, empty, [[] for _ in buffers], [], decoded)
+        keys = [("pending", wire.data_ptr()) for wire in wires]
         busy = [key for key in keys if key in self._pending_keys]
         if busy:
             raise RuntimeError(
                 f"rank {self.rank}: a buffer already has a gossip round in flight; finish it before starting another."
             )
         self._pending_keys.update(keys)
-        received = [self._receive_buffers(key, buf)[: len(phase.in_peers)] for key, buf in zip(keys, buffers)]
+        received = [self._receive_buffers(key, wire)[: len(phase.in_peers)] for key, wire in zip(keys, wires)]
         with record_function("gossip.start"):
             receives = self._post_receives(phase, received)
             headers = self._post_headers(phase, step)
-            sends = self._post_sends(phase, buffers)
-        self._count(buffers, phase)
+            sends = self._post_sends(phase, wires)
+        self._count(wires, phase)
         works = [r + s for r, s in zip(receives, sends)]
-        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, headers)
+        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, decoded, headers)
 
     # ---- round headers (see comm.headers) ----------------------------------------------------------
     def _post_headers(self, phase: _Phase, step: int) -> _Headers:
@@ -260,6 +375,14 @@ class P2PCommunicator(Communicator):
             self.collectives.average(list(buffers), "global average", check_in=False)
         else:
             average_all_reduce(buffers, self.group)
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
+
+    @torch.no_grad()
+    def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
+        """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
+        count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
+        group = self.collectives.group if self.collectives is not None else self.group  # bounded by its timeout
+        return start_average_all_reduce(buffers, group)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
@@ -284,6 +407,7 @@ class _P2PPendingMix(PendingMix):
         received: list[list[torch.Tensor]],
         works: list[list[tuple[dist.Work, int]]],
         keys: list[tuple],
+        decoded: Callable[[int, list[torch.Tensor]], Iterable[torch.Tensor]] | None = None,
         headers: _Headers = (None, []),
     ) -> None:
         super().__init__(buffers, step)
@@ -293,6 +417,7 @@ class _P2PPendingMix(PendingMix):
         self.received = received
         self.works = works
         self.keys = keys
+        self.decoded = decoded
         self.finished = [False] * len(self.buffers)
 
     def _wait_buffer(self, index: int) -> None:
@@ -312,10 +437,14 @@ class _P2PPendingMix(PendingMix):
     def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         if self.finished[index]:
             raise RuntimeError(f"buffer {index} of this gossip round was already finished.")
+        if into is not None and self.decoded is not None:
+            raise ValueError("a compressed round completes its own buffer; finish(index) takes no 'into'.")
         self._wait_buffer(index)
         buf, recv = self.buffers[index], self.received[index]
         with record_function("gossip.combine"):
-            if into is None:
+            if self.decoded is not None:
+                _combine(buf, self.decoded(index, recv), self.phase)
+            elif into is None:
                 _combine(buf, recv, self.phase)
             else:
                 _add_correction(into, buf, recv, self.phase, refill)
@@ -330,7 +459,7 @@ def _scale(buffers: Sequence[torch.Tensor], weight: float) -> None:
             buf.mul_(weight)
 
 
-def _combine(buf: torch.Tensor, received: Sequence[torch.Tensor], phase: _Phase) -> None:
+def _combine(buf: torch.Tensor, received: Iterable[torch.Tensor], phase: _Phase) -> None:
     """``x_i <- a x_i + sum_j w_j x_j`` as a chain of fused ``lerp`` passes.
 
     With ``s_m = a + w_1 + ... + w_m``, ``y <- lerp(y, x_m, w_m / s_m)`` keeps ``y = (a x_i + sum_{l<=m}
@@ -396,3 +525,38 @@ def average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup
         for buf in buffers:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             buf.div_(world)
+
+
+class _AsyncAverage(PendingMix):
+    """All-reduces started with ``async_op=True``; ``finish(index)`` waits for buffer ``index`` and divides."""
+
+    def __init__(self, buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        super().__init__(buffers, step=-1)
+        self.world = dist.get_world_size(group)
+        with record_function("gossip.all_reduce_start"):
+            self.works: list[dist.Work | None] = [
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True) for buf in buffers
+            ]
+
+    def _wait(self, index: int) -> None:
+        work = self.works[index]
+        if work is not None:
+            with record_function("gossip.wait"):
+                work.wait()
+            self.works[index] = None
+
+    def wait(self) -> None:
+        for index in range(len(self.buffers)):
+            self._wait(index)
+
+    @torch.no_grad()
+    def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
+        if into is not None:
+            raise ValueError("a global average completes its own buffer; finish(index) takes no 'into'.")
+        self._wait(index)
+        self.buffers[index].div_(self.world)
+
+
+def start_average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> PendingMix:
+    """Start ``x <- mean over ranks of x`` for every buffer (one asynchronous all-reduce each)."""
+    return _AsyncAverage(buffers, group)

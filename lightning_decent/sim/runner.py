@@ -30,6 +30,9 @@ from lightning_decent.topology import Topology, get_topology
 
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "opt", "accum_iter", "beta1", "beta2", "eps")
 
+#: Spec keys that go to the compressor (``choco:compression=topk:fraction=0.01``).
+COMPRESSION_KEYS = ("block", "fraction")
+
 #: Local optimizers of the simulator: ``sgd`` (momentum, weight decay), ``adam`` (DAdam: Adam on every
 #: node, moments never communicated) and ``accum_adam`` (:class:`~lightning_decent.optim.AccumAdam`).
 OPTIMIZERS = ("sgd", "adam", "accum_adam")
@@ -43,12 +46,13 @@ BASELINE = "p_sgd"
 class AlgorithmSpec:
     """An algorithm to simulate, parsed from ``name:key=value:key=value`` (e.g. ``dsgd:momentum=0.9``,
     ``dsgd:global_average_every=4``, ``gut:mu=0.5``, ``dsgd:opt=adam:lr=0.001``,
-    ``dsgd:opt=accum_adam:accum_iter=4``, ``push_diging:rounds=3``).
+    ``dsgd:opt=accum_adam:accum_iter=4``, ``push_diging:rounds=3``, ``choco:compression=topk:fraction=0.01``).
 
     The optimizer keys go to the local optimizer (``optimizer`` holds :func:`simulate`'s keyword
     arguments): ``opt`` (one of :data:`OPTIMIZERS`), ``lr``, ``momentum`` (SGD only), ``weight_decay``
     (L2 for all three), ``accum_iter`` (AccumAdam's ``s``), ``beta1``, ``beta2`` and ``eps`` (Adam and
-    AccumAdam). Every other key goes to :func:`~lightning_decent.algorithms.get_algorithm`."""
+    AccumAdam). ``block`` and ``fraction`` go to the compressor (``compression_options``). Every other
+    key goes to :func:`~lightning_decent.algorithms.get_algorithm`."""
 
     label: str
     name: str
@@ -67,6 +71,8 @@ class AlgorithmSpec:
             parsed = _parse_value(value)
             if key in OPTIMIZER_KEYS:
                 raw[key] = parsed
+            elif key in COMPRESSION_KEYS:
+                options.setdefault("compression_options", {})[key] = parsed
             else:
                 options[key] = parsed
         return cls(label=text.strip(), name=name, options=options, optimizer=_optimizer_settings(raw, text))
@@ -218,6 +224,7 @@ def simulate(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     label: str | None = None,
+    finish_in_flight: bool = True,
     **algorithm_options: Any,
 ) -> SimResult:
     """Run ``steps`` steps of ``algorithm`` on ``problem`` over ``topology`` (built for ``problem.n``).
@@ -237,6 +244,9 @@ def simulate(
         seed: seeds the gradient noise and mini-batch sampling (the problem has its own seed).
         dtype: the parameters' dtype.
         label: the name of the run in results (default: the algorithm's name).
+        finish_in_flight: after the last step, apply the exchanges still in flight (overlap, streaming
+            local steps), as the strategy does at the end of training. ``False`` reports the iterate
+            ``x^K`` of the overlapped recursion itself, as papers' tables do.
     """
     algo = get_algorithm(algorithm, **algorithm_options)
     graph = algo.prepare_topology(get_topology(topology, problem.n))
@@ -286,6 +296,8 @@ def simulate(
         local.step()
         algo.observe_loss(losses.detach())
         algo.after_step([bucket], comm, k)
+        if finish_in_flight and k + 1 == steps:  # as the strategy's on_train_end
+            algo.finish_pending([bucket])
         if (k + 1) % eval_every == 0 or k + 1 == steps:
             record(k + 1)
     seconds = time.perf_counter() - start

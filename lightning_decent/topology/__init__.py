@@ -1,6 +1,8 @@
 """Communication graphs for gossip: builders, the name registry and spectral metrics."""
 
 from lightning_decent.topology.base import Topology
+from lightning_decent.topology.base_k import base, hyper_hypercube, simple_base
+from lightning_decent.topology.equitopo import equidyn, equistatic, equistatic_shifts
 from lightning_decent.topology.graphs import (
     TOPOLOGIES,
     alternating_exponential_ring,
@@ -13,6 +15,7 @@ from lightning_decent.topology.graphs import (
     from_matrix,
     get_topology,
     grid,
+    hierarchical,
     lazy,
     one_peer_exponential,
     ring,
@@ -20,6 +23,7 @@ from lightning_decent.topology.graphs import (
     topology_options,
     torus,
 )
+from lightning_decent.topology.hierarchical import HierarchicalTopology
 from lightning_decent.topology.metrics import (
     consensus_error_curve,
     consensus_rate,
@@ -36,8 +40,10 @@ from lightning_decent.topology.metrics import (
 
 __all__ = [
     "TOPOLOGIES",
+    "HierarchicalTopology",
     "Topology",
     "alternating_exponential_ring",
+    "base",
     "challenging_digraph",
     "complete",
     "consensus_error_curve",
@@ -46,19 +52,25 @@ __all__ = [
     "consensus_rate_per_round",
     "directed_graph",
     "directed_ring",
+    "equidyn",
     "equilibrium",
     "equilibrium_skewness",
+    "equistatic",
+    "equistatic_shifts",
     "erdos_renyi",
     "exponential",
     "from_matrix",
     "generalized_consensus_rate",
     "get_topology",
     "grid",
+    "hierarchical",
+    "hyper_hypercube",
     "lambda_min",
     "lazy",
     "one_peer_exponential",
     "period_product",
     "ring",
+    "simple_base",
     "spectral_gap",
     "star",
     "topology_options",

@@ -3,7 +3,9 @@
 Every builder takes the number of nodes ``n`` (plus options) and returns a :class:`Topology` in the
 pull convention of ``base.py``: ``W[i, j]`` is the weight node ``i`` gives to node ``j``'s value. The
 weights follow ``shared/research/algorithms.md`` §1; the numbers they produce are checked against
-its §3 tables in ``tests/test_topology*.py``.
+its §3 tables in ``tests/test_topology*.py``. Families with their own module are registered here
+too: Base-(k+1) graphs (``base_k.py``), EquiTopo (``equitopo.py``) and two-level clusters
+(``hierarchical.py``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 import torch
 
+from lightning_decent._extras import require
 from lightning_decent.topology.base import Topology
+from lightning_decent.topology.base_k import base
+from lightning_decent.topology.equitopo import equidyn, equistatic
+from lightning_decent.topology.hierarchical import HierarchicalTopology
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _SUM_TOL = 1e-9
 _ER_MAX_ATTEMPTS = 100
@@ -29,14 +40,12 @@ def _check_n(n: int, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{name} needs an integer number of nodes n >= {minimum}; got n={n!r}.")
 
 
-def _circulant(n: int, offsets: Iterable[int]) -> np.ndarray:
-    """``W[i, (i + o) mod n] = 1/|O|`` for each distinct offset ``o`` in ``O`` (node i pulls from i+o)."""
+def _circulant(n: int, offsets: Iterable[int]) -> sp.csr_array:
+    """``W[i, (i + o) mod n] = 1/|O|`` for each distinct offset ``o`` in ``O`` (node i pulls from i+o), sparse."""
     distinct = sorted({o % n for o in offsets})
-    w = np.zeros((n, n))
-    rows = np.arange(n)
-    for o in distinct:
-        w[rows, (rows + o) % n] = 1.0 / len(distinct)
-    return w
+    rows = np.repeat(np.arange(n), len(distinct))
+    cols = (rows + np.tile(distinct, n)) % n
+    return sp.csr_array((np.full(rows.size, 1.0 / len(distinct)), (rows, cols)), shape=(n, n))
 
 
 def _metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
@@ -58,8 +67,14 @@ def _group_average(groups: Iterable[Sequence[int]], n: int) -> np.ndarray:
     return w
 
 
+def _networkx() -> ModuleType:
+    """networkx, which the connectivity checks of ``erdos_renyi`` and the directed graphs use."""
+    return require("networkx", "app", "the connectivity check of this topology")
+
+
 def _unreachable_message(graph: nx.DiGraph) -> str:
     """Name the nodes that node 0 cannot reach, or those that cannot reach node 0."""
+    nx = _networkx()
     cannot_be_reached = sorted(set(graph) - nx.descendants(graph, 0) - {0})
     if cannot_be_reached:
         return f"node 0 cannot reach nodes {cannot_be_reached}"
@@ -69,6 +84,7 @@ def _unreachable_message(graph: nx.DiGraph) -> str:
 
 def _check_strongly_connected(adjacency: np.ndarray, what: str) -> None:
     """Raise unless every node can reach every other; ``adjacency[i, j]`` means j sends to i."""
+    nx = _networkx()
     graph = nx.DiGraph()
     graph.add_nodes_from(range(len(adjacency)))
     graph.add_edges_from((int(j), int(i)) for i, j in zip(*np.nonzero(adjacency)) if i != j)
@@ -83,7 +99,10 @@ def _check_strongly_connected(adjacency: np.ndarray, what: str) -> None:
 def complete(n: int) -> Topology:
     """Complete graph: ``W = 11^T / n`` (one gossip round is an exact all-reduce average)."""
     _check_n(n, "complete")
-    return Topology([np.full((n, n), 1.0 / n)], name="complete")
+    everyone = sp.csr_array(
+        (np.full(n * n, 1.0 / n), np.tile(np.arange(n), n), np.arange(0, n * n + 1, n)), shape=(n, n)
+    )
+    return Topology([everyone], name="complete")
 
 
 def ring(n: int) -> Topology:
@@ -167,6 +186,7 @@ def erdos_renyi(n: int, p: float | None = None, seed: int = 0) -> Topology:
     _check_n(n, "erdos_renyi")
     if p is None or not 0.0 < p <= 1.0:
         raise ValueError(f"erdos_renyi needs an edge probability p= in (0, 1], e.g. p=0.5; got p={p!r}.")
+    nx = _networkx()
     for attempt in range(_ER_MAX_ATTEMPTS):
         upper = np.triu(np.random.default_rng(seed + attempt).random((n, n)) < p, k=1)
         adj = upper | upper.T
@@ -203,6 +223,17 @@ def one_peer_exponential(n: int) -> Topology:
     """
     _check_n(n, "one_peer_exponential", minimum=2)
     return Topology([_circulant(n, (0, 2**k)) for k in range(_tau(n))], name="one_peer_exponential")
+
+
+def _ranks_per_machine(local_world_size: int | None, name: str) -> int:
+    """``local_world_size``, or ``$LOCAL_WORLD_SIZE`` (set by torchrun) when it is ``None``."""
+    if local_world_size is not None:
+        return local_world_size
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            f"{name} needs the number of ranks per machine: pass local_world_size=L (or set LOCAL_WORLD_SIZE)."
+        )
+    return int(os.environ["LOCAL_WORLD_SIZE"])
 
 
 def _machine_ranks(machine: int, local: int) -> list[int]:
@@ -242,14 +273,7 @@ def alternating_exponential_ring(n: int, local_world_size: int | None = None) ->
     a single-rank group keeps its own value. ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE``.
     """
     _check_n(n, "alternating_exponential_ring", minimum=2)
-    if local_world_size is None:
-        if "LOCAL_WORLD_SIZE" not in os.environ:
-            raise ValueError(
-                "alternating_exponential_ring needs the number of ranks per machine: pass "
-                "local_world_size=L (or set LOCAL_WORLD_SIZE)."
-            )
-        local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
-    local = local_world_size
+    local = _ranks_per_machine(local_world_size, "alternating_exponential_ring")
     machines = n // local if isinstance(local, int) and local >= 1 else 0
     if machines * local != n or machines < 2 or machines & (machines - 1):
         raise ValueError(
@@ -314,8 +338,8 @@ def challenging_digraph(n: int) -> Topology:
 def lazy(topology: Topology) -> Topology:
     """Every phase replaced by ``(W + I)/2``: the same graph with self weights raised, which moves all
     eigenvalues into ``[0, 1]`` for symmetric W (e.g. to meet Exact-Diffusion's ``lambda_min > -1/3``)."""
-    eye = np.eye(topology.n)
-    mats = [(topology.matrix(k) + eye) / 2.0 for k in range(topology.period)]
+    eye = sp.eye_array(topology.n, format="csr")
+    mats = [(topology.sparse(k) + eye) / 2.0 for k in range(topology.period)]
     return Topology(mats, name=f"lazy_{topology.name}")
 
 
@@ -388,6 +412,34 @@ def from_matrix(
     return Topology(mats, name=name)
 
 
+# ---- two-level clusters ------------------------------------------------------------------------------
+def hierarchical(
+    n: int,
+    local_world_size: int | None = None,
+    machines: str = "one_peer_exponential",
+    machine_options: dict[str, object] | None = None,
+) -> HierarchicalTopology:
+    """Exact averaging inside each machine, gossip between machines: ``W(k) = W_M(k) (x) 11^T/L`` with
+    ``W_M`` the registered topology ``machines`` (with ``machine_options``) built for ``M = n / L``
+    machines (a single machine: ``W = 11^T/n``). ``L = local_world_size`` defaults to
+    ``$LOCAL_WORLD_SIZE`` (the strategy passes its devices per node); machine ``m`` holds ranks
+    ``mL .. mL + L - 1``. The strategy runs it with
+    :class:`~lightning_decent.comm.HierarchicalCommunicator` (``1/L`` of the model per rank across
+    machines); see :mod:`lightning_decent.topology.hierarchical`."""
+    _check_n(n, "hierarchical")
+    local = _ranks_per_machine(local_world_size, "hierarchical")
+    if isinstance(local, bool) or not isinstance(local, (int, np.integer)) or local < 1 or n % local:
+        raise ValueError(
+            f"hierarchical needs n = machines x local_world_size; got n={n}, local_world_size={local!r}. "
+            "Set local_world_size to the number of ranks per machine (a divisor of n)."
+        )
+    if isinstance(machines, str) and _resolve(machines)[0] is hierarchical:
+        raise ValueError("hierarchical cannot nest itself; choose a flat machine topology such as base or ring.")
+    count = n // local
+    machine_graph = complete(1) if count == 1 else get_topology(machines, count, **(machine_options or {}))
+    return HierarchicalTopology(machine_graph, local)
+
+
 # ---- registry --------------------------------------------------------------------------------------
 TOPOLOGIES: dict[str, Callable[..., Topology]] = {
     "complete": complete,
@@ -402,6 +454,10 @@ TOPOLOGIES: dict[str, Callable[..., Topology]] = {
     "alternating_exponential_ring": alternating_exponential_ring,
     "directed_graph": directed_graph,
     "challenging_digraph": challenging_digraph,
+    "base": base,
+    "equistatic": equistatic,
+    "equidyn": equidyn,
+    "hierarchical": hierarchical,
 }
 
 _LAZY_PREFIX = "lazy_"

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny_model import TinyClassifier
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 
 def strike(out: Path, sig: signal.Signals | None, module: pl.LightningModule) -> None:

@@ -1,30 +1,31 @@
 """One node of a 2-node x 2-process run launched by torchrun; every rank writes what it saw as JSON.
 
-``torchrun --nnodes 2 --nproc-per-node 2 --node-rank R --master-addr A --master-port P multinode.py OUT``
+``torchrun --nnodes 2 --nproc-per-node 2 --node-rank R --master-addr A --master-port P multinode.py OUT
+[--algorithm choco --compression int8 --epochs 8]``
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 
-def main(out: Path) -> None:
+def main(out: Path, algorithm: str, compression: str | None, epochs: int) -> None:
     pl.seed_everything(0)
-    strategy = DecentralizedStrategy(topology="ring")
+    strategy = DecentralizedStrategy(topology="ring", algorithm=algorithm, compression=compression)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         num_nodes=2,
         strategy=strategy,
-        max_epochs=8,
+        max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -49,5 +50,11 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--algorithm", default="dsgd")
+    parser.add_argument("--compression")
+    parser.add_argument("--epochs", type=int, default=8)
+    args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(Path(sys.argv[1]))
+    main(args.out, args.algorithm, args.compression, args.epochs)

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decent import DecentralizedStrategy
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule, load_digits_tensors
 from lightning_decent.topology import get_topology
-from recipes.digits import DigitsClassifier, DigitsDataModule, load_digits_tensors
 
 LR, MOMENTUM, DECAY, STEPS, PER_RANK = 0.2, 0.9, 1e-3, 8, 64
 

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny_model import TinyClassifier, flat_params
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsDataModule
+from lightning_decent.recipes.digits import DigitsDataModule
 
 
 def trainer(strategy, devices: int, callbacks=(), **kwargs) -> pl.Trainer:

@@ -6,6 +6,8 @@
   checkpoint at its end.
 * ``PHASE=resume``: per algorithm, resume that checkpoint for the second epoch.
 
+An algorithm is a name, or one of :data:`CONFIGURATIONS` (an algorithm with options).
+
 Every algorithm trains on the ring except ``push_sum``, which trains on the 4-node challenging
 digraph (column-stochastic, so its push-sum weights ``v`` move away from 1 and must be restored).
 """
@@ -23,18 +25,42 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 #: The graph each algorithm trains on (default: the ring).
 TOPOLOGIES = {"push_sum": "challenging_digraph"}
+#: Further strategy options per algorithm: choco sends random-k messages, whose coordinates are drawn
+#: from the gossip step (restored by the checkpoint).
+STRATEGY_OPTIONS = {"choco": {"compression": "randomk", "compression_options": {"fraction": 0.25}}}
+
+#: Runs of an algorithm with options: name -> (algorithm, options). An epoch is 12 steps (4 ranks), so
+#: the checkpoint after epoch 1 falls mid-period, and the second epoch crosses synchronisations; with
+#: H=8, 4 fragments and delay 1, fragment 1's exchange (started after the 12th step) is in flight at the checkpoint.
+CONFIGURATIONS = {
+    "diloco": ("diloco", {"H": 5}),
+    "local_sgd": ("local_sgd", {"H": 6, "warmup_steps": 3}),
+    "diloco_streaming": ("diloco", {"H": 8, "fragments": 4, "delay": 1}),
+    "gasloc_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "mix": 0.5, "gossip_momentum": 0.5}),
+    "diloco_int8": ("diloco", {"H": 5, "compression": "int8"}),
+    "gasloc_int8_streaming": ("gasloc", {"H": 8, "fragments": 4, "delay": 1, "compression": "int8"}),
+}
 
 
-def make_trainer(devices: int, epochs: int, algorithm: str, callbacks=(), **strategy_kwargs) -> pl.Trainer:
+def make_trainer(devices: int, epochs: int, run: str, callbacks=(), **strategy_kwargs) -> pl.Trainer:
+    algorithm, options = CONFIGURATIONS.get(run, (run, {}))
     topology = TOPOLOGIES.get(algorithm, "ring")
+    strategy = DecentralizedStrategy(
+        topology=topology,
+        algorithm=algorithm,
+        algorithm_options=options,
+        final_model="local",
+        **STRATEGY_OPTIONS.get(algorithm, {}),
+        **strategy_kwargs,
+    )
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=DecentralizedStrategy(topology=topology, algorithm=algorithm, final_model="local", **strategy_kwargs),
+        strategy=strategy,
         max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,

@@ -5,12 +5,13 @@ Each rank trains a LightningModule whose loss is its own node's objective of the
 problem, graph and algorithm and records the largest difference between its parameters and the
 simulator's row for its node, and between the network average that evaluation uses and the
 simulator's (``(1/n) sum_i v_i z_i`` for push-sum). Used by ``tests/test_sim_equivalence.py`` (one launch, all cases).
-Usage: ``python sim_equivalence.py OUT_DIR [--devices 4]``.
+Usage: ``python sim_equivalence.py OUT_DIR [--devices 4] [--only CASE_PREFIX]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -22,9 +23,11 @@ from torch.utils.data import DataLoader
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.sim import Problem, get_problem, network_average, simulate
+from lightning_decent.topology import hierarchical
 
 STEPS = 20
 LR = 0.1
+TWO_MACHINES = hierarchical(4, local_world_size=2, machines="lazy_ring")
 
 # (case, problem, topology, algorithm, algorithm options, local SGD momentum)
 CASES = [
@@ -44,6 +47,76 @@ CASES = [
     ("push_sum_digraph", "logistic", "challenging_digraph", "push_sum", {}, 0.9),
     ("push_diging_digraph", "logistic", "challenging_digraph", "push_diging", {}, 0.0),
     ("mg_push_diging_digraph", "logistic", "challenging_digraph", "mg_push_diging", {"rounds": 2}, 0.0),
+    # local steps: the all-reduce outer sync (blocking and asynchronous) and the gossip one (p2p, in flight)
+    ("local_sgd_warmup", "logistic", "ring", "local_sgd", {"H": 3, "warmup_steps": 4}, 0.9),
+    ("diloco", "logistic", "ring", "diloco", {"H": 4}, 0.9),
+    ("diloco_streaming", "logistic", "ring", "diloco", {"H": 6, "fragments": 3, "delay": 1, "mix": 0.5}, 0.0),
+    (
+        "gasloc_one_peer_streaming",
+        "logistic",
+        "one_peer_exponential",
+        "gasloc",
+        {"H": 4, "fragments": 2, "delay": 1},
+        0.0,
+    ),
+    ("gasloc_ring_momentum", "digits", "ring", "gasloc", {"H": 3, "gossip_momentum": 0.5}, 0.0),
+    # compressed synchronisations (error feedback): two-stage average, blocking and started in the
+    # background; a compressed gossip round in flight
+    (
+        "diloco_int8",
+        "logistic",
+        "ring",
+        "diloco",
+        {"H": 4, "compression": "int8", "compression_options": {"block": 4}},
+        0.9,
+    ),
+    (
+        "diloco_int8_streaming",
+        "logistic",
+        "ring",
+        "diloco",
+        {"H": 6, "fragments": 3, "delay": 1, "compression": "int8", "compression_options": {"block": 4}},
+        0.0,
+    ),
+    (
+        "gasloc_int8_one_peer_streaming",
+        "logistic",
+        "one_peer_exponential",
+        "gasloc",
+        {"H": 4, "fragments": 2, "delay": 1, "compression": "int8", "compression_options": {"block": 4}},
+        0.0,
+    ),
+    # two machines of two ranks: W = lazy_ring(2) (x) 11^T/2, through the hierarchical communicator
+    ("dsgd_hierarchical", "logistic", TWO_MACHINES, "dsgd", {}, 0.0),
+    ("gradient_tracking_hierarchical", "logistic", TWO_MACHINES, "gradient_tracking", {}, 0.0),
+    ("dsgd_base", "logistic", "base", "dsgd", {}, 0.0),
+    # compressed gossip: payloads on the wire, decoded and mixed as the simulator's rows
+    ("choco_identity", "logistic", "ring", "choco", {"compression": "none", "gamma": 1.0}, 0.0),
+    ("choco_int8", "logistic", "ring", "choco", {"compression": "int8"}, 0.0),
+    (
+        "choco_int8_digits",
+        "digits",
+        "ring",
+        "choco",
+        {"compression": "int8", "compression_options": {"block": 64}},
+        0.9,
+    ),
+    (
+        "choco_topk",
+        "logistic",
+        "exponential",
+        "choco",
+        {"compression": "topk", "compression_options": {"fraction": 0.5}},
+        0.0,
+    ),
+    (
+        "choco_randomk",
+        "logistic",
+        "ring",
+        "choco",
+        {"compression": "randomk", "compression_options": {"fraction": 0.5}},
+        0.0,
+    ),
 ]
 
 
@@ -73,25 +146,32 @@ class NodeObjective(pl.LightningModule):
         return DataLoader(torch.zeros(STEPS * self.trainer.world_size), batch_size=1)
 
 
-def run(out: Path, devices: int) -> None:
+def node_trainer(strategy: DecentralizedStrategy, devices: int) -> pl.Trainer:
+    """A float64 trainer of :data:`STEPS` steps on ``devices`` CPU ranks, without logging or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def run(out: Path, devices: int, only: str | None = None) -> None:
     results: dict[str, dict] = {}
     for case, problem_name, topology, algorithm, options, momentum in CASES:
+        if only and not case.startswith(only):
+            continue
         problem = build_problem(problem_name, devices)
         model = NodeObjective(problem, momentum)
         strategy = DecentralizedStrategy(
-            topology=topology, algorithm=algorithm, algorithm_options=dict(options), final_model="local"
+            topology=topology, algorithm=algorithm, algorithm_options=copy.deepcopy(options), final_model="local"
         )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            precision="64-true",
-            max_steps=STEPS,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = node_trainer(strategy, devices)
         trainer.fit(model)
         simulated = simulate(
             problem, algorithm, topology, steps=STEPS, lr=LR, momentum=momentum, eval_every=STEPS, **options
@@ -100,11 +180,13 @@ def run(out: Path, devices: int) -> None:
         evaluated = strategy._average_state_dict({"x": model.x.detach()})["x"]  # what evaluation and average.ckpt see
         expected_average = network_average(simulated.params, simulated.push_weights)
         results[case] = {
+            "communicator": type(strategy.communicator).__name__,
             "max_abs_diff": (model.x.detach() - simulated.params[rank]).abs().max().item(),
             "average_max_abs_diff": (evaluated - expected_average).abs().max().item(),
             "plain_mean_gap": (simulated.params.mean(dim=0) - expected_average).abs().max().item(),
             "gossip_step": strategy.gossip_step,
             "moved": (model.x.detach() - problem.initial_params()).abs().max().item(),
+            "params": model.x.detach().tolist(),
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
@@ -114,7 +196,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--only", help="run only the cases whose name starts with this")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run(args.out, args.devices)
+    run(args.out, args.devices, args.only)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import DigitsClassifier, DigitsDataModule
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 
 GLOBAL_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "barrier", "reduce", "scatter")
 

@@ -21,7 +21,7 @@ from tiny_model import TinyClassifier, flat_params
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 from lightning_decent import DecentralizedStrategy
-from recipes.digits import load_digits_tensors
+from lightning_decent.recipes.digits import load_digits_tensors
 
 BATCH = 32
 
