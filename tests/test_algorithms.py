@@ -100,12 +100,18 @@ def test_class_attributes_match_the_docstring_and_the_state(name: str) -> None:
     assert persistent == algo.extra_memory
 
 
-@pytest.mark.parametrize("name", [name for name in NAMES if name != "choco"])  # choco: tests/test_choco.py
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("choco", "ddp")])  # choco: test_choco.py
 def test_bytes_sent_per_step_are_rounds_times_buffers_times_out_degree(name: str) -> None:
     problem = Quadratic(n=8)
     result = simulate(problem, name, "ring", steps=5, lr=0.1, eval_every=5, gossip_rounds=2)
     model_bytes = problem.dim * 8
     assert result.bytes_sent_per_node_step == 2 * ALGORITHMS[name].buffers_per_round * 2 * model_bytes
+
+
+def test_ddp_sends_one_ring_all_reduce_of_the_gradient_per_step() -> None:
+    problem = Quadratic(n=8)
+    result = simulate(problem, "ddp", "ring", steps=5, lr=0.1, eval_every=5)
+    assert result.bytes_sent_per_node_step == 2 * (8 - 1) / 8 * problem.dim * 8  # no gossip: 2 (n - 1) / n models
 
 
 # ---- refusals ------------------------------------------------------------------------------------------
