@@ -6,6 +6,7 @@ the other ranks), so every run is a real set of processes that is stopped and st
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -110,14 +111,30 @@ def test_check_finite_stops_the_all_reduce_baseline_naming_the_origin(tmp_path: 
     assert "this node's own gradient was NaN/Inf: this node is an origin" in stderr
 
 
+#: (algorithm, communicator, options): plain gossip, a tracker, the DDP baseline, compressed gossip (CHOCO's
+#: int8 rounds carry the headers too), and the local-steps family synchronising every 4 steps, so that
+#: synchronisations fall inside the shorter ranks' empty steps (an outer all-reduce, a gossip outer step).
+UNEVEN_RUNS = [
+    ("dsgd", "p2p", {}),
+    ("gradient_tracking", "p2p", {}),
+    ("dsgd", "allreduce", {}),
+    ("choco", "p2p", {}),
+    ("diloco", "allreduce", {"H": 4}),
+    ("gasloc", "p2p", {"H": 4}),
+]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("algorithm", "communicator"), [("dsgd", "p2p"), ("gradient_tracking", "p2p"), ("dsgd", "allreduce")]
+    ("algorithm", "communicator", "options"), UNEVEN_RUNS, ids=[f"{a}-{c}" for a, c, _ in UNEVEN_RUNS]
 )
-def test_ranks_with_uneven_epochs_end_every_epoch_together(tmp_path: Path, algorithm: str, communicator: str) -> None:
+def test_ranks_with_uneven_epochs_end_every_epoch_together(
+    tmp_path: Path, algorithm: str, communicator: str, options: dict
+) -> None:
     # Rank r has 10 + r batches per epoch. Before: the ranks with fewer hung in validation until gossip_timeout,
     # and their neighbours then blamed a healthy peer.
     argv = ("--mode", "sized", "--algorithm", algorithm, "--communicator", communicator)
+    argv += ("--algorithm-options", json.dumps(options))
     proc = launch("uneven.py", str(tmp_path), *argv, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     runs = [torch.load(tmp_path / f"{algorithm}_{communicator}_rank{r}.pt", weights_only=True) for r in range(RANKS)]

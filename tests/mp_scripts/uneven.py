@@ -1,6 +1,7 @@
 """Ranks with different numbers of batches per epoch, and a rank that skips an optimizer step.
 
-``python uneven.py OUT --mode sized|iterable|skip [--algorithm dsgd] [--communicator p2p] [--devices 4]``
+``python uneven.py OUT --mode sized|iterable|skip [--algorithm dsgd] [--algorithm-options '{"H": 4}']
+[--communicator p2p] [--devices 4]``
 
 * ``sized``: rank r's loader yields ``10 + r`` batches of 32 (its own slice, no distributed sampler);
   2 epochs with validation; every rank writes ``OUT/rank<r>.pt`` with its gossip and global steps.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -78,11 +80,16 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--mode", choices=["sized", "iterable", "skip"], default="sized")
     parser.add_argument("--algorithm", default="dsgd")
+    parser.add_argument("--algorithm-options", type=json.loads, default={})
     parser.add_argument("--communicator", default="p2p")
     parser.add_argument("--devices", type=int, default=4)
     args = parser.parse_args()
     strategy = DecentralizedStrategy(
-        topology="ring", algorithm=args.algorithm, communicator=args.communicator, gossip_timeout=30
+        topology="ring",
+        algorithm=args.algorithm,
+        algorithm_options=args.algorithm_options,
+        communicator=args.communicator,
+        gossip_timeout=30,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
