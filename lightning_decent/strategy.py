@@ -464,7 +464,8 @@ class DecentralizedStrategy(DDPStrategy):
         assert self._agreement is not None
         if trainer.reload_dataloaders_every_n_epochs and self._agreement.epoch >= 0:  # lengths may change
             self._epoch_lengths = self._gather_epoch_lengths()
-        self._agreement.start_epoch(trainer.current_epoch, self._epoch_lengths)
+        steps_done = (self._batch_in_epoch() - 1) // trainer.accumulate_grad_batches  # > 0 in a resumed epoch
+        self._agreement.start_epoch(trainer.current_epoch, self._epoch_lengths, steps_done)
 
     @property
     def _headers_flow(self) -> bool:

@@ -61,10 +61,11 @@ class EpochAgreement(RoundHeaders):
         return not self.lengths or any(length is None for length in self.lengths)
 
     # ---- the strategy's side -------------------------------------------------------------------------
-    def start_epoch(self, epoch: int, lengths: list[int | None]) -> None:
-        """A new epoch in which rank ``r`` takes ``lengths[r]`` optimizer steps (``None``: not known)."""
+    def start_epoch(self, epoch: int, lengths: list[int | None], steps_done: int = 0) -> None:
+        """A new epoch in which rank ``r`` takes ``lengths[r]`` optimizer steps (``None``: not known), of which
+        this rank took ``steps_done`` before the checkpoint it resumed from (a resumed epoch)."""
         self.epoch, self.lengths = epoch, list(lengths)
-        self.steps_taken = self.real_steps = 0
+        self.steps_taken = self.real_steps = steps_done
         self.last_real = False
 
     def begin_step(self, gossip_step: int, *, real: bool, last_real: bool = False, batch: int = -1) -> None:

@@ -241,3 +241,13 @@ def test_sync_batchnorm_is_refused_with_the_reason() -> None:
     )
     with pytest.raises(ValueError, match="sync_batchnorm=True is not supported"):
         trainer.fit(DigitsClassifier(), DigitsDataModule())
+
+
+def test_resuming_in_the_middle_of_an_epoch_takes_no_empty_steps(tmp_path: Path) -> None:
+    # The ranks pad an epoch to the longest rank's length with empty steps; a resumed epoch counts the steps
+    # taken before the checkpoint. Before: 2 extra empty steps, the gossip step ran ahead of the global step.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=6, save_top_k=-1)
+    make_trainer(tmp_path, 2, [saver]).fit(DigitsClassifier(), DigitsDataModule())
+    resumed = make_trainer(tmp_path, 2)
+    resumed.fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=tmp_path / "ckpts" / "epoch=1-step=6.ckpt")
+    assert resumed.global_step == 8 and resumed.strategy.gossip_step == 8
