@@ -50,6 +50,11 @@ class AllReduceCommunicator(Communicator):
         self.check_finite = check_finite
         self.collectives = collectives if group is None else None
 
+    @property
+    def _collective_group(self) -> dist.ProcessGroup | None:
+        """The group of world-wide collectives: the strategy's bounded one (``collective_timeout``) if given."""
+        return self.collectives.group if self.collectives is not None else self.group
+
     @torch.no_grad()
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
         if self.check_finite:
@@ -76,8 +81,7 @@ class AllReduceCommunicator(Communicator):
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         self._count(buffers)
-        group = self.collectives.group if self.collectives is not None else self.group  # bounded by its timeout
-        return start_average_all_reduce(buffers, group)
+        return start_average_all_reduce(buffers, self._collective_group)
 
     def _count(self, buffers: Sequence[torch.Tensor]) -> None:
         n = dist.get_world_size(self.group)
@@ -95,7 +99,7 @@ class AllReduceCommunicator(Communicator):
         compressor: Compressor,
         residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        all_gather_average(self, buffers, compressor, step, self.group, residuals)
+        all_gather_average(self, buffers, compressor, step, self._collective_group, residuals)
 
     @torch.no_grad()
     def average_compressed(
@@ -106,7 +110,7 @@ class AllReduceCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        two_stage_average(self, buffers, compressor, step, self._collective_group, residuals, shard_residuals)
 
     @torch.no_grad()
     def start_average_compressed(
@@ -117,4 +121,6 @@ class AllReduceCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> PendingMix:
-        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        return start_two_stage_average(
+            self, buffers, compressor, step, self._collective_group, residuals, shard_residuals
+        )

@@ -113,6 +113,11 @@ class P2PCommunicator(Communicator):
         self._pending_keys: set[tuple] = set()
         self._reverse = _reverse_channel(topology, group)
 
+    @property
+    def _collective_group(self) -> dist.ProcessGroup | None:
+        """The group of world-wide collectives: the strategy's bounded one (``collective_timeout``) if given."""
+        return self.collectives.group if self.collectives is not None else self.group
+
     # ---- transport ---------------------------------------------------------------------------------
     def _channel(self, src: int, dst: int) -> dist.ProcessGroup | None:
         """The process group carrying ``src -> dst``: the reverse one when ``src > dst`` (if any)."""
@@ -228,7 +233,7 @@ class P2PCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        two_stage_average(self, buffers, compressor, step, self._collective_group, residuals, shard_residuals)
 
     @torch.no_grad()
     def start_mix_compressed(
@@ -268,7 +273,9 @@ class P2PCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> PendingMix:
-        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        return start_two_stage_average(
+            self, buffers, compressor, step, self._collective_group, residuals, shard_residuals
+        )
 
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -381,8 +388,7 @@ class P2PCommunicator(Communicator):
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
-        group = self.collectives.group if self.collectives is not None else self.group  # bounded by its timeout
-        return start_average_all_reduce(buffers, group)
+        return start_average_all_reduce(buffers, self._collective_group)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
