@@ -3,7 +3,8 @@
 ``python benchmarks/faults.py [--only kill-train,hang-end]`` runs ``tests/mp_scripts/failure.py`` and
 ``tests/mp_scripts/uneven.py`` once per case and prints a Markdown table: the seconds from the fault (the
 victim's signal, written by the victim just before it; for the data cases, the launch) until every process
-has exited, and the first line of the error a surviving rank printed. Run it alone (about 5 minutes).
+has exited, and the first error line that names the victim (rank 2), or the first error line. Run it alone
+(about 5 minutes).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "skipped-step": ("uneven.py", ("--mode", "skip"), "launch"),
 }
 
-_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception): (rank \d+:.*)$")
+_ERROR_LINE = re.compile(r"(\w+(?:Error|Exception)): (rank \d+:.*)$")
+VICTIM = "rank 2"
 
 
 def run_case(name: str) -> tuple[float, str]:
@@ -66,8 +68,10 @@ def run_case(name: str) -> tuple[float, str]:
         since = float(victim.read_text()) if victim.exists() else start
     if proc.returncode == 0:
         return exited - since, "(exit 0: no error)"
-    lines = [m.group(2) for line in proc.stderr.splitlines() if (m := _ERROR_LINE.match(line.strip()))]
-    return exited - since, lines[0] if lines else proc.stderr.strip().splitlines()[-1]
+    errors = [f"{m.group(1)}: {m.group(2)}" for line in proc.stderr.splitlines() if (m := _ERROR_LINE.search(line))]
+    naming_the_victim = [line for line in errors if VICTIM in line]  # rather than a rank that lost a neighbour later
+    lines = naming_the_victim or errors or proc.stderr.strip().splitlines()[-1:]
+    return exited - since, lines[0]
 
 
 def main() -> None:
