@@ -27,6 +27,7 @@ def _unsupported(what: str) -> UnsupportedLightningError:
 
 
 try:
+    from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available, _sync_ddp_if_available
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -50,4 +51,11 @@ check_attributes(_SubprocessScriptLauncher, "kill")
 check_attributes(LightningModule(), "_current_fx_name")
 check_attributes(DDPStrategy(), "_layer_sync")
 
-__all__ = ["TESTED_LIGHTNING", "UnsupportedLightningError", "_SubprocessScriptLauncher", "_optimizers_to_device"]
+__all__ = [
+    "TESTED_LIGHTNING",
+    "UnsupportedLightningError",
+    "_SubprocessScriptLauncher",
+    "_all_gather_ddp_if_available",
+    "_optimizers_to_device",
+    "_sync_ddp_if_available",
+]

@@ -1,32 +1,69 @@
-"""Sharded checkpoint directories: one file per rank, the network average, and a metadata file.
+"""Checkpoints of a decentralized run: a regular Lightning file with the network average, and every
+rank's shard beside it.
 
-Layout of ``<name>.ckpt/`` (a directory)::
+Layout (format ``lightning-decent/sharded-v2``)::
 
-    rank_0.ckpt ... rank_{n-1}.ckpt   each rank's full Lightning checkpoint + ``"decentralized"`` state
-    average.ckpt                      the network-average model (plain Lightning/torch checkpoint)
-    meta.json                         world size, topology, algorithm, library version, file sizes
+    epoch=3-step=480.ckpt              the path Lightning reports (ModelCheckpoint.best_model_path ...): a
+                                       regular Lightning checkpoint whose ``state_dict`` is the network
+                                       average (push-sum weighted), with rank 0's optimizer, LR-scheduler,
+                                       loop and callback state, and a small ``"decentralized"`` record naming
+                                       its shard directory and save token
+    epoch=3-step=480.ckpt.shards/
+        rank_0.ckpt ... rank_{n-1}.ckpt   each rank's full checkpoint plus its algorithm state, gossip step
+                                          and RNG states (what an exact resume reads)
+        meta.json                         world size, topology, algorithm, version, save token, and the size
+                                          and SHA-256 of every shard
 
-A checkpoint is written into a hidden staging directory next to its final name and renamed into
-place only once every file is complete, so a crash or kill during a save never leaves a directory
-that looks complete but is not; ``meta.json`` is written last and is what makes a directory valid.
+So ``Model.load_from_checkpoint(path)``, ``torch.load(path)`` and ``Trainer(strategy="ddp").fit(...,
+ckpt_path=path)`` read the average like any Lightning checkpoint, and the strategy resumes every rank
+bitwise from the shards.
+
+Atomic writes: the shards go to a hidden staging directory (``.<name>.shards.incomplete-<token>``) and
+the average to a hidden temporary file; once every shard and ``meta.json`` are complete, the directory
+is renamed into place and then the file. A crash at any point leaves either the previous checkpoint
+or hidden leftovers, which the next successful save in that directory removes; a shard directory
+whose token differs from its file's (a crash between the two renames) is refused on resume.
+
+Format ``lightning-decent/sharded-v1`` (a directory ``<name>.ckpt/`` with the rank files,
+``average.ckpt`` and ``meta.json``) is still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 META_FILE = "meta.json"
-AVERAGE_FILE = "average.ckpt"
-FORMAT = "lightning-decent/sharded-v1"
+AVERAGE_FILE = "average.ckpt"  # format v1 only: the average inside the directory
+SHARDS_SUFFIX = ".shards"
+FORMAT = "lightning-decent/sharded-v2"
+FORMAT_V1 = "lightning-decent/sharded-v1"
+#: Key of the record in the top-level file that names its shard directory.
+RECORD_KEY = "decentralized_shards"
+_STAGING_MARK = ".incomplete-"
 
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank}.ckpt"
+
+
+def shard_dir(path: str | os.PathLike) -> Path:
+    """The shard directory beside the checkpoint file ``path`` (symbolic links followed, so a ``last.ckpt``
+    link made by ``ModelCheckpoint(save_last="link")`` finds its target's shards)."""
+    real = Path(os.path.realpath(path))
+    return real.parent / (real.name + SHARDS_SUFFIX)
+
+
+def file_of_shard_dir(directory: Path) -> Path:
+    """The checkpoint file a v2 shard directory belongs to."""
+    return directory.parent / directory.name[: -len(SHARDS_SUFFIX)]
 
 
 @dataclass
@@ -41,7 +78,9 @@ class CheckpointMeta:
     gossip_step: int
     library_version: str
     format: str = FORMAT
+    token: str = ""
     file_sizes: dict[str, int] = field(default_factory=dict)
+    file_sha256: dict[str, str] = field(default_factory=dict)
 
     def incompatibilities(self, world_size: int, topology_fingerprint: str, algorithm: str) -> list[str]:
         """Human-readable differences that prevent an exact per-rank resume."""
@@ -55,18 +94,72 @@ class CheckpointMeta:
         return problems
 
 
-def is_sharded(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
+def record(shards: Path, token: str, world_size: int) -> dict[str, Any]:
+    """The ``"decentralized"`` entry of the top-level file (plain data: ``weights_only`` loads it)."""
+    return {"format": FORMAT, "shards": shards.name, "token": token, "world_size": world_size}
+
+
+def read_record(path: Path, weights_only: bool) -> dict[str, Any] | None:
+    """The shard record of a top-level file, or ``None`` for a plain Lightning checkpoint (the file is
+    memory-mapped: its tensors are not read)."""
+    loaded = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    found = loaded.get(RECORD_KEY) if isinstance(loaded, dict) else None
+    return found if isinstance(found, dict) and found.get("format") == FORMAT else None
+
+
+def shard_problems(shards: Path, found: dict[str, Any], world_size: int, fingerprint: str, algorithm: str) -> list[str]:
+    """Why the shards beside a top-level file (whose record is ``found``) cannot be resumed exactly."""
+    if not shards.is_dir():
+        return [f"its shard directory {shards} is missing"]
+    try:
+        meta = read_meta(shards)
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    if meta.token != found.get("token"):
+        problems.append(
+            f"its shard directory {shards} holds another save (token {meta.token}, the file's is {found.get('token')}:"
+            f" a save was interrupted between renaming the two)"
+        )
+    differences = meta.incompatibilities(world_size, fingerprint, algorithm)
+    return problems + ([f"it was saved with {', '.join(differences)}"] if differences else [])
+
+
+def is_v1_directory(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / AVERAGE_FILE).exists()
 
 
 def staging_path(final: Path, token: str) -> Path:
     """A hidden sibling of ``final`` that Lightning's ``last*.ckpt`` lookup never matches."""
-    return final.parent / f".{final.name}.incomplete-{token}"
+    return final.parent / f".{final.name}{_STAGING_MARK}{token}"
 
 
-def write_meta(directory: Path, meta: CheckpointMeta) -> None:
-    """Record file sizes and write ``meta.json`` (flushed to disk): the directory is now complete."""
+def remove_stale_staging(directory: Path, keep_token: str) -> list[Path]:
+    """Remove hidden staging leftovers of interrupted saves in ``directory`` (not those of ``keep_token``)."""
+    removed = []
+    for leftover in directory.glob(f".*{_STAGING_MARK}*"):
+        if leftover.name.endswith(_STAGING_MARK + keep_token):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_meta(directory: Path, meta: CheckpointMeta, hashes: dict[str, str]) -> None:
+    """Record file sizes and hashes and write ``meta.json`` (flushed to disk): the directory is complete."""
     meta.file_sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != META_FILE}
+    meta.file_sha256 = dict(sorted(hashes.items()))
     tmp = directory / (META_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(asdict(meta), f, indent=1)
@@ -76,8 +169,8 @@ def write_meta(directory: Path, meta: CheckpointMeta) -> None:
 
 
 def commit(staging: Path, final: Path) -> None:
-    """Move a complete staging directory to its final name, replacing an older checkpoint there."""
-    if final.exists():
+    """Move a complete staging file or directory to its final name, replacing an older one there."""
+    if final.is_dir():
         previous = final.parent / f".{final.name}.replaced-{staging.name.rsplit('-', 1)[-1]}"
         os.replace(final, previous)
         os.replace(staging, final)
@@ -87,7 +180,7 @@ def commit(staging: Path, final: Path) -> None:
 
 
 def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
-    """Read and check ``meta.json``; raise a clear error for an incomplete or foreign directory."""
+    """Read and check ``meta.json``; raise a clear error for an incomplete, damaged or foreign directory."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
@@ -95,12 +188,37 @@ def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
             f"{directory} is not a complete lightning-decent checkpoint (no {META_FILE}): a save was "
             f"interrupted or this is another kind of directory. Resume from an earlier checkpoint."
         )
-    raw: dict[str, Any] = json.loads(meta_path.read_text())
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} has format {raw.get('format')!r}; this version reads {FORMAT!r}.")
+    damaged = f"{meta_path} is damaged"
+    try:
+        raw = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{damaged}: it is not valid JSON ({err}). Resume from an earlier checkpoint.") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{damaged}: expected a JSON object, found {type(raw).__name__}.")
+    if raw.get("format") not in (FORMAT, FORMAT_V1):
+        raise ValueError(
+            f"{meta_path} has format {raw.get('format')!r}; this version reads {FORMAT!r} and {FORMAT_V1!r}."
+        )
+    known = {f.name for f in fields(CheckpointMeta)}
+    unknown, missing = (
+        sorted(set(raw) - known),
+        sorted(f.name for f in fields(CheckpointMeta) if f.name not in raw and f.name not in ("token", "file_sha256")),
+    )
+    if unknown or missing:
+        raise ValueError(f"{damaged}: unknown key(s) {unknown}, missing key(s) {missing}.")
     meta = CheckpointMeta(**raw)
     for name, size in meta.file_sizes.items():
         actual = directory / name
         if not actual.is_file() or actual.stat().st_size != size:
             raise ValueError(f"{actual} is missing or truncated (expected {size} bytes): the checkpoint is damaged.")
     return meta
+
+
+def verify(directory: Path, name: str, meta: CheckpointMeta) -> None:
+    """Refuse ``directory/name`` if its content differs from the SHA-256 recorded at save time."""
+    expected = meta.file_sha256.get(name)
+    if expected is not None and sha256(directory / name) != expected:
+        raise ValueError(
+            f"{directory / name} does not match the SHA-256 recorded in {META_FILE} when it was saved: the file "
+            f"was modified or corrupted. Restore it, or resume from another checkpoint."
+        )

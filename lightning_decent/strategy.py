@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import time
@@ -30,9 +32,14 @@ from typing_extensions import override
 
 from lightning_decent import checkpoint as ckpt
 from lightning_decent import rng
-from lightning_decent._lightning_private import _optimizers_to_device, _SubprocessScriptLauncher
+from lightning_decent._lightning_private import (
+    _all_gather_ddp_if_available,
+    _optimizers_to_device,
+    _SubprocessScriptLauncher,
+    _sync_ddp_if_available,
+)
 from lightning_decent._version import __version__
-from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
+from lightning_decent.algorithms import DDP, Algorithm, Bucket, all_reduce_baseline, get_algorithm
 from lightning_decent.buckets import ParamBucket, build_buckets
 from lightning_decent.comm import (
     AllReduceCommunicator,
@@ -43,9 +50,11 @@ from lightning_decent.comm import (
     P2PCommunicator,
     get_compressor,
 )
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
+from lightning_decent.uneven import EpochAgreement
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,10 @@ class DecentralizedStrategy(DDPStrategy):
         topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology``;
             a name is built for the world size at setup.
         algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
-        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"``
-            (exact global averaging every step, the P-SGD/DDP-equivalent baseline). With
+        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"`` (exact
+            averaging: with ``algorithm="dsgd"`` this is the DDP-equivalent baseline
+            :class:`~lightning_decent.algorithms.DDP`, gradients averaged before one optimizer step; any
+            other algorithm's ``mix`` becomes an exact average of what it mixes). With
             ``topology="hierarchical"``, ``"p2p"`` runs :class:`~lightning_decent.comm.HierarchicalCommunicator`
             (machine average, then ``1/L`` of the model per rank between machines).
         topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
@@ -94,7 +105,11 @@ class DecentralizedStrategy(DDPStrategy):
         log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
             it costs a global all-reduce).
         log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
-        gossip_timeout: seconds to wait for a neighbour before failing with its rank named.
+        gossip_timeout: seconds to wait for a neighbour before failing with its rank named (positive).
+        collective_timeout: seconds a world-wide collective waits for the slowest rank before failing with
+            the missing ranks named (positive): the evaluation, consensus and final averages, checkpoint
+            saves, set-up, global averaging, and Lightning's barriers, broadcasts and ``sync_dist``
+            reductions all run through :class:`~lightning_decent.comm.collectives.BoundedCollectives`.
         check_finite: stop with an error naming the rank when a value about to be sent is NaN/Inf,
             instead of spreading it to the neighbours (one reduction per bucket and step).
         resume_from_average: when resuming from a sharded checkpoint saved with another world size,
@@ -109,7 +124,8 @@ class DecentralizedStrategy(DDPStrategy):
             compressor with an error naming it. ``None`` keeps the algorithm's own setting.
         compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
 
-    The remaining arguments are Lightning's, as for ``DDPStrategy``.
+    The remaining arguments are Lightning's, as for ``DDPStrategy`` (``timeout`` bounds the start-up
+    rendezvous and collectives the strategy does not see, such as torchmetrics' own synchronisation).
     """
 
     strategy_name = "decentralized"
@@ -128,6 +144,7 @@ class DecentralizedStrategy(DDPStrategy):
         log_consensus_every: int = 0,
         log_comm_stats: bool = True,
         gossip_timeout: float = 60.0,
+        collective_timeout: float = 300.0,
         check_finite: bool = True,
         resume_from_average: bool = False,
         overlap: bool = False,
@@ -161,11 +178,21 @@ class DecentralizedStrategy(DDPStrategy):
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
+        for name, seconds in (("gossip_timeout", gossip_timeout), ("collective_timeout", collective_timeout)):
+            if not seconds > 0:
+                raise ValueError(
+                    f"{name} must be a positive number of seconds, got {seconds!r}; it bounds every wait for "
+                    f"another rank (e.g. {name}=60)."
+                )
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
         if compression is not None or compression_options:
             self.algorithm.use_compression(_compressor(compression, compression_options))
         if overlap:
             _enable_overlap(self.algorithm, communicator)
+        if communicator == "allreduce":
+            self.algorithm = all_reduce_baseline(self.algorithm)
+        if isinstance(self.algorithm, DDP):
+            self.algorithm.check_finite = check_finite
         if isinstance(topology, str):
             _check_topology_options(topology, topology_options or {})
         self._topology_spec = topology
@@ -177,6 +204,7 @@ class DecentralizedStrategy(DDPStrategy):
         self.log_consensus_every = log_consensus_every
         self.log_comm_stats = log_comm_stats
         self.gossip_timeout = timedelta(seconds=gossip_timeout)
+        self.collective_timeout = timedelta(seconds=collective_timeout)
         self.check_finite = check_finite
         self.resume_from_average = resume_from_average
         self._resumed_from_average = False
@@ -185,6 +213,10 @@ class DecentralizedStrategy(DDPStrategy):
         self.gossip_step = 0
         self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
         self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._collectives: BoundedCollectives | None = None
+        self._prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
+        self._agreement: EpochAgreement | None = None
+        self._epoch_lengths: list[int | None] = []
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -210,6 +242,7 @@ class DecentralizedStrategy(DDPStrategy):
         world_size = self.num_nodes * self.num_processes
         self.topology = self._build_topology(world_size)  # fail before any process-group traffic
         super().setup_environment()
+        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
         self._check_ranks_agree()
         previous = self.communicator
         same_graph = previous is not None and previous.topology.fingerprint() == self.topology.fingerprint()
@@ -217,6 +250,10 @@ class DecentralizedStrategy(DDPStrategy):
             self.communicator = self._build_communicator()
             if same_graph:
                 self.communicator.stats = previous.stats  # counts continue over fit/validate calls
+        self._agreement = EpochAgreement(self.global_rank)
+        if self._headers_flow:
+            assert isinstance(self.communicator, P2PCommunicator)
+            self.communicator.headers = self._agreement
 
     def _build_topology(self, world_size: int) -> Topology:
         if world_size == 1:
@@ -234,8 +271,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1:
             return
         mine = (self.topology.fingerprint(), self.algorithm.name, self._communicator_name)
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine)
+        everyone = self._guard.all_gather_object(mine, "set-up check of topology/algorithm/communicator")
         differing = [r for r, theirs in enumerate(everyone) if theirs != mine]
         if differing:
             raise RuntimeError(
@@ -246,15 +282,57 @@ class DecentralizedStrategy(DDPStrategy):
     def _build_communicator(self) -> Communicator:
         assert self.topology is not None
         if self._communicator_name == "allreduce":
-            return AllReduceCommunicator(self.topology)
+            return AllReduceCommunicator(
+                self.topology, rank=self.global_rank, check_finite=self.check_finite, collectives=self._collectives
+            )
         if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
             refuse_compression_unsupported_by(self.algorithm, HierarchicalCommunicator)
             return HierarchicalCommunicator(
                 self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
             )
         return P2PCommunicator(
-            self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+            self.topology,
+            self.global_rank,
+            timeout=self.gossip_timeout,
+            check_finite=self.check_finite,
+            collectives=self._collectives,
         )
+
+    @property
+    def _guard(self) -> BoundedCollectives:
+        """The bounded world-wide collectives (built in ``setup_environment``)."""
+        if self._collectives is None:
+            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
+        return self._collectives
+
+    # ---- Lightning's collectives, bounded (see comm.collectives) -------------------------------------------
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if self._collectives is None:
+            return super().barrier(name)
+        self._collectives.barrier(f"barrier {name!r}" if name else "barrier")
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._collectives is None:
+            return super().broadcast(obj, src)
+        return self._collectives.broadcast_object(obj, src, f"broadcast from rank {src}")
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if self._collectives is None or group is not None or not isinstance(tensor, torch.Tensor):
+            return super().reduce(tensor, group, reduce_op)
+        group = self._collectives.group
+        return self._collectives.run(
+            "metric reduction (sync_dist, ModelCheckpoint)", lambda: _sync_ddp_if_available(tensor, group, reduce_op)
+        )
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if self._collectives is None or group is not None:
+            return super().all_gather(tensor, group, sync_grads)
+        group = self._collectives.group
+        return self._collectives.run("all_gather", lambda: _all_gather_ddp_if_available(tensor, group, sync_grads))
 
     def _refuse_sync_batchnorm(self) -> None:
         if self._layer_sync is not None:
@@ -284,11 +362,12 @@ class DecentralizedStrategy(DDPStrategy):
         """Replicas start identical: rank 0's parameters and buffers, broadcast once."""
         if self.world_size == 1:
             return
-        for tensor in self.lightning_module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        tensors, group = list(self.lightning_module.state_dict().values()), self._guard.group
+        self._guard.run("initial broadcast of rank 0's model", lambda: [dist.broadcast(t, 0, group) for t in tensors])
 
     def _build_buckets(self) -> None:
         self._buckets = {}
+        self._prepared_step = None
         seen: set[int] = set()
         for optimizer in self.optimizers:
             params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in seen]
@@ -319,7 +398,12 @@ class DecentralizedStrategy(DDPStrategy):
         param_buckets, buckets = entry
         comm, step = self.communicator, self.gossip_step
         sent_before = comm.stats.bytes_sent
-        self.algorithm.before_step(buckets, comm, step)
+        epoch_ends = self._epoch_ends_after_this_batch()
+        if self._agreement is not None:
+            self._agreement.begin_step(step, real=True, last_real=epoch_ends, batch=self._batch_in_epoch())
+        if self._prepared_step != step:
+            self.algorithm.before_step(buckets, comm, step)
+        self._prepared_step = None
         if self.algorithm.transforms_gradients:
             closure = self._closure_with_gradient_transform(closure, param_buckets, buckets, step)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -327,6 +411,10 @@ class DecentralizedStrategy(DDPStrategy):
             self.algorithm.observe_loss(output.detach())
         self.algorithm.after_step(buckets, comm, step)
         self.gossip_step += 1
+        if self._agreement is not None:
+            self._agreement.end_step(real=True)
+            if epoch_ends:
+                self._end_epoch_with_the_others(buckets)
         if self.log_comm_stats:
             self._log("gossip/bytes_sent", comm.stats.bytes_sent - sent_before)
         if self.log_consensus_every and self.gossip_step % self.log_consensus_every == 0:
@@ -334,6 +422,92 @@ class DecentralizedStrategy(DDPStrategy):
             self._log("gossip/consensus_distance", distance)
             self._log("gossip/consensus_relative", relative)
         return output
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Run the algorithm's ``before_step`` before the first forward of an optimizer step.
+
+        With gradient accumulation, Lightning runs the first ``k - 1`` micro-batches outside
+        ``optimizer_step``; an algorithm that moves the parameters in ``before_step`` (GUT places them
+        at the gossiped model ``M^t``) must do so before their forward passes too, or their gradients are
+        taken at the wrong point. The same holds for manual optimization, whose forward runs before
+        ``optimizer.step()``. Done for the single optimizer of automatic optimization, or when only one
+        optimizer has parameters; with several, ``before_step`` stays inside ``optimizer_step``.
+        """
+        trainer = self.lightning_module.trainer
+        if self._agreement is not None and self._agreement.epoch != trainer.current_epoch:
+            self._start_epoch(trainer)
+        if len(self._buckets) != 1 or self.communicator is None or self._prepared_step == self.gossip_step:
+            return
+        ((_, buckets),) = self._buckets.values()
+        if self._agreement is not None:
+            last_real, batch = self._epoch_ends_after_this_batch(), self._batch_in_epoch()
+            self._agreement.begin_step(self.gossip_step, real=True, last_real=last_real, batch=batch)
+        self.algorithm.before_step(buckets, self.communicator, self.gossip_step)
+        self._prepared_step = self.gossip_step
+
+    # ---- uneven inputs (see lightning_decent.uneven) -----------------------------------------------------
+    @override
+    def on_train_start(self) -> None:
+        """Every rank's number of optimizer steps per epoch (one small bounded all-gather per ``fit``)."""
+        super().on_train_start()
+        self._epoch_lengths = self._gather_epoch_lengths()
+
+    def _gather_epoch_lengths(self) -> list[int | None]:
+        trainer = self.lightning_module.trainer
+        batches = trainer.num_training_batches
+        known = self.lightning_module.automatic_optimization and math.isfinite(batches)
+        length = math.ceil(batches / trainer.accumulate_grad_batches) if known else None
+        if self.world_size == 1:
+            return [length]
+        return self._guard.all_gather_object(length, "exchange of epoch lengths (uneven inputs)")
+
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
+        assert self._agreement is not None
+        if trainer.reload_dataloaders_every_n_epochs and self._agreement.epoch >= 0:  # lengths may change
+            self._epoch_lengths = self._gather_epoch_lengths()
+        steps_done = (self._batch_in_epoch() - 1) // trainer.accumulate_grad_batches  # > 0 in a resumed epoch
+        self._agreement.start_epoch(trainer.current_epoch, self._epoch_lengths, steps_done)
+
+    @property
+    def _headers_flow(self) -> bool:
+        """Whether every step's gossip carries round headers (point-to-point rounds)."""
+        return isinstance(self.communicator, P2PCommunicator) and self.algorithm.rounds_per_step > 0
+
+    def _batch_in_epoch(self) -> int:
+        """The current training batch, counted from 1 in its epoch (-1 outside ``fit``)."""
+        module = self.lightning_module
+        if module is None or module._trainer is None or not module.trainer.training:
+            return -1
+        return module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _epoch_ends_after_this_batch(self) -> bool:
+        module = self.lightning_module
+        if module is None or module._trainer is None or not module.trainer.training:
+            return False
+        trainer = module.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+
+    def _end_epoch_with_the_others(self, buckets: list[Bucket]) -> None:
+        """After this rank's last real step of the epoch: empty steps until every rank has ended it."""
+        assert self._agreement is not None and self.communicator is not None
+        while self._agreement.wants_empty_step():
+            self._agreement.begin_step(self.gossip_step, real=False)
+            self._empty_step(buckets, self.communicator, self.gossip_step)
+            self.gossip_step += 1
+            self._agreement.end_step(real=False)
+
+    @torch.no_grad()
+    def _empty_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        """The algorithm's step with a zero local gradient and no optimizer update (D-SGD: gossip only)."""
+        self.algorithm.before_step(buckets, comm, step)
+        if self.algorithm.transforms_gradients:
+            for bucket in buckets:
+                assert bucket.grads is not None
+                bucket.grads.zero_()
+            self.algorithm.transform_gradients(buckets, comm, step)
+        self.algorithm.after_step(buckets, comm, step)
 
     def _closure_with_gradient_transform(
         self, closure: Callable[[], Any], param_buckets: list[ParamBucket], buckets: list[Bucket], step: int
@@ -363,12 +537,16 @@ class DecentralizedStrategy(DDPStrategy):
         if self.world_size == 1 or not flats:
             return 0.0, 0.0
         means = [x.clone() for x in flats]
-        average_all_reduce(means)
         sums = torch.zeros(2, dtype=torch.float64, device=flats[0].device)
-        for x, mean in zip(flats, means):
-            sums[0] += (x - mean).double().pow(2).sum()
-            sums[1] += mean.double().pow(2).sum() / self.world_size
-        dist.all_reduce(sums)
+
+        def measure() -> None:
+            average_all_reduce(means, self._guard.group)
+            for x, mean in zip(flats, means):
+                sums[0] += (x - mean).double().pow(2).sum()
+                sums[1] += mean.double().pow(2).sum() / self.world_size
+            dist.all_reduce(sums, group=self._guard.group)
+
+        self._guard.run("consensus measurement", measure)
         distance = sums[0].item() / self.world_size
         return distance, distance / max(sums[1].item(), torch.finfo(torch.float64).tiny)
 
@@ -386,7 +564,7 @@ class DecentralizedStrategy(DDPStrategy):
     def _module_average(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The module's parameters and floating-point buffers, and their network average (new tensors)."""
         tensors = _floating_tensors(self.lightning_module.state_dict())
-        return tensors, network_average(tensors, self._average_weight())
+        return tensors, network_average(tensors, self._average_weight(), self._guard, "network average of the model")
 
     def _restore_local_replica(self) -> None:
         if self._eval_backup is None:
@@ -413,6 +591,9 @@ class DecentralizedStrategy(DDPStrategy):
         which keeps counting ``comm_stats``)."""
         if self.communicator is not None:
             self.communicator.close()
+        if self._collectives is not None:
+            self._collectives.close()
+            self._collectives = None
         super().teardown()
 
     @override
@@ -463,37 +644,52 @@ class DecentralizedStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
-        """Write a sharded checkpoint directory (every rank calls this; see :mod:`lightning_decent.checkpoint`)."""
+        """Write ``filepath`` with the network average and every rank's shard beside it (every rank calls
+        this; see :mod:`lightning_decent.checkpoint`)."""
         if storage_options is not None:
             raise TypeError("DecentralizedStrategy.save_checkpoint does not accept storage_options.")
         self.algorithm.wait_pending()
         final = Path(self.broadcast(str(filepath)))
-        staging = ckpt.staging_path(final, self.broadcast(uuid.uuid4().hex[:12]))
+        token = self.broadcast(uuid.uuid4().hex[:12])
+        shards = ckpt.shard_dir(final)
+        staging = ckpt.staging_path(shards, token)
         if self.is_global_zero:
             staging.mkdir(parents=True)
-        self.barrier("decentralized_checkpoint_staging")
-        checkpoint = {**checkpoint, DECENTRALIZED_KEY: self._decentralized_state()}
-        self.checkpoint_io.save_checkpoint(checkpoint, staging / ckpt.rank_file(self.global_rank))
+        self.barrier("checkpoint save: staging directory")
+        own = staging / ckpt.rank_file(self.global_rank)
+        self.checkpoint_io.save_checkpoint({**checkpoint, DECENTRALIZED_KEY: self._decentralized_state()}, own)
+        hashes = dict(self._guard.all_gather_object((own.name, ckpt.sha256(own)), "checkpoint save: shard hashes"))
         average = self._average_state_dict(checkpoint["state_dict"])
         if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(_average_checkpoint(checkpoint, average), staging / ckpt.AVERAGE_FILE)
-        self.barrier("decentralized_checkpoint_written")
-        if self.is_global_zero:
-            ckpt.write_meta(staging, self._checkpoint_meta())
-            ckpt.commit(staging, final)
-        self.barrier("decentralized_checkpoint_committed")
+            top = ckpt.staging_path(final, token)
+            record = ckpt.record(shards, token, self.world_size)
+            self.checkpoint_io.save_checkpoint({**checkpoint, "state_dict": average, ckpt.RECORD_KEY: record}, top)
+            ckpt.write_meta(staging, self._checkpoint_meta(token), hashes)
+            ckpt.commit(staging, shards)
+            ckpt.commit(top, final)
+            ckpt.remove_stale_staging(final.parent, token)
+        self.barrier("checkpoint save: commit")
+
+    @override
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
+        """Remove a checkpoint file and its shard directory (``ModelCheckpoint`` keeping its top k)."""
+        super().remove_checkpoint(filepath)
+        shards = ckpt.shard_dir(filepath)
+        if self.is_global_zero and shards.is_dir():
+            shutil.rmtree(shards, ignore_errors=True)
 
     def _average_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             return state
         keys = [k for k, t in state.items() if t.is_floating_point()]
-        return {**state, **dict(zip(keys, network_average([state[k] for k in keys], self._average_weight())))}
+        average = network_average([state[k] for k in keys], self._average_weight(), self._guard, "checkpoint average")
+        return {**state, **dict(zip(keys, average))}
 
     def _average_weight(self) -> float:
         """This rank's weight in the network average (push-sum: ``v_i``; otherwise 1)."""
         return self.algorithm.average_weight([b for _, buckets in self._buckets.values() for b in buckets])
 
-    def _checkpoint_meta(self) -> ckpt.CheckpointMeta:
+    def _checkpoint_meta(self, token: str) -> ckpt.CheckpointMeta:
         assert self.topology is not None
         return ckpt.CheckpointMeta(
             world_size=self.world_size,
@@ -503,6 +699,7 @@ class DecentralizedStrategy(DDPStrategy):
             communicator=self._communicator_name,
             gossip_step=self.gossip_step,
             library_version=__version__,
+            token=token,
         )
 
     def _decentralized_state(self) -> dict[str, Any]:
@@ -530,11 +727,18 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        """Each rank reads its own shard of a sharded checkpoint (or, for a single file, the same file)."""
+        """Resuming ``fit``: each rank reads its own shard (bitwise resume). Evaluating: every rank reads the
+        network average (the top-level file). A plain Lightning checkpoint is read as is on every rank."""
         path = Path(checkpoint_path)
         self._resumed_from_average = False
         weights_only = True if weights_only is None else weights_only
         try:
+            if ckpt.is_v1_directory(path):
+                return self._load_v1_directory(path, weights_only)
+            if path.is_dir():
+                if not path.name.endswith(ckpt.SHARDS_SUFFIX):
+                    ckpt.read_meta(path)  # raises: an incomplete or foreign directory
+                path = ckpt.file_of_shard_dir(path)
             return self._load_checkpoint(path, weights_only)
         except pickle.UnpicklingError as err:
             raise pickle.UnpicklingError(
@@ -543,37 +747,62 @@ class DecentralizedStrategy(DDPStrategy):
                 f"{err}"
             ) from err
 
+    @property
+    def _fitting(self) -> bool:
+        return self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+
     def _load_checkpoint(self, path: Path, weights_only: bool) -> dict[str, Any]:
-        if not ckpt.is_sharded(path):
+        record = ckpt.read_record(path, weights_only) if self._fitting else None
+        if record is None:  # evaluation, or a plain Lightning checkpoint (DDP's, say): the file itself
             return super().load_checkpoint(path, weights_only=weights_only)
-        meta = ckpt.read_meta(path)
-        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         assert self.topology is not None
-        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
-        if problems and fitting:
-            if not self.resume_from_average:
-                raise ValueError(
-                    f"Cannot resume {path} exactly: it was saved with {', '.join(problems)}. Resume with the "
-                    f"same configuration, or pass DecentralizedStrategy(resume_from_average=True) to start every "
-                    f"rank from the checkpoint's network-average model."
-                )
-            return self._load_from_average(path, weights_only)
-        own = path / ckpt.rank_file(self.global_rank if not problems else 0)
-        loaded = self.checkpoint_io.load_checkpoint(own, weights_only=weights_only)
-        state = loaded.pop(DECENTRALIZED_KEY, None)
-        if fitting and state is not None:
-            self._restore_decentralized_state(state)
+        shards = ckpt.shard_dir(path)
+        problems = ckpt.shard_problems(
+            shards, record, self.world_size, self.topology.fingerprint(), self.algorithm.name
+        )
+        if problems:
+            return self._resume_from_average(path, super().load_checkpoint(path, weights_only=weights_only), problems)
+        meta = ckpt.read_meta(shards)
+        own = ckpt.rank_file(self.global_rank)
+        ckpt.verify(shards, own, meta)
+        loaded = self.checkpoint_io.load_checkpoint(shards / own, weights_only=weights_only)
+        self._restore_decentralized_state(loaded.pop(DECENTRALIZED_KEY))
         return loaded
 
-    def _load_from_average(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+    def _resume_from_average(self, path: Path, average: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+        """Every rank starts from ``average`` (the network average, loops continued, fresh optimizer and
+        algorithm state) if ``resume_from_average``; else refuse naming ``problems``."""
+        if not self.resume_from_average:
+            raise ValueError(
+                f"Cannot resume {path} exactly: {'; '.join(problems)}. Resume with the same configuration, or pass "
+                f"DecentralizedStrategy(resume_from_average=True) to start every rank from the checkpoint's "
+                f"network-average model."
+            )
         rank_zero_warn(f"Resuming every rank from the network-average model of {path} (fresh optimizer state).")
+        average.pop(ckpt.RECORD_KEY, None)
+        average.pop(DECENTRALIZED_KEY, None)
+        average.pop("optimizer_states", None)
+        self._resumed_from_average = True
+        return average
+
+    def _load_v1_directory(self, path: Path, weights_only: bool) -> dict[str, Any]:
+        """Format v1: a directory with the rank files, ``average.ckpt`` and ``meta.json``."""
+        meta = ckpt.read_meta(path)
+        assert self.topology is not None
+        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
+        if self._fitting and not problems:
+            loaded = self.checkpoint_io.load_checkpoint(
+                path / ckpt.rank_file(self.global_rank), weights_only=weights_only
+            )
+            self._restore_decentralized_state(loaded.pop(DECENTRALIZED_KEY))
+            return loaded
         loaded = self.checkpoint_io.load_checkpoint(path / ckpt.rank_file(0), weights_only=weights_only)
         average = self.checkpoint_io.load_checkpoint(path / ckpt.AVERAGE_FILE, weights_only=weights_only)
-        loaded.pop(DECENTRALIZED_KEY, None)
-        loaded.pop("optimizer_states", None)
         loaded["state_dict"] = average["state_dict"]
-        self._resumed_from_average = True
-        return loaded
+        if not self._fitting:  # evaluation: the network average
+            loaded.pop(DECENTRALIZED_KEY, None)
+            return loaded
+        return self._resume_from_average(path, loaded, [f"it was saved with {', '.join(problems)}"])
 
     @classmethod
     @override
@@ -653,21 +882,21 @@ def _make_sigterm_check_local(trainer: pl.Trainer) -> None:
     epoch_loop._broadcast_sigterm_tensor = check_local_sigterm
 
 
-def _average_checkpoint(checkpoint: dict[str, Any], average: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A plain Lightning checkpoint of the average model: ``load_from_checkpoint`` and ``torch.load`` read it."""
-    keep = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "hparams_name")
-    return {**{k: checkpoint[k] for k in keep if k in checkpoint}, "state_dict": average}
-
-
 def _floating_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [t for t in state.values() if t.is_floating_point()]
 
 
 @torch.no_grad()
-def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[torch.Tensor]:
+def network_average(
+    tensors: list[torch.Tensor],
+    weight: float = 1.0,
+    collectives: BoundedCollectives | None = None,
+    what: str = "network average",
+) -> list[torch.Tensor]:
     """``(1/n) sum_i weight_i t_i`` for every tensor, as new tensors: one all-reduce per dtype and device.
 
-    ``weight`` is this rank's ``weight_i`` (push-sum's ``v_i``, which sum to ``n``; 1 otherwise)."""
+    ``weight`` is this rank's ``weight_i`` (push-sum's ``v_i``, which sum to ``n``; 1 otherwise). With
+    ``collectives`` the all-reduces are bounded and a missing rank is named (``what`` names the average)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(index)
@@ -677,7 +906,10 @@ def network_average(tensors: list[torch.Tensor], weight: float = 1.0) -> list[to
         flat = torch.cat([m.reshape(-1) for m in members])  # a copy, also of a single tensor
         if weight != 1.0:
             flat.mul_(weight)
-        average_all_reduce([flat])
+        if collectives is None:
+            average_all_reduce([flat])
+        else:
+            collectives.average([flat], what)
         for i, t in zip(indices, torch._utils._unflatten_dense_tensors(flat, members)):
             out[i] = t
     return out

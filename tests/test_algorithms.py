@@ -18,6 +18,8 @@ from lightning_decent.algorithms import (
     Modified,
     get_algorithm,
 )
+from lightning_decent.algorithms import gut as gut_module
+from lightning_decent.algorithms.gut_stability import gossip_spectral_radius
 from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.sim import Quadratic, simulate
 from lightning_decent.topology import get_topology, lambda_min
@@ -98,12 +100,18 @@ def test_class_attributes_match_the_docstring_and_the_state(name: str) -> None:
     assert persistent == algo.extra_memory
 
 
-@pytest.mark.parametrize("name", [name for name in NAMES if name != "choco"])  # choco: tests/test_choco.py
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("choco", "ddp")])  # choco: test_choco.py
 def test_bytes_sent_per_step_are_rounds_times_buffers_times_out_degree(name: str) -> None:
     problem = Quadratic(n=8)
     result = simulate(problem, name, "ring", steps=5, lr=0.1, eval_every=5, gossip_rounds=2)
     model_bytes = problem.dim * 8
     assert result.bytes_sent_per_node_step == 2 * ALGORITHMS[name].buffers_per_round * 2 * model_bytes
+
+
+def test_ddp_sends_one_ring_all_reduce_of_the_gradient_per_step() -> None:
+    problem = Quadratic(n=8)
+    result = simulate(problem, "ddp", "ring", steps=5, lr=0.1, eval_every=5)
+    assert result.bytes_sent_per_node_step == 2 * (8 - 1) / 8 * problem.dim * 8  # no gossip: 2 (n - 1) / n models
 
 
 # ---- refusals ------------------------------------------------------------------------------------------
@@ -162,15 +170,46 @@ def test_gut_refuses_a_graph_on_which_its_gossip_diverges_and_names_a_stable_mu(
         get_algorithm("qg_gut").prepare_topology(get_topology("exponential", 8))
 
 
-def test_the_gut_stability_check_predicts_divergence() -> None:
+def test_the_gut_stability_check_predicts_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
     # The refused setting really diverges (the reference code diverges there too), the accepted one does not.
-    # A global-averaging period longer than the run skips the check and never averages.
+    monkeypatch.setattr(gut_module, "check_gossip_stability", lambda *args, **kwargs: None)
     problem = Quadratic(n=8)
-    unchecked = {"steps": 300, "lr": 0.1, "eval_every": 300, "global_average_every": 10**6}
-    bad = simulate(problem, "gut", "one_peer_exponential", mu=0.9, **unchecked)
-    good = simulate(problem, "gut", "one_peer_exponential", mu=0.6, **unchecked)
+    bad = simulate(problem, "gut", "one_peer_exponential", mu=0.9, steps=300, lr=0.1, eval_every=300)
+    good = simulate(problem, "gut", "one_peer_exponential", mu=0.6, steps=300, lr=0.1, eval_every=300)
     assert bad.final("consensus") > 1e6
     assert good.final("consensus") < 1e-1
+
+
+@pytest.mark.parametrize(("name", "lr", "unstable", "stable"), [("qg_gut", 0.1, 4, 8), ("gut", 0.01, 4, 8)])
+def test_gut_with_periodic_global_averaging_is_checked_on_its_whole_schedule(
+    monkeypatch: pytest.MonkeyPatch, name: str, lr: float, unstable: int, stable: int
+) -> None:
+    # Issue 13: the check was skipped with global averaging, and qg_gut with H = 4 on the ring (n = 8)
+    # reached an excess loss of 6e27. An exact average every H steps does not reset GUT's memory terms.
+    problem, ring = Quadratic(n=8), get_topology("ring", 8)
+    run = {"steps": 1000, "lr": lr, "eval_every": 1000}
+    with pytest.raises(ValueError, match=rf"{name} with .* is unstable on topology 'ring' \(n=8\) with an exact "
+                       rf"global average every {unstable} steps.*global_average_every in \[1, 2, .*8\]"):  # fmt: skip
+        simulate(problem, name, ring, global_average_every=unstable, **run)
+    accepted = simulate(problem, name, ring, global_average_every=stable, **run)
+    assert accepted.final("excess_loss") < 1e-2
+    monkeypatch.setattr(gut_module, "check_gossip_stability", lambda *args, **kwargs: None)
+    refused = simulate(problem, name, ring, global_average_every=unstable, **run)
+    assert not refused.final("excess_loss") < 1e6  # diverges (inf or above 1e6)
+
+
+def test_gut_refuses_an_adaptive_global_averaging_period() -> None:
+    algorithm = get_algorithm("qg_gut", global_average_every=8, adaptive_global_average=True)
+    with pytest.raises(ValueError, match=r"cannot use adaptive_global_average.*fixed global_average_every"):
+        algorithm.prepare_topology(get_topology("ring", 8))
+
+
+def test_gut_stability_counts_gossip_rounds() -> None:
+    # Three one-peer rounds average 8 nodes exactly, so the recursion with gossip_rounds=3 is stable where one
+    # round per step (radius 1.196) is not.
+    one_peer = get_topology("one_peer_exponential", 8)
+    assert gossip_spectral_radius(one_peer, 0.9, 0.0) == pytest.approx(1.1958, abs=1e-4)
+    assert gossip_spectral_radius(one_peer, 0.9, 0.0, gossip_rounds=3) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- modifiers ------------------------------------------------------------------------------------------

@@ -338,7 +338,7 @@ def test_lightning_checkpoint_with_an_exchange_in_flight_resumes_bitwise(tmp_pat
 
     straight = fit(2)
     fit(1, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt" / "rank_0.ckpt", weights_only=True)["decentralized"]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt.shards" / "rank_0.ckpt", weights_only=True)["decentralized"]
     assert saved["buckets"][0][0]["in_flight"].tolist() == [-1, 3, -1]  # started after step index 3
     assert saved["buckets"][0][0]["outer_optimizer"]["state"]  # Nesterov momentum of fragment 0
     resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")

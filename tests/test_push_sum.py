@@ -156,6 +156,26 @@ def test_recommended_gossip_rounds_on_the_challenging_digraph(n: int, exact: flo
     assert algorithm.rounds == math.ceil(exact) and algorithm.rounds_per_step == 2 * math.ceil(exact)
 
 
+def test_recommended_gossip_rounds_come_from_the_whole_period_of_a_time_varying_graph() -> None:
+    # One-peer exponential, n = 2^k: one period (k rounds) averages exactly, so R = k; phase 0 alone
+    # (beta_pi = cos(pi/n)) would ask for 14 rounds at n = 8.
+    for n, period in ((8, 3), (16, 4)):
+        topology = get_topology("one_peer_exponential", n)
+        assert topology.period == period
+        assert recommended_gossip_rounds(topology) == period
+    # n = 6: the period's product is not exact (beta_pi = 0.2165): ceil(1 / (1 - 0.2165)) = 2 periods.
+    assert recommended_gossip_rounds(get_topology("one_peer_exponential", 6)) == 2 * 3
+
+
+def test_mg_push_diging_default_rounds_exist_for_extremely_skewed_digraphs() -> None:
+    # n = 64: kappa_pi = 2^63; R = (1 + sqrt(63 ln 2))^2 / (1 - 1/sqrt 2) = 197.6 (the least-squares
+    # equilibrium failed with "SVD did not converge" from n = 56).
+    exact = (1 + math.sqrt(63 * math.log(2))) ** 2 / (1 - 1 / math.sqrt(2))
+    algorithm = get_algorithm("mg_push_diging")
+    algorithm.prepare_topology(challenging_digraph(64))
+    assert algorithm.rounds == math.ceil(exact) == 198
+
+
 def rounds_to_target(result, target: float) -> int | None:
     """Communication rounds (rounds per step x steps) until ``excess_loss + consensus`` stays below ``target``."""
     error = [a + b for a, b in zip(result.series["excess_loss"], result.series["consensus"])]

@@ -6,6 +6,7 @@ the other ranks), so every run is a real set of processes that is stopped and st
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def test_resume_with_another_world_size_is_refused_then_works_from_the_average(r
     assert len(params(resumed, "dsgd_from_average", 0)) == len(params(resumed, "dsgd_straight", 0))
 
 
-def run_failure(tmp_path: Path, mode: str, gossip_timeout: float) -> tuple[float, str]:
-    proc = launch("failure.py", str(tmp_path), "--mode", mode, "--gossip-timeout", str(gossip_timeout), cwd=tmp_path)
+def run_failure(tmp_path: Path, mode: str, gossip_timeout: float, *options: str) -> tuple[float, str]:
+    """Launch ``failure.py``; seconds from the victim's signal to the exit of every process, and stderr."""
+    argv = ("--mode", mode, "--gossip-timeout", str(gossip_timeout), *options)
+    proc = launch("failure.py", str(tmp_path), *argv, cwd=tmp_path)
     exited = time.time()
     assert proc.returncode != 0
     died = float((tmp_path / "victim_time").read_text())
@@ -72,3 +75,87 @@ def test_a_hung_rank_stops_the_others_after_the_gossip_timeout(tmp_path: Path) -
     assert 5 <= elapsed < 30, f"took {elapsed:.1f}s to stop after rank 2 hung"
     assert "rank 1: lost rank 2 at gossip step 5" in stderr
     assert "gossip_timeout=5s" in stderr
+
+
+#: (mode, when, what the other ranks must say). ``collective_timeout=5`` bounds every world-wide collective; after it,
+#: the launching rank gives the others 10 s to report before it stops them.
+COLLECTIVE_FAULTS = [
+    ("hang", "validation", "rank 2 did not reach the metric reduction (sync_dist, ModelCheckpoint) within timeout=5s"),
+    ("hang", "checkpoint", "rank 2 did not reach the checkpoint save: shard hashes within timeout=5s"),
+    ("hang", "end", "rank 2 did not reach the network average of the model within timeout=5s"),
+    ("kill", "validation", "rank 2 died (connection closed)"),
+    ("kill", "checkpoint", "rank 2 died (connection closed)"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "when", "message"), COLLECTIVE_FAULTS, ids=[f"{m}-{w}" for m, w, _ in COLLECTIVE_FAULTS]
+)
+def test_a_rank_lost_in_a_collective_is_named_within_the_timeout(tmp_path: Path, mode: str, when: str, message: str):
+    # Issue 13: a stopped rank left the others in the evaluation all-reduce or the checkpoint broadcast for
+    # the process group's 30 minutes; a killed one ended the run with gloo's "Connection reset by peer".
+    elapsed, stderr = run_failure(tmp_path, mode, 60, "--when", when, "--collective-timeout", "5")
+    assert elapsed < 45, f"took {elapsed:.1f}s to stop after rank 2 {'was killed' if mode == 'kill' else 'hung'}"
+    for rank in (1, 3):  # (rank 0, the launcher, is stopped by Lightning once a child has failed)
+        assert f"rank {rank}: {message}" in stderr, stderr[-3000:]
+    if when == "checkpoint":  # nothing that looks like a complete checkpoint was left behind
+        assert not [p for p in (tmp_path / "checkpoints").glob("*.ckpt")]
+
+
+@pytest.mark.slow
+def test_check_finite_stops_the_all_reduce_baseline_naming_the_origin(tmp_path: Path) -> None:
+    # Before: NaN from one rank spread to every replica and the run exited 0.
+    _, stderr = run_failure(tmp_path, "nan", 60, "--communicator", "allreduce")
+    assert "rank 2: NaN or Inf in the parameters after the averaged-gradient step 5" in stderr
+    assert "this node's own gradient was NaN/Inf: this node is an origin" in stderr
+
+
+#: (algorithm, communicator, options): plain gossip, a tracker, the DDP baseline, compressed gossip (CHOCO's
+#: int8 rounds carry the headers too), and the local-steps family synchronising every 4 steps, so that
+#: synchronisations fall inside the shorter ranks' empty steps (an outer all-reduce, a gossip outer step).
+UNEVEN_RUNS = [
+    ("dsgd", "p2p", {}),
+    ("gradient_tracking", "p2p", {}),
+    ("dsgd", "allreduce", {}),
+    ("choco", "p2p", {}),
+    ("diloco", "allreduce", {"H": 4}),
+    ("gasloc", "p2p", {"H": 4}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algorithm", "communicator", "options"), UNEVEN_RUNS, ids=[f"{a}-{c}" for a, c, _ in UNEVEN_RUNS]
+)
+def test_ranks_with_uneven_epochs_end_every_epoch_together(
+    tmp_path: Path, algorithm: str, communicator: str, options: dict
+) -> None:
+    # Rank r has 10 + r batches per epoch. Before: the ranks with fewer hung in validation until gossip_timeout,
+    # and their neighbours then blamed a healthy peer.
+    argv = ("--mode", "sized", "--algorithm", algorithm, "--communicator", communicator)
+    argv += ("--algorithm-options", json.dumps(options))
+    proc = launch("uneven.py", str(tmp_path), *argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = [torch.load(tmp_path / f"{algorithm}_{communicator}_rank{r}.pt", weights_only=True) for r in range(RANKS)]
+    for rank, run in enumerate(runs):
+        assert run["global_step"] == 2 * (10 + rank)  # its own optimizer steps
+        assert run["gossip_step"] == 2 * 13  # the longest rank's, padded with empty steps
+        assert torch.isfinite(run["params"]).all()
+
+
+@pytest.mark.slow
+def test_unknown_uneven_lengths_fail_at_the_first_mismatch_naming_ranks_and_steps(tmp_path: Path) -> None:
+    start = time.time()
+    proc = launch("uneven.py", str(tmp_path), "--mode", "iterable", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 0 ran out of batches after 10 optimizer steps in epoch 0 while rank 1 has more" in proc.stderr
+    assert time.time() - start < 120  # at once, not after gossip_timeout on every rank
+
+
+@pytest.mark.slow
+def test_a_skipped_optimizer_step_stops_the_run_at_once_naming_both_ranks(tmp_path: Path) -> None:
+    proc = launch("uneven.py", str(tmp_path), "--mode", "skip", cwd=tmp_path)
+    assert proc.returncode != 0
+    # Rank 2 skipped its step at batch 4: its step 3 comes from batch 5, its neighbours' from batch 4.
+    assert "rank 1: at gossip step 3 rank 2 is at batch 5 of epoch 0 and this rank at batch 4" in proc.stderr

@@ -19,6 +19,7 @@ from lightning_decent.sim import (
     SimResult,
     compare,
     get_problem,
+    make_optimizer,
     simulate,
     transient_step,
 )
@@ -46,15 +47,30 @@ def test_convex_problems_know_their_optimum(problem) -> None:
     assert grad.norm() < 1e-12
 
 
-def test_heterogeneity_moves_the_local_optima_away_from_the_global_one() -> None:
-    def local_gradient_norm(h: float) -> float:
-        problem = LeastSquares(n=8, dim=6, heterogeneity=h)
-        x = problem.optimum.expand(8, -1).clone().requires_grad_(True)
-        problem.local_losses(x).sum().backward()
-        return float(x.grad.norm())
+def local_gradient_norm(kind: type, h: float) -> float:
+    """``||(grad f_i(x*))_i||``: zero exactly when every node's optimum is the global one."""
+    problem = kind(n=8, dim=6, heterogeneity=h)
+    x = problem.optimum.expand(8, -1).clone().requires_grad_(True)
+    problem.local_losses(x).sum().backward()
+    return float(x.grad.norm())
 
-    assert local_gradient_norm(0.0) < 1e-12
-    assert local_gradient_norm(2.0) > 2 * local_gradient_norm(0.5) > 0
+
+def test_heterogeneity_moves_the_local_optima_away_from_the_global_one() -> None:
+    assert local_gradient_norm(LeastSquares, 0.0) < 1e-12
+    assert local_gradient_norm(LeastSquares, 2.0) > 2 * local_gradient_norm(LeastSquares, 0.5) > 0
+
+
+def test_logistic_with_heterogeneity_zero_has_iid_nodes() -> None:
+    assert local_gradient_norm(Logistic, 0.0) < 1e-12  # every node holds the same samples
+    assert local_gradient_norm(Logistic, 0.5) > 0.1
+
+
+def test_dsgd_on_iid_logistic_nodes_has_no_heterogeneity_floor() -> None:
+    floors = {}
+    for h in (0.0, 0.5):
+        result = simulate(Logistic(n=8, dim=6, heterogeneity=h), "dsgd", "ring", steps=1000, lr=1.0, eval_every=500)
+        floors[h] = result.final("excess_loss")
+    assert floors[0.0] < 1e-12 < 1e-6 < floors[0.5]  # h = 0 converges exactly; h = 0.5 stalls at its bias
 
 
 def test_digits_alpha_controls_the_label_skew_between_nodes() -> None:
@@ -199,6 +215,25 @@ def test_gut_and_qg_gut_beat_dsgd_and_qg_dsgdm_on_non_iid_digits() -> None:
     mean = {name: float(np.mean(values)) for name, values in accuracy.items()}
     assert mean["gut"] > mean["dsgd"] + 0.01
     assert mean["qg_gut"] > mean["qg_dsgdm"] + 0.005
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "accum_adam", "sgd"])
+def test_parallel_sgd_baseline_is_one_optimizer_on_the_averaged_gradient(optimizer: str) -> None:
+    # DDP's update: one optimizer on x with the gradient of f = (1/n) sum_i f_i. Averaging the parameters after
+    # each node's own Adam step (the old baseline) is not that for adaptive optimizers.
+    problem = LeastSquares(n=8, dim=5, samples=6, heterogeneity=1.0)
+    steps, settings = 30, {"lr": 0.05, "momentum": 0.9} if optimizer == "sgd" else {"lr": 0.05}
+    x = torch.nn.Parameter(problem.initial_params().clone())
+    single = make_optimizer(x, optimizer, **settings)
+    for _ in range(steps):
+        single.zero_grad()
+        problem.global_loss(x).backward()
+        single.step()
+    baseline = compare(problem, [], "ring", steps=steps, optimizer=optimizer, eval_every=steps, **settings)[BASELINE]
+    torch.testing.assert_close(baseline.params, x.detach().expand(8, -1), rtol=1e-12, atol=1e-12)
+    parameter_averaging = simulate(problem, "dsgd", "complete", steps=steps, optimizer=optimizer, **settings)
+    gap = (parameter_averaging.params - x.detach()).abs().max().item()
+    assert gap > 1e-3 if optimizer != "sgd" else gap < 1e-12  # equal only for an optimizer linear in g
 
 
 def test_compare_fills_transients_against_parallel_sgd() -> None:

@@ -49,7 +49,7 @@ def test_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert ring_row.split()[1:6] == ["16", "2", "1", "0.9493", "0.9493"]
     assert "1.291e+06" in ring_row and "5.015e+08" in ring_row
     assert any(line.startswith("exponential ") and "0.6000" in line for line in lines)
-    assert "from rho/round" in out  # footnote saying which rho the transient counts use
+    assert "rho = rho/round (static graphs)" in out  # footnote saying which rho the transient counts use
 
     rows = json.loads(out_json.read_text())
     assert [r["name"] for r in rows] == ["ring", "exponential", "one_peer_exponential", "torus"]
@@ -60,7 +60,9 @@ def test_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert exp_json["directed"] is True and exp_json["beta_pi"] is None
     assert one_peer["period"] == 4 and one_peer["max_degree"] == 1
     assert one_peer["rho_over_period"] == pytest.approx(0.0, abs=1e-12)
-    assert one_peer["transient_iid"] == "inf"
+    # Finite (Ying et al. 2021: Õ(n³) up to log factors): its period of 4 averages exactly, so the per-step gap
+    # is 1/4 and rho^4 n^3 / (1 - rho)^2 = 0.75^4 * 16^3 * 16 = 20736.
+    assert one_peer["transient_iid"] == pytest.approx(20736.0, rel=1e-9)
 
 
 def test_digraph_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

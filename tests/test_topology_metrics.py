@@ -168,6 +168,18 @@ def test_challenging_digraph_metrics(n: int) -> None:
     assert consensus_rate(top) == pytest.approx(math.sqrt(n) / 2, abs=1e-9)
 
 
+@pytest.mark.parametrize("n", [48, 56, 64, 128])
+def test_directed_metrics_keep_full_accuracy_at_extreme_skew(n: int) -> None:
+    # pi spans 2^(n-1) (1e38 at n = 128): a least-squares solve gave kappa_pi 1.275e14 instead of
+    # 1.407e14 at n = 48 and "SVD did not converge" from n = 56.
+    top = challenging_digraph(n)
+    pi = equilibrium(top)
+    powers = 2.0 ** np.arange(n - 1, -1, -1)
+    np.testing.assert_allclose(pi, powers / powers.sum(), rtol=1e-9)
+    assert equilibrium_skewness(top) == pytest.approx(2.0 ** (n - 1), rel=1e-9)
+    assert generalized_consensus_rate(top) == pytest.approx(1 / math.sqrt(2), rel=1e-9)
+
+
 def test_challenging_digraph_n2_beta_is_one_half() -> None:
     assert generalized_consensus_rate(challenging_digraph(2)) == pytest.approx(0.5, abs=1e-12)
 

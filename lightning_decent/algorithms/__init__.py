@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
 from lightning_decent.algorithms.choco import Choco
+from lightning_decent.algorithms.ddp import DDP, all_reduce_baseline
 from lightning_decent.algorithms.dsgd import DSGD
 from lightning_decent.algorithms.error_feedback import ErrorFeedback, allocate_residuals
 from lightning_decent.algorithms.exact_diffusion import ExactDiffusion
@@ -33,6 +34,7 @@ from lightning_decent.algorithms.push_sum import (
 from lightning_decent.algorithms.qg_dsgdm import QGDSGDm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
+    "ddp": DDP,
     "dsgd": DSGD,
     "qg_dsgdm": QGDSGDm,
     "exact_diffusion": ExactDiffusion,
@@ -139,6 +141,7 @@ def _check_modifiers(algorithm: Algorithm, modifiers: dict[str, Any]) -> None:
 __all__ = [
     "ALGORITHMS",
     "ALIASES",
+    "DDP",
     "DSGD",
     "GUT",
     "MODIFIER_OPTIONS",
@@ -160,6 +163,7 @@ __all__ = [
     "PushSum",
     "QGDSGDm",
     "algorithm_options",
+    "all_reduce_baseline",
     "allocate_residuals",
     "get_algorithm",
     "recommended_gossip_rounds",

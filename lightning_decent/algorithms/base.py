@@ -114,6 +114,14 @@ class Algorithm(ABC):
             )
         return topology
 
+    def check_mixing(  # noqa: B027
+        self, topology: Topology, *, global_average_every: int | None, adaptive: bool, gossip_rounds: int
+    ) -> None:
+        """Raise ``ValueError`` naming the fix if the algorithm breaks when every step mixes with
+        ``gossip_rounds`` consecutive phases of ``topology`` and every ``global_average_every``-th step
+        with an exact average (``adaptive``: a period that changes at run time). The modifiers call it
+        after :meth:`prepare_topology`."""
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027
         """Raise ``ValueError`` if the optimizer's update breaks the algorithm's math."""
 

@@ -29,7 +29,9 @@ class GUT(Algorithm):
     Its gossip is a momentum-like recursion that, for some graphs and ``(mu, beta)``, amplifies
     disagreement whatever the learning rate (e.g. ``mu = 0.9`` on the one-peer exponential graph):
     :meth:`prepare_topology` refuses those with the largest stable ``mu`` named
-    (:mod:`~lightning_decent.algorithms.gut_stability`; skipped with periodic global averaging).
+    (:mod:`~lightning_decent.algorithms.gut_stability`). Periodic global averaging is checked on its
+    whole schedule (an exact average every ``H`` steps can itself destabilise the recursion: ring, n = 8,
+    ``H = 4``); an adaptive period, which changes at run time, is refused.
 
     Implementation (one gossip round per step):
 
@@ -78,6 +80,24 @@ class GUT(Algorithm):
         self.send_difference = topology.period > 1 or global_averaging
         self.buffers_per_round = 2 if self.send_difference else 1
         return topology
+
+    def check_mixing(
+        self, topology: Topology, *, global_average_every: int | None, adaptive: bool, gossip_rounds: int
+    ) -> None:
+        if adaptive:
+            raise ValueError(
+                f"{self.name} cannot use adaptive_global_average: the period changes at run time and GUT's "
+                f"recursion is unstable for some periods (e.g. ring, n = 16: H = 3..12 with mu = 0.9), so its "
+                f"stability cannot be checked. Use a fixed global_average_every=H (checked at set-up)."
+            )
+        check_gossip_stability(
+            topology,
+            self.mu,
+            self.beta,
+            self.name,
+            global_average_every=global_average_every,
+            gossip_rounds=gossip_rounds,
+        )
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         require_plain_sgd(optimizer, self.name, self.beta)

@@ -51,8 +51,9 @@ class Modified(Algorithm):
 
     * **Periodic global averaging** (Gossip-PGA / DSGD-PGA; Chen, Yuan, Zhang, Pan, Xu & Yin,
       ICML 2021): at steps ``k`` with ``(k + 1) mod H = 0`` the base algorithm's gossip round is an
-      exact average, ``x_i^{k+1} = (1/n) sum_j x_j^{k+1/2}`` for D-SGD. ``H = 1`` is parallel SGD.
-      Optimizer state (momentum) is not averaged.
+      exact average, ``x_i^{k+1} = (1/n) sum_j x_j^{k+1/2}`` for D-SGD. ``H = 1`` averages the
+      parameters after every local step (parallel SGD for SGD with or without momentum; for Adam it is
+      not DDP, which averages gradients: use ``algorithm="ddp"``). Optimizer state is not averaged.
     * **Adaptive period** (Gossip-AGA, same paper; rule of algorithms.md §2.7):
       ``H_l = ceil(H_0 (f_0 / f_l)^(1/4))``, where ``f_l`` is the training loss averaged over every
       node and every step of the period that just ended (all-reduced with the average, so all nodes
@@ -120,7 +121,12 @@ class Modified(Algorithm):
 
     # ---- delegation ------------------------------------------------------------------------------
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
-        return self.base.prepare_topology(topology, global_averaging=global_averaging or self.period is not None)
+        prepared = self.base.prepare_topology(topology, global_averaging=global_averaging or self.period is not None)
+        if self.period is not None:
+            self.base.check_mixing(
+                prepared, global_average_every=self.period, adaptive=self.adaptive, gossip_rounds=self.gossip_rounds
+            )
+        return prepared
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.base.check_optimizer(optimizer)

@@ -16,7 +16,7 @@ import torch
 from lightning_decent.algorithms.base import PREVIOUS, Algorithm, Bucket, allocate_previous, save_previous
 from lightning_decent.comm import Communicator
 from lightning_decent.topology import Topology
-from lightning_decent.topology.metrics import equilibrium_skewness, generalized_consensus_rate
+from lightning_decent.topology.metrics import equilibrium_skewness, generalized_consensus_rate, period_product
 
 PUSH_SUM_ALGORITHMS = ("push_sum", "push_diging", "mg_push_diging")
 
@@ -90,15 +90,22 @@ class PushSum(_PushSumAverage):
 
 def recommended_gossip_rounds(topology: Topology) -> int:
     """MG-Push-DIGing's ``R = (1 + sqrt(ln kappa_pi))^2 / (1 - beta_pi)`` (Liang, Huang, Xin & Yuan 2023),
-    rounded up, from the graph's first phase."""
-    w = topology.matrix(0)
-    beta, kappa = generalized_consensus_rate(w), equilibrium_skewness(w)
+    rounded up, for the mixing of one whole period.
+
+    For a time-varying graph one application of the mixing is the period's product
+    ``P = W(tau - 1) ... W(0)`` (``tau`` rounds), so ``R = tau * ceil((1 + sqrt(ln kappa_pi(P)))^2 / (1 -
+    beta_pi(P)))`` rounds: e.g. one-peer exponential with ``n = 2^k`` averages exactly over a period
+    (``beta_pi(P) = 0``, ``kappa_pi = 1``), so ``R = tau = k``. A static graph has ``tau = 1``."""
+    product = period_product(topology)
+    beta, kappa = generalized_consensus_rate(product), equilibrium_skewness(product)
     if beta >= 1.0:
         raise ValueError(
-            f"topology {topology.name!r} has beta_pi = {beta:.3g} >= 1 in its first phase, so no number of "
+            f"topology {topology.name!r} has beta_pi = {beta:.3g} >= 1 over a period, so no number of "
             f"gossip rounds is recommended; pass rounds=R explicitly."
         )
-    return math.ceil((1 + math.sqrt(math.log(kappa))) ** 2 / (1 - beta))
+    log_kappa = math.log(kappa) if kappa > 1.0 + 1e-9 else 0.0  # rounding noise of a balanced product
+    rounds = (1 + math.sqrt(log_kappa)) ** 2 / (1 - beta)
+    return topology.period * math.ceil(rounds - 1e-9)  # 1.0000000000000002 is one application, not two
 
 
 class PushDIGing(_PushSumAverage):

@@ -11,10 +11,15 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.compressed_collectives import start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor, encode_and_decode
+from lightning_decent.comm.headers import HEADER_TAG, RoundHeaders
 from lightning_decent.comm.schedule import gossip_rounds
 from lightning_decent.topology import Topology
+
+#: This rank's header of a round and its posted header messages ``(work, peer, received header or None)``.
+_Headers = tuple[torch.Tensor | None, list[tuple[dist.Work, int, torch.Tensor | None]]]
 
 
 class PeerTimeoutError(RuntimeError):
@@ -79,6 +84,11 @@ class P2PCommunicator(Communicator):
         group: the process group (default: the world).
         timeout: how long to wait for a neighbour before raising :class:`PeerTimeoutError`.
         check_finite: raise :class:`NonFiniteValueError` instead of sending NaN/Inf (one sum per buffer).
+        collectives: bounded world collectives for :meth:`global_average` (the strategy's); without them a
+            plain all-reduce.
+
+    ``headers`` (set by the strategy; ``None``: none) adds a small header message to every round, plain or
+    compressed, see :mod:`~lightning_decent.comm.headers`.
     """
 
     sends_compressed = True
@@ -90,9 +100,12 @@ class P2PCommunicator(Communicator):
         group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(seconds=60),
         check_finite: bool = True,
+        collectives: BoundedCollectives | None = None,
     ) -> None:
         super().__init__(topology)
         self.rank = rank
+        self.collectives = collectives if group is None else None
+        self.headers: RoundHeaders | None = None
         self.group = group
         self.timeout = timeout
         self.check_finite = check_finite
@@ -101,6 +114,11 @@ class P2PCommunicator(Communicator):
         self._recv: dict[tuple, list[torch.Tensor]] = {}
         self._pending_keys: set[tuple] = set()
         self._reverse = _reverse_channel(topology, group)
+
+    @property
+    def _collective_group(self) -> dist.ProcessGroup | None:
+        """The group of world-wide collectives: the strategy's bounded one (``collective_timeout``) if given."""
+        return self.collectives.group if self.collectives is not None else self.group
 
     # ---- transport ---------------------------------------------------------------------------------
     def _channel(self, src: int, dst: int) -> dist.ProcessGroup | None:
@@ -151,6 +169,7 @@ class P2PCommunicator(Communicator):
         received = [self._receive_buffers((index,), wire)[: len(phase.in_peers)] for index, wire in enumerate(wires)]
         with record_function("gossip.post_receives"):
             receives = self._post_receives(phase, received)
+            headers = self._post_headers(phase, step)
         last_sends: list[tuple[dist.Work, int]] = []
         for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
             sends = []
@@ -165,6 +184,7 @@ class P2PCommunicator(Communicator):
             with record_function("gossip.wait"):
                 for work, _ in sends:
                     self._wait(work, peer, step)
+        self._check_headers(headers, step)
         for index, recv in enumerate(received):  # combine while later buffers travel
             with record_function("gossip.wait"):
                 for work, peer in receives[index] + last_sends[index : index + 1]:
@@ -215,7 +235,7 @@ class P2PCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        two_stage_average(self, buffers, compressor, step, self._collective_group, residuals, shard_residuals)
 
     @torch.no_grad()
     def start_mix_compressed(
@@ -255,7 +275,9 @@ class P2PCommunicator(Communicator):
         residuals: Sequence[torch.Tensor] | None = None,
         shard_residuals: Sequence[torch.Tensor] | None = None,
     ) -> PendingMix:
-        return start_two_stage_average(self, buffers, compressor, step, self.group, residuals, shard_residuals)
+        return start_two_stage_average(
+            self, buffers, compressor, step, self._collective_group, residuals, shard_residuals
+        )
 
     # ---- split round -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -294,10 +316,32 @@ class P2PCommunicator(Communicator):
         received = [self._receive_buffers(key, wire)[: len(phase.in_peers)] for key, wire in zip(keys, wires)]
         with record_function("gossip.start"):
             receives = self._post_receives(phase, received)
+            headers = self._post_headers(phase, step)
             sends = self._post_sends(phase, wires)
         self._count(wires, phase)
         works = [r + s for r, s in zip(receives, sends)]
-        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, decoded)
+        return _P2PPendingMix(self, phase, buffers, step, received, works, keys, decoded, headers)
+
+    # ---- round headers (see comm.headers) ----------------------------------------------------------
+    def _post_headers(self, phase: _Phase, step: int) -> _Headers:
+        """Post this round's header receives and sends; this rank's header and ``(work, peer, received)``."""
+        if self.headers is None:
+            return None, []
+        mine = self.headers.outgoing(step)
+        posted: list[tuple[dist.Work, int, torch.Tensor | None]] = []
+        for peer, _ in phase.in_peers:
+            theirs = torch.empty_like(mine)
+            posted.append((dist.irecv(theirs, peer, self._channel(peer, self.rank), tag=HEADER_TAG), peer, theirs))
+        for peer in phase.out_peers:
+            posted.append((dist.isend(mine, peer, self._channel(self.rank, peer), tag=HEADER_TAG), peer, None))
+        return mine, posted
+
+    def _check_headers(self, headers: _Headers, step: int) -> None:
+        mine, posted = headers
+        for work, peer, theirs in posted:
+            self._wait(work, peer, step)
+            if theirs is not None and mine is not None and self.headers is not None:
+                self.headers.incoming(peer, step, theirs, mine)
 
     def is_silent(self, step: int) -> bool:
         phase = self._phases[step % len(self._phases)]
@@ -336,14 +380,17 @@ class P2PCommunicator(Communicator):
 
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
-        average_all_reduce(buffers, self.group)
+        if self.collectives is not None:
+            self.collectives.average(list(buffers), "global average", check_in=False)
+        else:
+            average_all_reduce(buffers, self.group)
         count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
 
     @torch.no_grad()
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
-        return start_average_all_reduce(buffers, self.group)
+        return start_average_all_reduce(buffers, self._collective_group)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
@@ -369,9 +416,11 @@ class _P2PPendingMix(PendingMix):
         works: list[list[tuple[dist.Work, int]]],
         keys: list[tuple],
         decoded: Callable[[int, list[torch.Tensor]], Iterable[torch.Tensor]] | None = None,
+        headers: _Headers = (None, []),
     ) -> None:
         super().__init__(buffers, step)
         self.comm = comm
+        self.headers = headers
         self.phase = phase
         self.received = received
         self.works = works
@@ -380,6 +429,9 @@ class _P2PPendingMix(PendingMix):
         self.finished = [False] * len(self.buffers)
 
     def _wait_buffer(self, index: int) -> None:
+        if self.headers[1]:
+            headers, self.headers = self.headers, (None, [])
+            self.comm._check_headers(headers, self.step)
         with record_function("gossip.wait"):
             for work, peer in self.works[index]:
                 self.comm._wait(work, peer, self.step)

@@ -166,7 +166,11 @@ class LeastSquares(_LinearModelProblem):
 
 class Logistic(_LinearModelProblem):
     """Heterogeneous L2-regularised logistic regression: labels ``y ~ Bernoulli(sigmoid(A_i w_i))``
-    in {-1, +1} from each node's own teacher, ``f_i(x) = mean log(1 + exp(-y a^T x)) + l2/2 ||x||^2``."""
+    in {-1, +1} from each node's own teacher, ``f_i(x) = mean log(1 + exp(-y a^T x)) + l2/2 ||x||^2``.
+
+    ``heterogeneity = 0`` gives iid nodes: every node holds the same samples (node 0's), so every
+    ``f_i = f`` and ``grad f_i(x*) = 0``. (With a shared teacher but separately drawn samples, each node's
+    finite sample would still pull its own optimum away from ``x*``.)"""
 
     name = "logistic"
 
@@ -186,6 +190,9 @@ class Logistic(_LinearModelProblem):
         logits = torch.einsum("nsd,nd->ns", self.features, self.teachers)
         coin = torch.rand(logits.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
         self.labels = torch.where(coin < torch.sigmoid(logits), 1.0, -1.0).to(torch.float64)
+        if heterogeneity == 0:
+            self.features = self.features[:1].expand_as(self.features).clone()
+            self.labels = self.labels[:1].expand_as(self.labels).clone()
         self.optimum = self._solve_newton(ridge=l2)
 
     def _curvature(self, scores: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ COMPRESSION_KEYS = ("block", "fraction")
 #: node, moments never communicated) and ``accum_adam`` (:class:`~lightning_decent.optim.AccumAdam`).
 OPTIMIZERS = ("sgd", "adam", "accum_adam")
 
-#: Name of the parallel-SGD baseline in results (D-SGD on the complete graph: exact averaging).
+#: Name of the parallel-SGD baseline in results: :class:`~lightning_decent.algorithms.DDP` (the gradients
+#: averaged over all nodes, then one optimizer step: DDP's update for every optimizer, Adam included).
 BASELINE = "p_sgd"
 
 
@@ -342,14 +343,14 @@ def compare(
     factor: float = 2.0,
     **run_options: Any,
 ) -> dict[str, SimResult]:
-    """Simulate every spec on ``topology`` and the parallel-SGD baseline (:data:`BASELINE`: D-SGD on the
-    complete graph, i.e. exact averaging every step, with the same optimizer), and fill each result's
+    """Simulate every spec on ``topology`` and the parallel-SGD baseline (:data:`BASELINE`: ``ddp``, the
+    gradients averaged over all nodes and one step of the same optimizer), and fill each result's
     transient step against it (on ``excess_loss`` when the optimum is known, else ``loss``).
 
     ``run_options`` go to every :func:`simulate` call (e.g. ``optimizer="adam"`` for all, baseline
     included); a spec's own optimizer keys override them for that spec."""
     baseline = simulate(
-        problem, "dsgd", "complete", steps=steps, lr=lr, momentum=momentum, label=BASELINE, **run_options
+        problem, "ddp", "complete", steps=steps, lr=lr, momentum=momentum, label=BASELINE, **run_options
     )
     metric = "excess_loss" if "excess_loss" in baseline.series else "loss"
     results = {BASELINE: baseline}

@@ -45,9 +45,10 @@ SPY = CollectiveSpy()
 
 
 class SpyDuringTraining(pl.Callback):
-    """Switches the spy on for the training loop (Lightning's own per-step calls included)."""
+    """Switches the spy on for the training steps (Lightning's own per-step calls included; not the start of
+    ``fit``, where the strategy exchanges the ranks' epoch lengths once)."""
 
-    def on_train_start(self, *args) -> None:
+    def on_train_batch_start(self, *args) -> None:
         SPY.inside_step = True
 
     def on_validation_start(self, *args) -> None:

@@ -1,0 +1,88 @@
+"""Single-process parts of issue 13: refused options, the all-reduce baseline's choice of algorithm, and the
+roll-call messages of the bounded collectives (their multi-process behaviour is in
+``test_reliability_multiprocess.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_decent import DecentralizedStrategy
+from lightning_decent.algorithms import DDP, DSGD, GradientTracking
+from lightning_decent.comm.collectives import _decode, _encode
+from lightning_decent.uneven import EpochAgreement, StepMismatchError, UnevenInputsError
+
+
+@pytest.mark.parametrize("name", ["gossip_timeout", "collective_timeout"])
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan")])
+def test_a_non_positive_timeout_is_refused(name: str, value: float) -> None:
+    # Before: gossip_timeout=0 meant "no timeout" and a negative value blamed a healthy peer at once.
+    with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
+        DecentralizedStrategy(**{name: value})
+
+
+def test_the_all_reduce_communicator_runs_ddp_for_dsgd_and_exact_mixing_for_the_others() -> None:
+    baseline = DecentralizedStrategy(communicator="allreduce", check_finite=False)
+    assert isinstance(baseline.algorithm, DDP) and baseline.algorithm.check_finite is False
+    assert isinstance(DecentralizedStrategy(communicator="p2p").algorithm, DSGD)
+    tracking = DecentralizedStrategy(communicator="allreduce", algorithm="gradient_tracking")
+    assert isinstance(tracking.algorithm, GradientTracking)  # its mix is then an exact average of both buffers
+
+
+def test_roll_call_messages_carry_rank_sequence_and_collective() -> None:
+    assert _decode(_encode(3, 12, "checkpoint save: shard hashes")) == (3, 12, "checkpoint save: shard hashes")
+    assert len(_encode(0, 0, "x" * 100)) == 64  # names are cut to fit a fixed 64-byte message
+
+
+# ---- uneven inputs: the epoch agreement, run synchronously over a ring --------------------------------
+def run_epoch(lengths: list[int | None], real: list[int]) -> list[int]:
+    """Every rank's number of steps when it ends the epoch, exchanging headers with its ring neighbours each
+    step as the point-to-point communicator does; ``real`` are the batches each rank really has."""
+    n = len(lengths)
+    ranks = [EpochAgreement(r) for r in range(n)]
+    for rank in ranks:
+        rank.start_epoch(0, lengths)
+    ended: dict[int, int] = {}
+    for step in range(100):
+        active = [r for r in range(n) if r not in ended]
+        if not active:
+            break
+        for r in active:
+            is_real = ranks[r].real_steps < real[r]
+            last = is_real and ranks[r].real_steps == real[r] - 1
+            ranks[r].begin_step(step, real=is_real, last_real=last, batch=step + 1 if is_real else -1)
+        headers = {r: ranks[r].outgoing(step) for r in active}
+        for r in active:
+            for peer in ((r - 1) % n, (r + 1) % n):
+                if peer in headers:
+                    ranks[r].incoming(peer, step, headers[peer], headers[r])
+        for r in active:
+            ranks[r].end_step(real=ranks[r].real_steps < real[r])
+            if ranks[r].real_steps == real[r] and not ranks[r].wants_empty_step():
+                ended[r] = ranks[r].steps_taken
+    return [ended[r] for r in range(n)]
+
+
+def test_ranks_with_uneven_epochs_take_empty_steps_and_end_together() -> None:
+    lengths = [12, 15, 13, 15, 9, 15]
+    assert run_epoch(lengths, lengths) == [15] * 6
+    assert run_epoch([1] * 6, [1] * 6) == [1] * 6  # even epochs: no empty step at all
+
+
+def test_unknown_lengths_fail_at_the_first_mismatch_naming_both_ranks_and_their_steps() -> None:
+    with pytest.raises(UnevenInputsError, match=r"rank 1 ran out of batches after 4 optimizer steps in epoch 0 "
+                       r"while rank [02] has more \(it is at step 4\)"):  # fmt: skip
+        run_epoch([None] * 4, real=[6, 4, 6, 6])
+
+
+def test_a_skipped_optimizer_step_is_reported_at_once_with_both_ranks_and_batches() -> None:
+    # Rounds pair up by count, so rank 2's step 6 meets rank 1's step 6; only the batches show the skip.
+    sender, receiver = EpochAgreement(2), EpochAgreement(1)
+    for agreement in (sender, receiver):
+        agreement.start_epoch(0, [10] * 4)
+    sender.begin_step(6, real=True, batch=8)
+    receiver.begin_step(6, real=True, batch=7)
+    match = "rank 1: at gossip step 6 rank 2 is at batch 8 of epoch 0 and this rank at batch 7"
+    with pytest.raises(StepMismatchError, match=match):
+        receiver.incoming(2, 6, sender.outgoing(6), receiver.outgoing(6))
+    sender.begin_step(6, real=True, batch=7)
+    receiver.incoming(2, 6, sender.outgoing(6), receiver.outgoing(6))  # the same batch: fine
