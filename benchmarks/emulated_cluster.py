@@ -95,7 +95,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttq-steps", type=int, default=Workload.steps, help="time_to_quality: steps of every run")
     parser.add_argument("--ttq-eval-every", type=int, default=Workload.eval_every)
     parser.add_argument("--ttq-lr", type=float, default=Workload.lr, help="time_to_quality: AdamW's lr (everyone)")
-    parser.add_argument("--ttq-cases", default=",".join(TTQ_CASES), help="time_to_quality: the runs")
+    parser.add_argument(
+        "--ttq-cases",
+        default=",".join(TTQ_CASES),
+        help="time_to_quality: the runs, one set of processes each; a+b+c: runs that share one set of processes",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     parser.add_argument("--from-json", type=Path, default=None, help="print the report of a saved --json run")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the ranks' logs and results here")
@@ -282,21 +286,37 @@ def measure_time_to_quality(args: argparse.Namespace, save: Callable[[dict[str, 
         tokens = Path(tmp) / "tokens"
         prepare(Path(default_corpus()), tokens, max_bytes=2_000_000)
         with EmulatedCluster(args.ranks, args.bandwidth) as cluster:
-            for index, case in enumerate(cases):
+            for index, group in enumerate(cases):
                 out = logs / f"ttq_{index:02d}"
                 out.mkdir(parents=True, exist_ok=True)
-                print(f"[{time.strftime('%H:%M:%S')}] {args.bandwidth}: {case}", flush=True)
+                print(f"[{time.strftime('%H:%M:%S')}] {args.bandwidth}: {group}", flush=True)
                 worker = [sys.executable, "-m", "benchmarks.cluster.time_to_quality", "--out", str(out),
-                          "--tokens", str(tokens), "--cases", case, "--workload", workload_json(workload),
-                          "--port", str(29850 + 10 * index)]  # fmt: skip
+                          "--tokens", str(tokens), "--cases", group.replace("+", ","),
+                          "--workload", workload_json(workload), "--port", str(29850 + 100 * index)]  # fmt: skip
                 try:
                     _launch(cluster, worker, str(MASTER_PORT + index), out, args.timeout, 1)
-                    results.update(_collect(out, args.ranks))
                 except (RuntimeError, TimeoutError) as error:
-                    failed[case] = str(error)[-3000:]
-                    print(f"  {case} failed: {str(error)[-600:]}", flush=True)
+                    print(f"  {group} failed: {str(error)[-600:]}", flush=True)
+                    for case in group.split("+"):
+                        failed[case] = str(error)[-3000:]
+                done = _collect_done(out, args.ranks)
+                results.update(done)
+                for case in done:
+                    failed.pop(case, None)
                 save(record)
     return record
+
+
+def _collect_done(out: Path, ranks: int) -> dict[str, list[dict[str, Any]]]:
+    """The runs of a launch for which every rank wrote its numbers (a failed launch keeps the runs before it)."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for rank in range(ranks):
+        path = out / f"rank{rank}.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            if "error" not in record:
+                results.setdefault(record["case"], []).append(record)
+    return {case: records for case, records in results.items() if len(records) == ranks}
 
 
 def time_to_quality_main(args: argparse.Namespace) -> None:
@@ -311,9 +331,17 @@ def time_to_quality_main(args: argparse.Namespace) -> None:
             sys.exit(f"The emulated cluster {why}.")
         started = time.time()
 
+        earlier = saved.setdefault("runs", {}).get(args.bandwidth)
+
         def save(run: dict[str, Any]) -> None:
+            """Write ``run`` into ``--json``; runs of an earlier invocation at this bandwidth stay unless redone."""
             run["measured_seconds"] = time.time() - started
-            saved.setdefault("runs", {})[args.bandwidth] = run
+            if earlier:
+                run = {**run, "results": {**earlier["results"], **run["results"]},
+                       "failed": {**{k: v for k, v in earlier["failed"].items() if k not in run["results"]},
+                                  **run["failed"]},
+                       "command": f"{earlier['command']} ; then {run['command']}"}  # fmt: skip
+            saved["runs"][args.bandwidth] = run
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(saved, indent=1))
