@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cluster.report import Goal, bandwidth_bytes_per_second, goals_table, table
-from benchmarks.cluster.time_to_quality import time_to_target
+from benchmarks.cluster.time_to_quality import TTQ_CASES, time_to_target
 
 #: Goals of issue 12 section 4 (ratios from one run).
 VERSUS_DDP_TIME = 0.2
@@ -89,6 +89,10 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
         if name not in runs:
             rows.append([name, "-", "-", "-", "-", "failed", "-", "-", "-", "-", error.strip().splitlines()[-1][:90]])
             summary[name] = {"error": error}
+    for name in TTQ_CASES:
+        if name not in runs and name not in run.get("failed", {}):
+            rows.append([name, "-", "-", "-", "-", "not run", "-", "-", "-", "-", "the suite stopped at its time limit"])
+            summary[name] = {"error": "not run: the suite stopped at its time limit first"}
     w = run["workload"]
     millions = run["parameters"] / 1e6
     header = (
