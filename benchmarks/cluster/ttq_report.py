@@ -91,7 +91,7 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
             summary[name] = {"error": error}
     for name in TTQ_CASES:
         if name not in runs and name not in run.get("failed", {}):
-            rows.append([name, "-", "-", "-", "-", "not run", "-", "-", "-", "-", "the suite stopped at its time limit"])
+            rows.append([name, "-", "-", "-", "-", "not run", "-", "-", "-", "-", "suite stopped at its time limit"])
             summary[name] = {"error": "not run: the suite stopped at its time limit first"}
     w = run["workload"]
     millions = run["parameters"] / 1e6
