@@ -35,6 +35,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -43,11 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster import report, two_level  # noqa: E402
+from benchmarks.cluster import report, ttq_report, two_level  # noqa: E402
+from benchmarks.cluster.time_to_quality import TTQ_CASES, Workload, workload_json  # noqa: E402
 from benchmarks.cluster.workloads import ModelSpec  # noqa: E402
 from lightning_decent.emulation import EmulatedCluster, available  # noqa: E402
 
-SUITES = ("core", "overhead", "straggler", "scaling", "accuracy")
+SUITES = ("core", "overhead", "straggler", "scaling", "accuracy", "time_to_quality")
 TWO_LEVEL_SUITES = ("two_level", "accuracy")  # with --machines: M machines of L ranks
 MASTER_PORT = 29731
 GOSSIP_ACCURACY = "accuracy:one_peer_exponential:overlap"
@@ -85,6 +88,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mtu", type=int, default=1500, help="link MTU (1500: Ethernet; 9000: jumbo frames)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a cluster run is stopped")
     parser.add_argument("--cases-per-launch", type=int, default=5, help="cases run by one set of processes")
+    parser.add_argument("--ttq-layers", type=int, default=Workload.n_layer, help="time_to_quality: GPT blocks")
+    parser.add_argument("--ttq-width", type=int, default=Workload.d_model, help="time_to_quality: GPT width")
+    parser.add_argument("--ttq-block", type=int, default=Workload.block, help="time_to_quality: tokens per sequence")
+    parser.add_argument("--ttq-batch", type=int, default=Workload.batch, help="time_to_quality: sequences per rank")
+    parser.add_argument("--ttq-steps", type=int, default=Workload.steps, help="time_to_quality: steps of every run")
+    parser.add_argument("--ttq-eval-every", type=int, default=Workload.eval_every)
+    parser.add_argument("--ttq-lr", type=float, default=Workload.lr, help="time_to_quality: AdamW's lr (everyone)")
+    parser.add_argument(
+        "--ttq-cases",
+        default=",".join(TTQ_CASES),
+        help="time_to_quality: the runs, one set of processes each; a+b+c: runs that share one set of processes",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     parser.add_argument("--from-json", type=Path, default=None, help="print the report of a saved --json run")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the ranks' logs and results here")
@@ -180,7 +195,8 @@ def _launch(cluster: EmulatedCluster, worker: list[str], port: str, out: Path, t
     try:
         for rank in range(ranks):
             machine, local_rank = divmod(rank, local)
-            env = {**base, "RANK": str(rank), "NODE_RANK": str(machine), "LOCAL_RANK": str(local_rank)}
+            env = {**base, "RANK": str(rank), "NODE_RANK": str(machine), "LOCAL_RANK": str(local_rank),
+                   "RANK_ADDRESS": cluster.hosts[machine].address}  # fmt: skip
             with (out / f"rank{rank}.log").open("a") as log:
                 procs.append(cluster.popen(machine, worker, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         _wait_all(procs, timeout, out)
@@ -245,6 +261,97 @@ def measure(args: argparse.Namespace, suites: list[str], delays: list[float], sc
             if ranks != args.ranks:
                 by_ranks[ranks] = run_cluster(args, ranks, scaling_cases(ranks), logs)
     return {"main": main_results, "overhead": overhead, "scaling": {str(n): r for n, r in by_ranks.items()}}
+
+
+def time_to_quality_workload(args: argparse.Namespace) -> Workload:
+    return Workload(n_layer=args.ttq_layers, d_model=args.ttq_width, block=args.ttq_block, batch=args.ttq_batch,
+                    steps=args.ttq_steps, eval_every=args.ttq_eval_every, lr=args.ttq_lr)  # fmt: skip
+
+
+def measure_time_to_quality(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The ``time_to_quality`` runs on one cluster of ``--ranks`` namespaces at ``--bandwidth``, one set of
+    processes per run (a run that fails or hangs is recorded with its error; the next one still runs);
+    ``save`` gets the record so far after every run (a stopped suite keeps what it measured)."""
+    from lightning_decent.recipes.text_tokens import default_corpus, prepare
+
+    workload = time_to_quality_workload(args)
+    cases = [c for c in args.ttq_cases.split(",") if c]
+    results: dict[str, list[dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
+    record = {"bandwidth": args.bandwidth, "ranks": args.ranks, "workload": asdict(workload),
+              "parameters": workload.parameters, "results": results, "failed": failed,
+              "command": " ".join(sys.argv)}  # fmt: skip
+    with TemporaryDirectory(prefix="time_to_quality_") as tmp:
+        logs = args.keep_logs or Path(tmp)
+        tokens = Path(tmp) / "tokens"
+        prepare(Path(default_corpus()), tokens, max_bytes=2_000_000)
+        with EmulatedCluster(args.ranks, args.bandwidth) as cluster:
+            for index, group in enumerate(cases):
+                out = logs / f"ttq_{index:02d}"
+                out.mkdir(parents=True, exist_ok=True)
+                print(f"[{time.strftime('%H:%M:%S')}] {args.bandwidth}: {group}", flush=True)
+                worker = [sys.executable, "-m", "benchmarks.cluster.time_to_quality", "--out", str(out),
+                          "--tokens", str(tokens), "--cases", group.replace("+", ","),
+                          "--workload", workload_json(workload), "--port", str(29850 + 100 * index)]  # fmt: skip
+                try:
+                    _launch(cluster, worker, str(MASTER_PORT + index), out, args.timeout, 1)
+                except (RuntimeError, TimeoutError) as error:
+                    print(f"  {group} failed: {str(error)[-600:]}", flush=True)
+                    for case in group.split("+"):
+                        failed[case] = str(error)[-3000:]
+                done = _collect_done(out, args.ranks)
+                results.update(done)
+                for case in done:
+                    failed.pop(case, None)
+                save(record)
+    return record
+
+
+def _collect_done(out: Path, ranks: int) -> dict[str, list[dict[str, Any]]]:
+    """The runs of a launch for which every rank wrote its numbers (a failed launch keeps the runs before it)."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for rank in range(ranks):
+        path = out / f"rank{rank}.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            if "error" not in record:
+                results.setdefault(record["case"], []).append(record)
+    return {case: records for case, records in results.items() if len(records) == ranks}
+
+
+def time_to_quality_main(args: argparse.Namespace) -> None:
+    """Measure at ``--bandwidth`` (unless ``--from-json``), merge into ``--json`` by bandwidth, print the report
+    of every bandwidth the file holds and draw its plot."""
+    saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+    else:
+        ok, why = available()
+        if not ok:
+            sys.exit(f"The emulated cluster {why}.")
+        started = time.time()
+
+        earlier = saved.setdefault("runs", {}).get(args.bandwidth)
+
+        def save(run: dict[str, Any]) -> None:
+            """Write ``run`` into ``--json``; runs of an earlier invocation at this bandwidth stay unless redone."""
+            run["measured_seconds"] = time.time() - started
+            if earlier:
+                run = {**run, "results": {**earlier["results"], **run["results"]},
+                       "failed": {**{k: v for k, v in earlier["failed"].items() if k not in run["results"]},
+                                  **run["failed"]},
+                       "command": f"{earlier['command']} ; then {run['command']}"}  # fmt: skip
+            saved["runs"][args.bandwidth] = run
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(saved, indent=1))
+
+        measure_time_to_quality(args, save)
+    text, summary = ttq_report.render(saved["runs"], ROOT / "docs" / "time_to_quality.png")
+    print(text, flush=True)
+    if args.json and not args.from_json:
+        saved["summary"] = summary
+        args.json.write_text(json.dumps(saved, indent=1))
 
 
 def two_level_clusters(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -337,10 +444,16 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
     offered = TWO_LEVEL_SUITES if args.machines else SUITES
-    suites = [s.strip() for s in (args.suites or ",".join(offered)).split(",") if s.strip()]
+    default = [s for s in offered if s != "time_to_quality"]  # 20 minutes per link speed: only when asked for
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else default
     unknown = sorted(set(suites) - set(offered))
     if unknown:
         sys.exit(f"Unknown suite(s) {unknown}; choose from {', '.join(offered)}.")
+    if "time_to_quality" in suites:
+        if suites != ["time_to_quality"]:
+            sys.exit("Run --suites time_to_quality on its own (it has its own cluster per link speed).")
+        time_to_quality_main(args)
+        return
     spec = ModelSpec.of_size(args.model_mb) if args.model_mb else ModelSpec.named(args.model)
     delays = [float(d) for d in args.straggler_delays.split(",") if d.strip()]
     scaling = sorted({int(n) for n in args.scaling_ranks.split(",")}) if "scaling" in suites else []
