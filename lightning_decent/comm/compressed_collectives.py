@@ -106,7 +106,7 @@ class _TwoStageShards:
         self.work: dist.Work | None = None
 
     @torch.no_grad()
-    def send(self, residual: torch.Tensor | None, async_op: bool) -> None:
+    def send(self, residual: torch.Tensor | None) -> None:
         flat, padded = self.buffer.view(-1), self.shards.view(-1)
         padded[: self.numel].copy_(flat)
         padded[self.numel :].zero_()
@@ -121,8 +121,6 @@ class _TwoStageShards:
         )
         with record_function("gossip.all_to_all"):
             self.work = dist.all_to_all_single(self.received, sent, group=self.group, async_op=True)
-        if not async_op:
-            self.wait()
 
     def wait(self) -> None:
         if self.work is not None:
@@ -173,10 +171,9 @@ def two_stage_average(
     shard_residuals: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """``x <- C_s((1/n) sum_j C_s(x_j))`` per shard ``s`` (see :meth:`Communicator.average_compressed`)."""
-    for index, buf in enumerate(buffers):
-        shards = _TwoStageShards(comm, buf, index, compressor, step, group)
-        shards.send(_residual(residuals, index), async_op=False)
-        shards.complete(_residual(shard_residuals, index))
+    pending = start_two_stage_average(comm, buffers, compressor, step, group, residuals, shard_residuals)
+    for index in range(len(buffers)):
+        pending.finish(index)
 
 
 class _PendingTwoStage(PendingMix):
@@ -217,5 +214,5 @@ def start_two_stage_average(
     :class:`_PendingTwoStage`); the buffers are encoded and ``residuals`` written before it returns."""
     stages = [_TwoStageShards(comm, buf, index, compressor, step, group) for index, buf in enumerate(buffers)]
     for index, stage in enumerate(stages):
-        stage.send(_residual(residuals, index), async_op=True)
+        stage.send(_residual(residuals, index))
     return _PendingTwoStage(stages, shard_residuals)
