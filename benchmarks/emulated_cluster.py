@@ -96,6 +96,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttq-eval-every", type=int, default=Workload.eval_every)
     parser.add_argument("--ttq-lr", type=float, default=Workload.lr, help="time_to_quality: AdamW's lr (everyone)")
     parser.add_argument(
+        "--ttq-target",
+        type=float,
+        default=None,
+        help="time_to_quality: the validation loss to reach when DDP is not among the runs (e.g. DDP's final "
+        "loss of another invocation, to time runs given more samples)",
+    )
+    parser.add_argument(
         "--ttq-cases",
         default=",".join(TTQ_CASES),
         help="time_to_quality: the runs, one set of processes each; a+b+c: runs that share one set of processes",
@@ -280,6 +287,7 @@ def measure_time_to_quality(args: argparse.Namespace, save: Callable[[dict[str, 
     failed: dict[str, str] = {}
     record = {"bandwidth": args.bandwidth, "ranks": args.ranks, "workload": asdict(workload),
               "parameters": workload.parameters, "results": results, "failed": failed,
+              "cases": [c for group in cases for c in group.split("+")], "target": args.ttq_target,
               "command": " ".join(sys.argv)}  # fmt: skip
     with TemporaryDirectory(prefix="time_to_quality_") as tmp:
         logs = args.keep_logs or Path(tmp)
@@ -340,6 +348,7 @@ def time_to_quality_main(args: argparse.Namespace) -> None:
                 run = {**run, "results": {**earlier["results"], **run["results"]},
                        "failed": {**{k: v for k, v in earlier["failed"].items() if k not in run["results"]},
                                   **run["failed"]},
+                       "cases": list(dict.fromkeys([*earlier.get("cases", TTQ_CASES), *run["cases"]])),
                        "command": f"{earlier['command']} ; then {run['command']}"}  # fmt: skip
             saved["runs"][args.bandwidth] = run
             if args.json:
@@ -347,7 +356,9 @@ def time_to_quality_main(args: argparse.Namespace) -> None:
                 args.json.write_text(json.dumps(saved, indent=1))
 
         measure_time_to_quality(args, save)
-    text, summary = ttq_report.render(saved["runs"], ROOT / "docs" / "time_to_quality.png")
+    named = args.from_json or args.json  # the plot is docs/<name of the JSON>.png
+    plot = ROOT / "docs" / f"{named.stem if named else 'time_to_quality'}.png"
+    text, summary = ttq_report.render(saved["runs"], plot)
     print(text, flush=True)
     if args.json and not args.from_json:
         saved["summary"] = summary

@@ -31,6 +31,7 @@ try:
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.trainer.connectors.logger_connector import _LoggerConnector
 except ImportError as error:
     raise _unsupported(f"'{error.name}.{getattr(error, 'name_from', '') or ''}' ({error})") from error
 
@@ -45,10 +46,12 @@ def check_attributes(owner: object, *names: str) -> None:
 
 # The epoch loop's per-batch broadcast of the SIGTERM flag, which the strategy replaces by a local check;
 # the launcher's kill (a failed rank stops the processes it started); the hook name the strategy's logging
-# checks (self.log is only allowed inside hooks); DDP's SyncBatchNorm setting, which the strategy refuses.
+# checks (self.log is only allowed inside hooks); whether the loggers write this step (the strategy logs its
+# byte counts only then); DDP's SyncBatchNorm setting, which the strategy refuses.
 check_attributes(_TrainingEpochLoop, "_broadcast_sigterm_tensor")
 check_attributes(_SubprocessScriptLauncher, "kill")
 check_attributes(LightningModule(), "_current_fx_name")
+check_attributes(_LoggerConnector, "should_update_logs")
 check_attributes(DDPStrategy(), "_layer_sync")
 
 __all__ = [

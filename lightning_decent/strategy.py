@@ -50,6 +50,7 @@ from lightning_decent.comm import (
     P2PCommunicator,
     get_compressor,
 )
+from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
@@ -104,7 +105,8 @@ class DecentralizedStrategy(DDPStrategy):
             leaves each rank its own replica.
         log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
             it costs a global all-reduce).
-        log_comm_stats: log bytes sent/received per step (``gossip/bytes_sent`` ...).
+        log_comm_stats: log ``gossip/bytes_sent``, the bytes this rank sent per optimizer step averaged since
+            the previous point, at the steps the trainer's loggers write (every ``log_every_n_steps``).
         gossip_timeout: seconds to wait for a neighbour before failing with its rank named (positive).
         collective_timeout: seconds a world-wide collective waits for the slowest rank before failing with
             the missing ranks named (positive): the evaluation, consensus and final averages, checkpoint
@@ -217,6 +219,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
         self._agreement: EpochAgreement | None = None
         self._epoch_lengths: list[int | None] = []
+        self._bytes_per_step = MeanPerStep()
 
     # ---- public state -------------------------------------------------------------------------
     @property
@@ -397,7 +400,6 @@ class DecentralizedStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         param_buckets, buckets = entry
         comm, step = self.communicator, self.gossip_step
-        sent_before = comm.stats.bytes_sent
         epoch_ends = self._epoch_ends_after_this_batch()
         if self._agreement is not None:
             self._agreement.begin_step(step, real=True, last_real=epoch_ends, batch=self._batch_in_epoch())
@@ -415,8 +417,8 @@ class DecentralizedStrategy(DDPStrategy):
             self._agreement.end_step(real=True)
             if epoch_ends:
                 self._end_epoch_with_the_others(buckets)
-        if self.log_comm_stats:
-            self._log("gossip/bytes_sent", comm.stats.bytes_sent - sent_before)
+        if self.log_comm_stats and self._loggers_write_this_step():
+            self._log("gossip/bytes_sent", self._bytes_per_step.report(self.gossip_step, comm.stats.bytes_sent))
         if self.log_consensus_every and self.gossip_step % self.log_consensus_every == 0:
             distance, relative = self.consensus_distance()
             self._log("gossip/consensus_distance", distance)
@@ -449,9 +451,11 @@ class DecentralizedStrategy(DDPStrategy):
     # ---- uneven inputs (see lightning_decent.uneven) -----------------------------------------------------
     @override
     def on_train_start(self) -> None:
-        """Every rank's number of optimizer steps per epoch (one small bounded all-gather per ``fit``)."""
+        """Every rank's number of optimizer steps per epoch (one small bounded all-gather per ``fit``); the
+        logged bytes per step count from here."""
         super().on_train_start()
         self._epoch_lengths = self._gather_epoch_lengths()
+        self._bytes_per_step = MeanPerStep(self.gossip_step, self.comm_stats.bytes_sent)
 
     def _gather_epoch_lengths(self) -> list[int | None]:
         trainer = self.lightning_module.trainer
@@ -523,6 +527,14 @@ class DecentralizedStrategy(DDPStrategy):
             return output
 
         return run
+
+    def _loggers_write_this_step(self) -> bool:
+        """Whether Lightning writes this step's ``on_step`` metrics to its loggers (``log_every_n_steps``):
+        a metric logged at any other step only costs ``self.log``'s bookkeeping."""
+        module = self.lightning_module
+        return (
+            module is not None and module._trainer is not None and module.trainer._logger_connector.should_update_logs
+        )
 
     def _log(self, name: str, value: float) -> None:
         module = self.lightning_module

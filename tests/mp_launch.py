@@ -4,6 +4,8 @@
   the other ranks; each rank writes ``rank<r>.json`` into the output directory.
 * :func:`run_gloo_world`: a function run on every rank of a spawned gloo world; the ranks send
   their results through a queue.
+* :func:`torchrun_on_two_machines`: a script under torchrun on 2 emulated machines x 2 processes, one
+  network namespace per machine (root); returns the bytes each machine's interface sent.
 """
 
 from __future__ import annotations
@@ -36,6 +38,38 @@ def launch(script: str, *args: str, cwd: Path, timeout: float = 900) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def torchrun_on_two_machines(script: Path, out: Path, *args: str, port: int, timeout: float = 600) -> list[int]:
+    """Run ``script OUT ARGS`` under torchrun on 2 machines x 2 processes, each machine a network namespace
+    (:class:`~lightning_decent.emulation.EmulatedCluster`, removed afterwards); fail with both machines'
+    output unless both succeed; return the bytes each machine's ``eth0`` sent."""
+    from lightning_decent.emulation import EmulatedCluster
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with EmulatedCluster(2) as cluster:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+        rendezvous = ["--master-addr", cluster.hosts[0].address, "--master-port", str(port)]
+        machines = [
+            cluster.popen(
+                node,
+                [*torchrun, "--node-rank", str(node), *rendezvous, str(script), str(out), *args],
+                env=env,
+                cwd=out,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for node in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=timeout)[0] for p in machines]
+        assert [p.returncode for p in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        return [_tx_bytes(cluster.hosts[node].namespace) for node in (0, 1)]
+
+
+def _tx_bytes(namespace: str) -> int:
+    cmd = ["ip", "netns", "exec", namespace, "cat", "/sys/class/net/eth0/statistics/tx_bytes"]
+    return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
 def launch_and_read_ranks(script: str, out: Path, ranks: int = 4) -> list[dict]:

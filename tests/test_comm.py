@@ -12,6 +12,7 @@ import torch
 from mp_launch import run_gloo_world
 
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator
+from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.strategy import network_average
 from lightning_decent.topology import get_topology
 
@@ -136,3 +137,10 @@ def test_simulated_communicator_rejects_unstacked_buffers() -> None:
     comm = SimulatedCommunicator(get_topology("ring", N))
     with pytest.raises(ValueError, match="stacked"):
         comm.mix([torch.zeros(N + 1, 3)], 0)
+
+
+def test_mean_per_step_is_the_increase_since_the_previous_report() -> None:
+    mean = MeanPerStep(step=4, counter=100)  # e.g. resumed at step 4 with 100 bytes already counted
+    assert mean.report(6, 100) == 0.0  # no sync in steps 5-6
+    assert mean.report(8, 500) == 200.0  # one 400-byte sync in steps 7-8
+    assert mean.report(8, 500) == 0.0  # the same step again: nothing new, no division by zero

@@ -9,17 +9,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from mp_launch import ROOT, launch
-from test_multinode import torchrun, tx_bytes
+from mp_launch import SCRIPTS, launch, torchrun_on_two_machines
 
 from lightning_decent.comm import get_compressor
-from lightning_decent.emulation import EmulatedCluster, available
+from lightning_decent.emulation import available
 
 pytestmark = pytest.mark.slow
 RANKS = 4
@@ -42,24 +39,7 @@ def test_choco_stop_and_resume_equals_training_straight_bitwise(tmp_path: Path) 
 def run_two_nodes(out: Path, *script_args: str) -> tuple[list[int], list[dict]]:
     """Train on 2 namespaced nodes x 2 ranks; the transmit bytes of both nodes' interfaces, every rank's JSON."""
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with EmulatedCluster(2) as cluster:
-        master = cluster.hosts[0].address
-        nodes = [
-            cluster.popen(
-                node,
-                [*torchrun(node, master, out), *script_args],
-                env=env,
-                cwd=out,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for node in (0, 1)
-        ]
-        outputs = [p.communicate(timeout=600)[0] for p in nodes]
-        assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-        sent = [tx_bytes(cluster, host) for host in (0, 1)]
+    sent = torchrun_on_two_machines(SCRIPTS / "multinode.py", out, *script_args, port=29611)
     return sent, [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
 
 

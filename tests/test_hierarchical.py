@@ -4,6 +4,9 @@ gloo processes, blocking and split (``start_mix``/``finish``), against the matri
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -31,9 +34,13 @@ def values(seed: int, size: int) -> torch.Tensor:
     return torch.randn(WORLD, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+INTRA_MACHINE = ("shared_memory", "process_group")
+
+
 def _worker(rank: int, queue) -> None:
-    for case, (local, machines, options) in enumerate(CASES):
-        comm = HierarchicalCommunicator(build(local, machines, options), rank)
+    for case, intra in itertools.product(range(len(CASES)), INTRA_MACHINE):
+        local, machines, options = CASES[case]
+        comm = HierarchicalCommunicator(build(local, machines, options), rank, intra_machine=intra)
         blocking = [values(1, size)[rank].clone() for size in SIZES]
         split, anchor = values(2, SIZES[0])[rank].clone(), values(2, SIZES[0])[rank].clone()
         into = values(3, SIZES[0])[rank].clone()
@@ -44,12 +51,12 @@ def _worker(rank: int, queue) -> None:
             second.finish(0, into=into, refill=True)
         between = comm.between_machines.as_dict()
         comm.close()
-        queue.put((case, rank, blocking, split, into, anchor, between, comm.stats.as_dict()))
+        queue.put(((case, intra), rank, blocking, split, into, anchor, between, comm.stats.as_dict()))
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:  # a spawned gloo world: only the slow tests use it
-    items = run_gloo_world(_worker, WORLD, messages=WORLD * len(CASES))
+    items = run_gloo_world(_worker, WORLD, messages=WORLD * len(CASES) * len(INTRA_MACHINE))
     return {item[:2]: item[2:] for item in items}
 
 
@@ -89,8 +96,9 @@ def test_the_simulator_mixes_with_the_combined_matrix() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("intra", INTRA_MACHINE)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"L{c[0]}-{c[1]}" for c in CASES])
-def test_real_rounds_equal_the_combined_matrix(results: dict, case: int) -> None:
+def test_real_rounds_equal_the_combined_matrix(results: dict, case: int, intra: str) -> None:
     top = build(*CASES[case])
     expected = [values(1, size) for size in SIZES]
     split, into, y = values(2, SIZES[0]), values(3, SIZES[0]), values(2, SIZES[0])
@@ -101,12 +109,17 @@ def test_real_rounds_equal_the_combined_matrix(results: dict, case: int) -> None
         into = into + w @ y - y  # finish(into=..., refill=True): the buffer then takes into's value
         y = into.clone()
     for rank in range(WORLD):
-        blocking, got_split, got_into, got_anchor, _, _ = results[(case, rank)]
+        blocking, got_split, got_into, got_anchor, _, _ = results[((case, intra), rank)]
         for got, want in zip(blocking, expected):
             torch.testing.assert_close(got, want[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_split, split[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_into, into[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_anchor, into[rank], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_shared_memory_segments_are_gone_when_the_ranks_are(results: dict) -> None:
+    assert not list(Path("/dev/shm").glob("lightning_decent_*"))
 
 
 @pytest.mark.slow
@@ -120,7 +133,7 @@ def test_each_rank_sends_one_shard_per_peer_machine(results: dict, case: int) ->
     for rank in range(WORLD):
         machine = rank // local
         peers = sum(len(top.machines.out_neighbors(machine, k)) for k in range(STEPS))
-        between = results[(case, rank)][4]
+        between = results[((case, "shared_memory"), rank)][4]
         # per step: the blocking round (both buffers) and two split rounds of the first buffer
         assert between["bytes_sent"] == peers * (sum(shard_bytes) + 2 * shard_bytes[0])
         assert between["messages_sent"] == peers * (len(SIZES) + 2)

@@ -9,20 +9,17 @@ same W (each rank sends its whole model to both ranks of the other machine).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from mp_launch import SCRIPTS, torchrun_on_two_machines
 
-from lightning_decent.emulation import EmulatedCluster, available
+from lightning_decent.emulation import available
 from lightning_decent.topology import get_topology
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "mp_scripts" / "hierarchical.py"
-sys.path.insert(0, str(SCRIPT.parent))
+SCRIPT = SCRIPTS / "hierarchical.py"
+sys.path.insert(0, str(SCRIPTS))
 from hierarchical import ELEMENTS, STEPS, initial  # noqa: E402
 
 ok, why = available()
@@ -30,24 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.skipif(not ok, re
 MODEL_BYTES = ELEMENTS * 4
 
 
-def torchrun(node: int, master: str, out: Path) -> list[str]:
-    nodes = ["--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node)]
-    rendezvous = ["--master-addr", master, "--master-port", "29613"]
-    return [sys.executable, "-m", "torch.distributed.run", *nodes, *rendezvous, str(SCRIPT), str(out)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("hierarchical")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    with EmulatedCluster(2) as cluster:
-        procs = [
-            cluster.popen(node, torchrun(node, cluster.hosts[0].address, out), env=env, cwd=out,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for node in (0, 1)
-        ]  # fmt: skip
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    torchrun_on_two_machines(SCRIPT, out, port=29613)
     return [{**json.loads((out / f"rank{r}.json").read_text()), **torch.load(out / f"rank{r}.pt")} for r in range(4)]
 
 

@@ -63,6 +63,16 @@ def test_bytes_on_the_wire_are_out_degree_times_model_bytes(ranks: list[dict], t
         assert result["bytes_sent"] == result["expected_out_degree_sum"] * result["param_bytes"]
 
 
+def test_logged_bytes_are_the_mean_per_step_since_the_previous_point(ranks: list[dict]) -> None:
+    # DiLoCo syncs after steps 3 and 6; the loggers write at steps 2, 4 and 6 (log_every_n_steps=2): the
+    # first point saw no sync, each later one half a sync per step (not the one step it samples: 0, 0, all)
+    for r in ranks:
+        result = r["logged_bytes"]
+        sync = result["bytes_sent"] / 2
+        assert sync > 0
+        assert result["points"] == [[1, 0.0], [3, sync / 2], [5, sync / 2]]
+
+
 @pytest.mark.parametrize("topology", ["directed_ring", "one_peer_exponential"])
 def test_directed_and_time_varying_graphs_receive_from_in_neighbours(ranks: list[dict], topology: str) -> None:
     for r in ranks:

@@ -7,7 +7,10 @@ curve. Names may carry ``@slow=SECONDS``: the last rank then does that much extr
 * ``raw_exchange`` / ``raw_allreduce``: plain gloo on one flat model-sized tensor, the transport's
   own speed (one-peer exchange ``i -> i - 1``, and an all-reduce).
 * ``comm:<topology>`` / ``comm:allreduce``: one blocking round of the library's communicator on the
-  model's buckets (a barrier before each round).
+  model's buckets (a barrier before each round); ``comm:hierarchical:<intra_machine>`` picks how the
+  machine's reduce-scatter and all-gather run (``shared_memory``, the default, or ``process_group``).
+* ``machine:<intra_machine>``: that reduce-scatter and all-gather alone (the machine's exact average,
+  nothing across machines), through shared memory or the machine's gloo group.
 * ``lightning_local``: plain Lightning on one device per rank, no communication (compute only).
 * ``isolated``: ``DecentralizedStrategy`` on a graph without edges (the strategy, no network).
 * ``torch_ddp``, ``lightning_ddp``: AllReduce data parallelism (torch, and Lightning's DDPStrategy).
@@ -44,6 +47,7 @@ from benchmarks.cluster.workloads import Classifier, ModelSpec, StepClock, step_
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.buckets import build_buckets
 from lightning_decent.comm import HierarchicalCommunicator, P2PCommunicator
+from lightning_decent.comm.machine_collectives import ProcessGroupMachine, SharedMemoryMachine
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 
@@ -140,7 +144,7 @@ def _topology(name: str, n: int) -> str | Topology:
     return alternating_pairs(n) if name == "alternating_pairs" else name
 
 
-def comm_round(ctx: Context, topology: str, slow: float = 0.0) -> dict[str, Any]:
+def comm_round(ctx: Context, topology: str, intra_machine: str = "auto", slow: float = 0.0) -> dict[str, Any]:
     buffers = _model_buffers(ctx)
     if topology == "allreduce":
         return _timed_rounds(ctx, lambda _: average_all_reduce(buffers))
@@ -148,13 +152,40 @@ def comm_round(ctx: Context, topology: str, slow: float = 0.0) -> dict[str, Any]
     graph = graph if isinstance(graph, Topology) else get_topology(graph, ctx.world)
     rounds = ctx.warmup + ctx.steps
     if isinstance(graph, HierarchicalTopology):
-        hierarchical = HierarchicalCommunicator(graph, ctx.rank)
+        hierarchical = HierarchicalCommunicator(graph, ctx.rank, intra_machine=intra_machine)
         result = _timed_rounds(ctx, lambda k: hierarchical.mix(buffers, k))
         between = hierarchical.between_machines.bytes_sent / rounds
         return {**result, "bytes_sent_per_round": hierarchical.stats.bytes_sent / rounds, "bytes_between": between}
     comm = P2PCommunicator(graph, ctx.rank)
     result = _timed_rounds(ctx, lambda k: comm.mix(buffers, k))
     return {**result, "bytes_sent_per_round": comm.stats.bytes_sent / rounds}
+
+
+def machine_round(ctx: Context, intra_machine: str, slow: float = 0.0) -> dict[str, Any]:
+    """The intra-machine stage of a hierarchical round alone: reduce-scatter and all-gather of the model."""
+    local = ctx.local_world_size
+    machines = [list(range(m * local, (m + 1) * local)) for m in range(ctx.world // local)]
+    group, _ = dist.new_subgroups_by_enumeration(machines)
+    collectives = (
+        ProcessGroupMachine(group)
+        if intra_machine == "process_group"
+        else SharedMemoryMachine(group, ctx.rank % local, local)
+    )
+    buffers = _model_buffers(ctx)
+    shards = [b.new_empty(-(-b.numel() // local)) for b in buffers]
+    padded = [b.new_zeros(s.numel() * local) for b, s in zip(buffers, shards)]
+
+    def average(_: int) -> None:
+        for index, (buffer, shard, full) in enumerate(zip(buffers, shards, padded)):
+            full[: buffer.numel()].copy_(buffer)
+            collectives.reduce_scatter(("machine", index), shard, full)
+            collectives.all_gather(("machine", index), full, shard.div_(local))
+            buffer.copy_(full[: buffer.numel()])
+
+    result = _timed_rounds(ctx, average)
+    collectives.close()
+    dist.destroy_process_group(group)
+    return result
 
 
 # ---- training steps -------------------------------------------------------------------------------
@@ -321,6 +352,7 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "raw_exchange": raw_exchange,
     "raw_allreduce": raw_allreduce,
     "comm": comm_round,
+    "machine": machine_round,
     "lightning_local": lightning_local,
     "isolated": isolated,
     "torch_ddp": torch_ddp,

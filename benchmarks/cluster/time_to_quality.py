@@ -67,9 +67,12 @@ TTQ_CASES = [
         )
     ),
     *(f"post_local_sgd:{h}" for h in HS),
+    *(f"ours:local_sgd:{h}" for h in HS),
     "decent_dp",
     "ours:dsgd_overlap",
-    "ours:choco_int8",
+    "ours:choco_int8_ring",
+    "ours:choco_int8_exponential",
+    "ours:no_sync",
 ]
 
 
@@ -194,26 +197,35 @@ class Context:
 
 # ---- Lightning runs: compute only, DDP, ours ------------------------------------------------------
 class MeterCallback(pl.Callback):
-    """Drives a :class:`Meter` from Lightning's hooks: validation pauses it and adds a curve point."""
+    """Drives a :class:`Meter` from Lightning's hooks: validation pauses it and adds a curve point.
 
-    def __init__(self, meter: Meter) -> None:
+    ``lockstep``: a barrier (outside the meter) before and after every validation, so that ranks which
+    do not communicate (compute only) evaluate together, as the distributed runs do, instead of one
+    rank's evaluation competing for the cores with the others' training."""
+
+    def __init__(self, meter: Meter, lockstep: bool = False) -> None:
         self.meter = meter
+        self.lockstep = lockstep
 
     def on_train_start(self, *args: object) -> None:
         self.meter.start()
 
     def on_validation_start(self, *args: object) -> None:
         self.meter.stop()
+        if self.lockstep:
+            dist.barrier()
 
     def on_validation_end(self, trainer: pl.Trainer, *args: object) -> None:
         self.meter.record(float(trainer.callback_metrics["val/loss"]))
+        if self.lockstep:
+            dist.barrier()
         self.meter.start()
 
     def on_train_end(self, *args: object) -> None:
         self.meter.stop()
 
 
-def _lightning(ctx: Context, strategy: Any, distributed: bool = True, validate: bool = True) -> dict[str, Any]:
+def _lightning(ctx: Context, strategy: Any, distributed: bool = True) -> dict[str, Any]:
     w = ctx.workload
     steps = w.steps
     meter = Meter()
@@ -223,25 +235,28 @@ def _lightning(ctx: Context, strategy: Any, distributed: bool = True, validate: 
         num_nodes=ctx.world if distributed else 1,
         strategy=strategy,
         max_steps=steps,
-        val_check_interval=w.eval_every if validate else None,
+        val_check_interval=w.eval_every,
         check_val_every_n_epoch=None,
-        limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[MeterCallback(meter)],
+        callbacks=[MeterCallback(meter, lockstep=not distributed)],
     )
     loader = partial(torch.utils.data.DataLoader, batch_size=None, shuffle=False)
-    trainer.fit(w.module(), loader(ctx.train[:steps]), loader(ctx.val) if validate else None)
+    trainer.fit(w.module(), loader(ctx.train[:steps]), loader(ctx.val))
     return {"seconds": meter.seconds, "bytes": meter.bytes, "steps": steps, "curve": meter.curve}
 
 
 def compute_only(ctx: Context) -> dict[str, Any]:
-    """Plain Lightning on one device per rank, every rank at once, the same steps: no network at all."""
-    return _lightning(ctx, SingleDeviceStrategy(device=torch.device("cpu")), distributed=False, validate=False)
+    """Plain Lightning on one device per rank, every rank at once, the same steps: no network at all.
+
+    Every rank evaluates its own replica as often as the other runs evaluate theirs, all ranks at once
+    (the meter excludes it, as for every run), so the compute-only loop differs from theirs in the
+    network only."""
+    return _lightning(ctx, SingleDeviceStrategy(device=torch.device("cpu")), distributed=False)
 
 
 def ddp(ctx: Context) -> dict[str, Any]:
@@ -250,9 +265,14 @@ def ddp(ctx: Context) -> dict[str, Any]:
 
 #: Our configurations by name: the strategy's arguments (``H`` comes from the case name).
 OURS: dict[str, dict[str, Any]] = {
+    # the strategy with nothing to send (a sync period beyond any run): its own cost per step, a floor
+    "no_sync": {"algorithm": "local_sgd", "algorithm_options": {"H": 10**9}},
     "dsgd_overlap": {"topology": "one_peer_exponential", "overlap": True},
-    "choco_int8": {"topology": "one_peer_exponential", "algorithm": "choco", "compression": "int8"},
+    # CHOCO keeps public copies of its neighbours, so it needs a static graph (one-peer graphs change every step)
+    "choco_int8_ring": {"topology": "ring", "algorithm": "choco", "compression": "int8"},
+    "choco_int8_exponential": {"topology": "exponential", "algorithm": "choco", "compression": "int8"},
     "diloco": {"algorithm": "diloco", "algorithm_options": dict(OUTER)},
+    "local_sgd": {"algorithm": "local_sgd"},  # plain averaging every H steps: torch's post-local SGD's recursion
     "gasloc_int8_streaming": {
         "topology": "one_peer_exponential",
         "algorithm": "gasloc",

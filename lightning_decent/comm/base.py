@@ -34,6 +34,24 @@ class CommStats:
         self.messages_sent = self.bytes_sent = self.messages_received = self.bytes_received = 0
 
 
+class MeanPerStep:
+    """The mean increase of a running counter per step between two reports:
+    ``(counter_k - counter_j) / (k - j)`` for the steps ``j < k`` of consecutive reports.
+
+    What a logger that writes every ``m`` steps should show of a quantity that moves in bursts (bytes
+    of a sync every ``H`` local steps): the average since its last point, not the burst or the silence
+    of the one step it happens to sample."""
+
+    def __init__(self, step: int = 0, counter: int = 0) -> None:
+        self._step, self._counter = step, counter
+
+    def report(self, step: int, counter: int) -> float:
+        steps = step - self._step
+        mean = (counter - self._counter) / steps if steps > 0 else 0.0
+        self._step, self._counter = step, counter
+        return mean
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

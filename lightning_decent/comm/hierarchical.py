@@ -32,14 +32,12 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent.comm.base import CommStats, Communicator, PendingMix, nbytes
+from lightning_decent.comm.machine_collectives import MachineCollectives, ProcessGroupMachine, SharedMemoryMachine
 from lightning_decent.comm.p2p import P2PCommunicator
 from lightning_decent.topology import HierarchicalTopology, Topology
 
 T = TypeVar("T")
-
-# The current torch names (the older ones are deprecated there); same semantics.
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+INTRA_MACHINE = ("auto", "shared_memory", "process_group")
 
 
 def machine_gossip_topology(topology: HierarchicalTopology) -> Topology:
@@ -61,6 +59,9 @@ class HierarchicalCommunicator(Communicator):
         rank: this process's global rank (machine ``rank // L``, local rank ``rank % L``).
         timeout, check_finite: as for :class:`~lightning_decent.comm.P2PCommunicator` (the finite check
             runs on the machine-averaged shard before it leaves the machine).
+        intra_machine: how steps 1 and 3 run (:mod:`~lightning_decent.comm.machine_collectives`):
+            ``"shared_memory"`` (CPU tensors through ``/dev/shm``; others through the process group),
+            ``"process_group"`` (the machine's NCCL or gloo group), or ``"auto"`` (the first).
     """
 
     def __init__(
@@ -69,13 +70,21 @@ class HierarchicalCommunicator(Communicator):
         rank: int,
         timeout: timedelta = timedelta(seconds=60),
         check_finite: bool = True,
+        intra_machine: str = "auto",
     ) -> None:
+        if intra_machine not in INTRA_MACHINE:
+            raise ValueError(f"intra_machine must be one of {', '.join(INTRA_MACHINE)}; got {intra_machine!r}.")
         super().__init__(topology)
         self.local_world_size = local = topology.local_world_size
         self.rank = rank
         _check_layout(rank, local, dist.get_world_size())
         machines = [list(range(m * local, (m + 1) * local)) for m in range(topology.num_machines)]
         self.machine_group, _ = dist.new_subgroups_by_enumeration(machines)
+        self._machine: MachineCollectives = (
+            ProcessGroupMachine(self.machine_group)
+            if intra_machine == "process_group"
+            else SharedMemoryMachine(self.machine_group, rank % local, local)
+        )
         between = machine_gossip_topology(topology)
         self._gossip = P2PCommunicator(between, rank, timeout=timeout, check_finite=check_finite)
 
@@ -108,7 +117,7 @@ class HierarchicalCommunicator(Communicator):
             source = self._flat_scratch(("padded", *key), padded_length, flat)
             source[: flat.numel()].copy_(flat)
             source[flat.numel() :].zero_()
-        _reduce_scatter_single(shard, source, group=self.machine_group)
+        self._machine.reduce_scatter(key, shard, source)
         shard.div_(self.local_world_size)
         self._count_intra(shard)
         return shard
@@ -123,7 +132,7 @@ class HierarchicalCommunicator(Communicator):
         target = flat
         if not in_place or padded_length != flat.numel():
             target = self._flat_scratch(("gathered", *key), padded_length, flat)
-        _all_gather_single(target, shard, group=self.machine_group)
+        self._machine.all_gather(key, target, shard)
         self._count_intra(shard)
         return target[: flat.numel()]
 
@@ -167,6 +176,7 @@ class HierarchicalCommunicator(Communicator):
     def close(self) -> None:
         """Release the inter-machine channels and this machine's process group."""
         self._gossip.close()
+        self._machine.close()
         if self.local_world_size > 1 and self.machine_group is not None:
             dist.destroy_process_group(self.machine_group)
             self.machine_group = None

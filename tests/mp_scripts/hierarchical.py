@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +30,15 @@ def initial(rank: int) -> torch.Tensor:
 
 
 def interface_bytes() -> int:
-    return int(Path("/sys/class/net/eth0/statistics/tx_bytes").read_text())
+    """eth0's transmit counter once it stops moving: a finished send may still sit in the socket and the
+    shaper's queue (read at once, the last ~100 kB of a part were counted in the next part or not at all)."""
+    last = int(Path("/sys/class/net/eth0/statistics/tx_bytes").read_text())
+    while True:
+        time.sleep(0.2)
+        now = int(Path("/sys/class/net/eth0/statistics/tx_bytes").read_text())
+        if now == last:
+            return now
+        last = now
 
 
 def timed_rounds(comm, rank: int) -> tuple[torch.Tensor, int]:

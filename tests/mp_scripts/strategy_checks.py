@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
@@ -69,6 +70,22 @@ class ReplicaAtTrainEnd(pl.Callback):
         self.checksums = checksums(module)
 
 
+class MetricsSeen(Logger):
+    """Every metric Lightning writes to its loggers, with its step, on every rank."""
+
+    name, version = "seen", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.points.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
 def checksums(module: torch.nn.Module) -> list[float]:
     """Two linear functionals of the parameters: their sum and a dot product with fixed weights."""
     flat = flat_params(module)
@@ -79,12 +96,12 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
 
 
-def trainer(strategy, devices: int, **kwargs) -> pl.Trainer:
+def trainer(strategy, devices: int, logger=False, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -177,6 +194,16 @@ def run(out: Path, devices: int) -> None:
         "gossip_step": strategy.gossip_step,
         "lr": t.optimizers[0].param_groups[0]["lr"],
         "finite": bool(torch.isfinite(flat_params(model)).all()),
+    }
+
+    # (5) logged bytes: a sync of DiLoCo every 3 steps, loggers writing every 2 steps
+    seen = MetricsSeen()
+    strategy = DecentralizedStrategy(algorithm="diloco", algorithm_options={"H": 3})
+    fit("logged_bytes", strategy, max_steps=6, num_sanity_val_steps=0, limit_val_batches=0, logger=seen,
+        log_every_n_steps=2)  # fmt: skip
+    results["logged_bytes"] = {
+        "points": [(step, m["gossip/bytes_sent"]) for step, m in seen.points if "gossip/bytes_sent" in m],
+        "bytes_sent": strategy.comm_stats.bytes_sent,
     }
 
     rank = dist.get_rank() if dist.is_initialized() else 0
