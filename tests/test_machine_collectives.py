@@ -18,9 +18,14 @@ from lightning_decent.comm.machine_collectives import SharedMemoryMachine
 
 @pytest.fixture
 def group(tmp_path: Path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    """A world of this one process (an earlier test of the session may have left one: it is used as it is)."""
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     yield dist.group.WORLD
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 def segments() -> list[Path]:
