@@ -107,6 +107,13 @@ def parse_args() -> argparse.Namespace:
         default=",".join(TTQ_CASES),
         help="time_to_quality: the runs, one set of processes each; a+b+c: runs that share one set of processes",
     )
+    parser.add_argument(
+        "--ttq-repeats",
+        type=int,
+        default=1,
+        help="time_to_quality: run every set of processes this many times in turn (repeat k of a run is named "
+        "run#k); the report gives the step times of every repeat and the median ratios to compute-only",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     parser.add_argument("--from-json", type=Path, default=None, help="print the report of a saved --json run")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the ranks' logs and results here")
@@ -275,6 +282,18 @@ def time_to_quality_workload(args: argparse.Namespace) -> Workload:
                     steps=args.ttq_steps, eval_every=args.ttq_eval_every, lr=args.ttq_lr)  # fmt: skip
 
 
+def repeated_groups(groups: list[str], repeats: int) -> list[str]:
+    """``groups`` (``a+b`` runs share a set of processes) ``repeats`` times in turn, the runs of repeat ``k > 1``
+    named ``run#k``: ``["compute+x"], 2 -> ["compute+x", "compute#2+x#2"]``."""
+    if repeats < 1:
+        raise ValueError(f"--ttq-repeats must be at least 1; got {repeats}.")
+    return [
+        "+".join(case if k == 1 else f"{case}#{k}" for case in group.split("+"))
+        for k in range(1, repeats + 1)
+        for group in groups
+    ]
+
+
 def measure_time_to_quality(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The ``time_to_quality`` runs on one cluster of ``--ranks`` namespaces at ``--bandwidth``, one set of
     processes per run (a run that fails or hangs is recorded with its error; the next one still runs);
@@ -282,7 +301,7 @@ def measure_time_to_quality(args: argparse.Namespace, save: Callable[[dict[str, 
     from lightning_decent.recipes.text_tokens import default_corpus, prepare
 
     workload = time_to_quality_workload(args)
-    cases = [c for c in args.ttq_cases.split(",") if c]
+    cases = repeated_groups([c for c in args.ttq_cases.split(",") if c], args.ttq_repeats)
     results: dict[str, list[dict[str, Any]]] = {}
     failed: dict[str, str] = {}
     record = {"bandwidth": args.bandwidth, "ranks": args.ranks, "workload": asdict(workload),

@@ -50,8 +50,10 @@ def _worker(rank: int, queue) -> None:
             first.finish(0)
             second.finish(0, into=into, refill=True)
         between = comm.between_machines.as_dict()
+        machine = [values(4, size)[rank].clone() for size in SIZES]
+        comm.machine_average(machine)
         comm.close()
-        queue.put(((case, intra), rank, blocking, split, into, anchor, between, comm.stats.as_dict()))
+        queue.put(((case, intra), rank, blocking, split, into, anchor, between, machine))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,18 @@ def test_real_rounds_equal_the_combined_matrix(results: dict, case: int, intra: 
         torch.testing.assert_close(got_split, split[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_into, into[rank], rtol=0, atol=1e-12)
         torch.testing.assert_close(got_anchor, into[rank], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("intra", INTRA_MACHINE)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"L{c[0]}-{c[1]}" for c in CASES])
+def test_machine_average_is_the_exact_mean_of_the_machines_ranks(results: dict, case: int, intra: str) -> None:
+    local = CASES[case][0]
+    for rank in range(WORLD):
+        machine = slice(rank // local * local, (rank // local + 1) * local)
+        got = results[((case, intra), rank)][5]
+        for buffer, size in zip(got, SIZES):
+            torch.testing.assert_close(buffer, values(4, size)[machine].mean(0), rtol=0, atol=1e-12)
 
 
 @pytest.mark.slow

@@ -47,7 +47,6 @@ from benchmarks.cluster.workloads import Classifier, ModelSpec, StepClock, step_
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.buckets import build_buckets
 from lightning_decent.comm import HierarchicalCommunicator, P2PCommunicator
-from lightning_decent.comm.machine_collectives import ProcessGroupMachine, SharedMemoryMachine
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 
@@ -144,7 +143,7 @@ def _topology(name: str, n: int) -> str | Topology:
     return alternating_pairs(n) if name == "alternating_pairs" else name
 
 
-def comm_round(ctx: Context, topology: str, intra_machine: str = "auto", slow: float = 0.0) -> dict[str, Any]:
+def comm_round(ctx: Context, topology: str, intra_machine: str = "shared_memory", slow: float = 0.0) -> dict[str, Any]:
     buffers = _model_buffers(ctx)
     if topology == "allreduce":
         return _timed_rounds(ctx, lambda _: average_all_reduce(buffers))
@@ -163,28 +162,11 @@ def comm_round(ctx: Context, topology: str, intra_machine: str = "auto", slow: f
 
 def machine_round(ctx: Context, intra_machine: str, slow: float = 0.0) -> dict[str, Any]:
     """The intra-machine stage of a hierarchical round alone: reduce-scatter and all-gather of the model."""
-    local = ctx.local_world_size
-    machines = [list(range(m * local, (m + 1) * local)) for m in range(ctx.world // local)]
-    group, _ = dist.new_subgroups_by_enumeration(machines)
-    collectives = (
-        ProcessGroupMachine(group)
-        if intra_machine == "process_group"
-        else SharedMemoryMachine(group, ctx.rank % local, local)
-    )
+    graph = get_topology("hierarchical", ctx.world, local_world_size=ctx.local_world_size)
+    hierarchical = HierarchicalCommunicator(graph, ctx.rank, intra_machine=intra_machine)
     buffers = _model_buffers(ctx)
-    shards = [b.new_empty(-(-b.numel() // local)) for b in buffers]
-    padded = [b.new_zeros(s.numel() * local) for b, s in zip(buffers, shards)]
-
-    def average(_: int) -> None:
-        for index, (buffer, shard, full) in enumerate(zip(buffers, shards, padded)):
-            full[: buffer.numel()].copy_(buffer)
-            collectives.reduce_scatter(("machine", index), shard, full)
-            collectives.all_gather(("machine", index), full, shard.div_(local))
-            buffer.copy_(full[: buffer.numel()])
-
-    result = _timed_rounds(ctx, average)
-    collectives.close()
-    dist.destroy_process_group(group)
+    result = _timed_rounds(ctx, lambda _: hierarchical.machine_average(buffers))
+    hierarchical.close()
     return result
 
 

@@ -11,10 +11,12 @@ optimizer (AdamW) for the same number of steps, and records, with evaluation exc
 * the validation loss of the network average of the replicas every ``eval_every`` steps (the same
   held-out blocks on every rank).
 
-Runs (``--cases``): ``compute`` (plain Lightning, no communication), ``ddp`` (Lightning DDPStrategy),
-``post_local_sgd:H`` (torch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``),
-``torchft:diloco:H`` / ``torchft:streaming:H`` (torchft 0.2.0 DiLoCo, one replica group per rank),
-``decent_dp`` (one-peer exponential), ``ours:<config>[:H]`` (:data:`OURS`). A run that fails writes its
+Runs (``--cases``): ``compute`` (plain Lightning, no communication), ``loop`` (the peers' plain torch
+loop, no communication), ``ddp`` (Lightning DDPStrategy), ``post_local_sgd:H`` (torch's
+``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``), ``torchft:diloco:H`` / ``torchft:streaming:H``
+(torchft 0.2.0 DiLoCo, one replica group per rank), ``decent_dp`` (one-peer exponential),
+``ours:<config>[:H[:tau]]`` (:data:`OURS`; ``tau``: streaming's delay); ``run#k`` is the k-th repeat of
+a run (``--ttq-repeats``). A run that fails writes its
 error instead of numbers; the suite reports it.
 """
 
@@ -55,6 +57,7 @@ HS = (16, 64)  # synchronisation periods of the local-steps runs
 #: Every run of the suite, in the order it runs (the goals' runs first: a suite stopped early keeps them).
 TTQ_CASES = [
     "compute",
+    "loop",
     "ddp",
     *(
         run
@@ -72,6 +75,7 @@ TTQ_CASES = [
     "ours:dsgd_overlap",
     "ours:choco_int8_ring",
     "ours:choco_int8_exponential",
+    "ours:choco_int4_ring",
     "ours:no_sync",
 ]
 
@@ -115,10 +119,12 @@ def tx_bytes(interface: str = INTERFACE) -> int:
 
 
 class Meter:
-    """Training time and interface bytes summed over training segments, and the validation curve.
+    """Training time and interface bytes summed over training segments, the validation curve, and the
+    time of every step (where a synchronisation's cost lands).
 
     ``start()``/``stop()`` bracket training; evaluation happens between a ``stop()`` and the next
-    ``start()`` and is counted in neither. ``read_bytes`` is the interface counter (injectable for tests).
+    ``start()`` and is counted in neither. ``step_done()`` ends a step: its time runs from the previous
+    step's end or the segment's start. ``read_bytes`` is the interface counter (injectable for tests).
     """
 
     def __init__(self, read_bytes: Callable[[], int] = tx_bytes, clock: Callable[[], float] = time.perf_counter):
@@ -127,11 +133,19 @@ class Meter:
         self.seconds = 0.0
         self.bytes = 0
         self.curve: list[tuple[float, float]] = []
+        self.step_seconds: list[float] = []
         self._since: tuple[float, int] | None = None
+        self._step_began = 0.0
 
     def start(self) -> None:
         if self._since is None:
             self._since = (self.clock(), self.read_bytes())
+            self._step_began = self._since[0]
+
+    def step_done(self) -> None:
+        now = self.clock()
+        self.step_seconds.append(now - self._step_began)
+        self._step_began = now
 
     def stop(self) -> None:
         if self._since is not None:
@@ -210,6 +224,9 @@ class MeterCallback(pl.Callback):
     def on_train_start(self, *args: object) -> None:
         self.meter.start()
 
+    def on_train_batch_end(self, *args: object) -> None:
+        self.meter.step_done()
+
     def on_validation_start(self, *args: object) -> None:
         self.meter.stop()
         if self.lockstep:
@@ -247,7 +264,8 @@ def _lightning(ctx: Context, strategy: Any, distributed: bool = True) -> dict[st
     )
     loader = partial(torch.utils.data.DataLoader, batch_size=None, shuffle=False)
     trainer.fit(w.module(), loader(ctx.train[:steps]), loader(ctx.val))
-    return {"seconds": meter.seconds, "bytes": meter.bytes, "steps": steps, "curve": meter.curve}
+    return {"seconds": meter.seconds, "bytes": meter.bytes, "steps": steps, "curve": meter.curve,
+            "step_seconds": meter.step_seconds}  # fmt: skip
 
 
 def compute_only(ctx: Context) -> dict[str, Any]:
@@ -271,6 +289,7 @@ OURS: dict[str, dict[str, Any]] = {
     # CHOCO keeps public copies of its neighbours, so it needs a static graph (one-peer graphs change every step)
     "choco_int8_ring": {"topology": "ring", "algorithm": "choco", "compression": "int8"},
     "choco_int8_exponential": {"topology": "exponential", "algorithm": "choco", "compression": "int8"},
+    "choco_int4_ring": {"topology": "ring", "algorithm": "choco", "compression": "int4"},
     "diloco": {"algorithm": "diloco", "algorithm_options": dict(OUTER)},
     "local_sgd": {"algorithm": "local_sgd"},  # plain averaging every H steps: torch's post-local SGD's recursion
     "gasloc_int8_streaming": {
@@ -281,10 +300,13 @@ OURS: dict[str, dict[str, Any]] = {
 }
 
 
-def ours(ctx: Context, config: str, h: str | None = None) -> dict[str, Any]:
+def ours(ctx: Context, config: str, h: str | None = None, delay: str | None = None) -> dict[str, Any]:
+    """``ours:<config>[:H[:tau]]``: the strategy with :data:`OURS` ``[config]``, ``H`` and streaming's delay set."""
     kwargs = {**OURS[config]}
     if h is not None:
         kwargs["algorithm_options"] = {**kwargs.get("algorithm_options", {}), "H": int(h)}
+    if delay is not None:
+        kwargs["algorithm_options"] = {**kwargs.get("algorithm_options", {}), "delay": int(delay)}
     strategy = DecentralizedStrategy(**kwargs)
     result = _lightning(ctx, strategy)
     return {**result, "counted_bytes": strategy.comm_stats.bytes_sent}
@@ -309,16 +331,32 @@ def _loop(
     meter.start()
     for k, (x, y) in enumerate(ctx.train):
         step(x, y)
+        meter.step_done()
         if (k + 1) % ctx.workload.eval_every == 0:
             meter.stop()
             meter.record(evaluate())
             meter.start()
     meter.stop()
-    return {"seconds": meter.seconds, "bytes": meter.bytes, "steps": len(ctx.train), "curve": meter.curve}
+    return {"seconds": meter.seconds, "bytes": meter.bytes, "steps": len(ctx.train), "curve": meter.curve,
+            "step_seconds": meter.step_seconds}  # fmt: skip
 
 
 def _backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(net(x).flatten(0, 1), y.flatten()).backward()
+
+
+def plain_loop(ctx: Context) -> dict[str, Any]:
+    """The plain torch loop of the peers' runs (post-local SGD, torchft, decent-dp) with no network in it:
+    their compute-only step, as ``compute`` is Lightning's."""
+    net = ctx.workload.net()
+    optimizer = ctx.workload.optimizer(net.parameters())
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        _backward(net, x, y)
+        optimizer.step()
+
+    return _loop(ctx, step, lambda: _averaged_loss(ctx, net))
 
 
 def post_local_sgd(ctx: Context, h: str) -> dict[str, Any]:
@@ -434,9 +472,11 @@ def decent_dp(ctx: Context) -> dict[str, Any]:
 
 
 def run_case(name: str, ctx: Context) -> dict[str, Any]:
-    kind, *args = name.split(":")
+    """Run ``name`` (``kind[:args]``, optionally ``#k``: the k-th repeat of the same run)."""
+    kind, *args = name.partition("#")[0].split(":")
     runs: dict[str, Callable[..., dict[str, Any]]] = {
         "compute": compute_only,
+        "loop": plain_loop,
         "ddp": ddp,
         "ours": ours,
         "post_local_sgd": post_local_sgd,

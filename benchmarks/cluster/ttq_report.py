@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.cluster.report import Goal, bandwidth_bytes_per_second, goals_table, table
-from benchmarks.cluster.time_to_quality import TTQ_CASES, time_to_target
+from benchmarks.cluster.time_to_quality import DELAY, FRAGMENTS, TTQ_CASES, time_to_target
 
 #: Goals of issue 12 section 4 (ratios from one run).
 VERSUS_DDP_TIME = 0.2
@@ -28,6 +28,7 @@ class Run:
     bytes_per_step: float
     curve: list[tuple[float, float]]
     note: str = ""
+    step_seconds: list[float] = field(default_factory=list)  # every step's time, mean over ranks
 
     @classmethod
     def of(cls, name: str, records: list[dict[str, Any]]) -> Run:
@@ -38,8 +39,10 @@ class Run:
         note = next((r["error"] for r in records if "error" in r), "")
         if "syncs_committed" in records[0]:
             note = note or f"{records[0]['syncs_committed']}/{records[0]['syncs_expected']} syncs committed"
+        timed = [r["step_seconds"] for r in records if "step_seconds" in r]
+        step_seconds = [statistics.fmean(step) for step in zip(*timed)] if len(timed) == len(records) else []
         return cls(name, steps, max(r["seconds"] for r in records),
-                   statistics.fmean(r["bytes"] for r in records) / steps, curve, note)  # fmt: skip
+                   statistics.fmean(r["bytes"] for r in records) / steps, curve, note, step_seconds)  # fmt: skip
 
     @property
     def mean_step(self) -> float:
@@ -58,11 +61,99 @@ def _div(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def repeat_of(name: str) -> tuple[str, int]:
+    """``("compute", 2)`` for ``compute#2`` (a repeat of the run, ``--ttq-repeats``); ``(name, 1)`` otherwise."""
+    base, _, repeat = name.partition("#")
+    return base, int(repeat) if repeat else 1
+
+
+def step_ratios(runs: dict[str, Run], name: str) -> list[float]:
+    """``name``'s mean step over compute-only's, one ratio per repeat that has both (repeats that ran back
+    to back in one set of processes, so each ratio is within one launch)."""
+    steps = {repeat_of(n)[1]: r.mean_step for n, r in runs.items() if repeat_of(n)[0] == name}
+    compute = {repeat_of(n)[1]: r.mean_step for n, r in runs.items() if repeat_of(n)[0] == "compute"}
+    return [steps[k] / compute[k] for k in sorted(steps) if k in compute]
+
+
+def phase_excess(step_seconds: list[float], stride: int, affected: set[int]) -> float | None:
+    """Seconds per step by which the steps at the ``affected`` phases (step index mod ``stride``) exceed the
+    run's other steps, spread over the ``stride`` steps of a period (``None``: no other phase to compare)."""
+    phases = [statistics.fmean(step_seconds[k::stride]) for k in range(stride)]
+    others = [phases[k] for k in range(stride) if k not in affected]
+    if not others:
+        return None
+    base = statistics.fmean(others)
+    return sum(phases[k] - base for k in affected) / stride
+
+
+def sync_excess(run: Run, compute: Run, stride: int, delay: int) -> float | None:
+    """A streaming run's cost of its synchronisations per step, measured inside the run: a fragment starts
+    after every ``stride``-th step (phase ``stride - 1``) and finishes ``delay`` steps later, so those
+    phases' excess over the run's other steps, less compute-only's excess at the same phases (its
+    evaluations every ``eval_every`` steps fall on them too). Within one run, so the machine's slow
+    drift between runs (several % here) cancels; ``None`` without per-step times or without a phase
+    free of synchronisation work."""
+    affected = {(stride - 1 + d) % stride for d in range(delay + 1)}
+    if not run.step_seconds or not compute.step_seconds:
+        return None
+    mine = phase_excess(run.step_seconds, stride, affected)
+    theirs = phase_excess(compute.step_seconds, stride, affected)
+    return None if mine is None or theirs is None else mine - theirs
+
+
+def streaming_schedule(name: str) -> tuple[int, int]:
+    """``(stride, delay)`` of a streaming run of the suite, ``ours:<config>:H[:tau]``."""
+    parts = name.split(":")
+    return int(parts[2]) // FRAGMENTS, int(parts[3]) if len(parts) > 3 else DELAY
+
+
+def within_run_ratios(runs: dict[str, Run], name: str) -> list[float]:
+    """Per repeat: the streaming run's mean step over the same run's step without its synchronisations'
+    excess (:func:`sync_excess`)."""
+    stride, delay = streaming_schedule(name)
+    by_repeat = {repeat_of(n)[1]: r for n, r in runs.items() if repeat_of(n)[0] == name}
+    computes = {repeat_of(n)[1]: r for n, r in runs.items() if repeat_of(n)[0] == "compute"}
+    ratios = []
+    for k in sorted(by_repeat):
+        excess = sync_excess(by_repeat[k], computes[k], stride, delay) if k in computes else None
+        if excess is not None:
+            step = statistics.fmean(by_repeat[k].step_seconds)
+            ratios.append(step / (step - excess))
+    return ratios
+
+
+def repeats_table(bandwidth: str, runs: dict[str, Run]) -> str:
+    """Mean step of every run measured more than once, per repeat, with the ratios to compute-only."""
+    by_base: dict[str, dict[int, Run]] = {}
+    for name, r in runs.items():
+        base, repeat = repeat_of(name)
+        by_base.setdefault(base, {})[repeat] = r
+    rows = []
+    for base, repeats in by_base.items():
+        if len(repeats) < 2:
+            continue
+        ms = [repeats[k].mean_step * 1e3 for k in sorted(repeats)]
+        ratios = step_ratios(runs, base)
+        rows.append([
+            base, str(len(ms)), " / ".join(f"{m:.0f}" for m in ms), f"{statistics.median(ms):.0f}",
+            _fmt(statistics.median(ratios) if ratios else None, ".3f"),
+            f"{min(ratios):.3f} - {max(ratios):.3f}" if ratios else "-",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    return table(
+        f"{bandwidth}: mean step of the repeated runs (each repeat: the runs back to back in one set of processes)",
+        ["run", "repeats", "mean step ms per repeat", "median ms", "x compute (median of repeats)", "x compute range"],
+        rows,
+    )
+
+
 def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, Any], dict[str, Run]]:
     """The table and goals of one link speed."""
     bandwidth = run["bandwidth"]
     link = bandwidth_bytes_per_second(bandwidth)
-    runs = {name: Run.of(name, records) for name, records in run["results"].items()}
+    measured = {name: Run.of(name, records) for name, records in run["results"].items()}
+    runs = {name: r for name, r in measured.items() if repeat_of(name)[1] == 1}  # the table: first repeats
     compute, ddp = runs.get("compute"), runs.get("ddp")
     target = ddp.final_loss if ddp else run.get("target")
     ddp_time = time_to_target(ddp.curve, target) if ddp and target is not None else None
@@ -90,7 +181,7 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
             rows.append([name, "-", "-", "-", "-", "failed", "-", "-", "-", "-", error.strip().splitlines()[-1][:90]])
             summary[name] = {"error": error}
     for name in run.get("cases", TTQ_CASES):  # asked for, neither measured nor failed
-        if name not in runs and name not in run.get("failed", {}):
+        if name not in measured and name not in run.get("failed", {}):
             rows.append([name, "-", "-", "-", "-", "not run", "-", "-", "-", "-", "suite stopped at its time limit"])
             summary[name] = {"error": "not run: the suite stopped at its time limit first"}
     w = run["workload"]
@@ -108,9 +199,9 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
          "time to mid s", "x DDP time to mid", "link time of bytes s", "note"],
         rows,
     )  # fmt: skip
-    goals, floors = _goals(bandwidth, runs, compute, ddp, ddp_time, target)
+    goals, floors = _goals(bandwidth, measured, compute, ddp, ddp_time, target)
     if bandwidth.lower() == "100mbit" and mid is not None:
-        looser, _ = _goals(bandwidth, runs, None, ddp, ddp_mid_time, mid)
+        looser, _ = _goals(bandwidth, measured, None, ddp, ddp_mid_time, mid)
         goals += [Goal(f"(looser target) {g.name.replace('DDP loss', 'DDP mid-run loss')}", g.value, g.limit,
                        g.note.replace("final loss", "mid-run loss")) for g in looser]  # fmt: skip
     if compute:
@@ -123,6 +214,10 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
             text += (f"; Lightning DDP step {ddp.mean_step * 1e3:.0f} ms = compute + {comm * 1e3:.0f} ms of "
                      f"communication ({comm / compute.mean_step:.2f}x compute)")  # fmt: skip
         text += "\n"
+    repeated = repeats_table(bandwidth, measured)
+    if repeated:
+        text += "\n" + repeated
+        summary["_repeats"] = {n: r.mean_step for n, r in measured.items() if n not in runs}
     summary["_floors"] = floors
     return text, goals, summary, runs
 
@@ -133,6 +228,7 @@ def _goals(
 ) -> tuple[list[Goal], dict[str, Any]]:  # fmt: skip
     goals: list[Goal] = []
     floors: dict[str, Any] = {}
+    measured, runs = runs, {n: r for n, r in runs.items() if repeat_of(n)[1] == 1}
     reached = {n: time_to_target(r.curve, target) for n, r in runs.items() if target is not None and n != "compute"}
     ours = {n: t for n, t in reached.items() if n.startswith("ours:") and t is not None}
     torchft = {n: t for n, t in reached.items() if n.startswith("torchft:") and t is not None}
@@ -166,11 +262,26 @@ def _goals(
             versus, ft_note = never, "neither ours nor torchft reached DDP's final loss"
         goals.append(Goal("ours best time to DDP loss / best torchft", versus, VERSUS_TORCHFT_TIME, ft_note))
     if bandwidth.lower() == "1gbit" and compute:
-        for name, r in runs.items():
+        for name in runs:
             if "streaming" in name and name.startswith("ours:"):
-                goals.append(Goal(f"{name} mean step / compute step", r.mean_step / compute.mean_step,
-                                  STREAMING_STEP))  # fmt: skip
+                goals.append(_streaming_goal(measured, name))
     return goals, floors
+
+
+def _streaming_goal(runs: dict[str, Run], name: str) -> Goal:
+    """Outer sync hidden: measured inside each run (:func:`within_run_ratios`) when the runs have per-step
+    times, else end to end against compute-only (:func:`step_ratios`); the median over repeats."""
+    end_to_end, inside = step_ratios(runs, name), within_run_ratios(runs, name)
+
+    def spread(ratios: list[float]) -> str:
+        many = f"median of {len(ratios)} repeats, range {min(ratios):.3f} - {max(ratios):.3f}"
+        return many if len(ratios) > 1 else f"{ratios[0]:.3f}"
+
+    if inside:
+        return Goal(f"{name} mean step / same run without its syncs' excess", statistics.median(inside),
+                    STREAMING_STEP, f"{spread(inside)}; end to end / compute-only: {spread(end_to_end)}")  # fmt: skip
+    return Goal(f"{name} mean step / compute step", statistics.median(end_to_end), STREAMING_STEP,
+                spread(end_to_end) if len(end_to_end) > 1 else "")  # fmt: skip
 
 
 def plot(runs_by_bandwidth: dict[str, dict[str, Run]], targets: dict[str, float | None], path: Path) -> None:
@@ -181,7 +292,7 @@ def plot(runs_by_bandwidth: dict[str, dict[str, Run]], targets: dict[str, float 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs_by_bandwidth), figsize=(7 * len(runs_by_bandwidth), 5), squeeze=False)
-    hidden = ("compute", "ours:no_sync")  # no network average to speak of
+    hidden = ("compute", "loop", "ours:no_sync")  # no network average to speak of
     names = sorted({n for runs in runs_by_bandwidth.values() for n in runs if n not in hidden and n != "ddp"})
     palette = plt.get_cmap("tab20")
     colors = {name: palette(k % 20) for k, name in enumerate(names)} | {"ddp": "black"}  # one colour per run

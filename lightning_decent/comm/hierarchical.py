@@ -37,7 +37,7 @@ from lightning_decent.comm.p2p import P2PCommunicator
 from lightning_decent.topology import HierarchicalTopology, Topology
 
 T = TypeVar("T")
-INTRA_MACHINE = ("auto", "shared_memory", "process_group")
+INTRA_MACHINE = ("shared_memory", "process_group")
 
 
 def machine_gossip_topology(topology: HierarchicalTopology) -> Topology:
@@ -60,8 +60,8 @@ class HierarchicalCommunicator(Communicator):
         timeout, check_finite: as for :class:`~lightning_decent.comm.P2PCommunicator` (the finite check
             runs on the machine-averaged shard before it leaves the machine).
         intra_machine: how steps 1 and 3 run (:mod:`~lightning_decent.comm.machine_collectives`):
-            ``"shared_memory"`` (CPU tensors through ``/dev/shm``; others through the process group),
-            ``"process_group"`` (the machine's NCCL or gloo group), or ``"auto"`` (the first).
+            ``"shared_memory"`` (the default: CPU tensors through ``/dev/shm``, others through the process
+            group) or ``"process_group"`` (the machine's NCCL or gloo group).
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class HierarchicalCommunicator(Communicator):
         rank: int,
         timeout: timedelta = timedelta(seconds=60),
         check_finite: bool = True,
-        intra_machine: str = "auto",
+        intra_machine: str = "shared_memory",
     ) -> None:
         if intra_machine not in INTRA_MACHINE:
             raise ValueError(f"intra_machine must be one of {', '.join(INTRA_MACHINE)}; got {intra_machine!r}.")
@@ -172,6 +172,17 @@ class HierarchicalCommunicator(Communicator):
     @torch.no_grad()
     def global_average(self, buffers: Sequence[torch.Tensor]) -> None:
         self._gossip.global_average(buffers)
+
+    @torch.no_grad()
+    def machine_average(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Every buffer becomes its exact average over this machine's ranks: steps 1 and 3 alone, no
+        traffic between machines (collective over the machine: all its ranks call it)."""
+        for index, buf in enumerate(buffers):
+            key = ("machine", index)
+            shard = self._reduce_scatter(key, buf)
+            averaged = self._all_gather(key, shard, buf, in_place=True)
+            if averaged.data_ptr() != buf.data_ptr():
+                buf.view(-1).copy_(averaged)
 
     def close(self) -> None:
         """Release the inter-machine channels and this machine's process group."""
