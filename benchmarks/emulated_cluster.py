@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttq-eval-every", type=int, default=Workload.eval_every)
     parser.add_argument("--ttq-lr", type=float, default=Workload.lr, help="time_to_quality: AdamW's lr (everyone)")
     parser.add_argument(
+        "--ttq-seed", type=int, default=Workload.seed, help="time_to_quality: initial model and data order (everyone)"
+    )
+    parser.add_argument(
         "--ttq-target",
         type=float,
         default=None,
@@ -279,7 +282,8 @@ def measure(args: argparse.Namespace, suites: list[str], delays: list[float], sc
 
 def time_to_quality_workload(args: argparse.Namespace) -> Workload:
     return Workload(n_layer=args.ttq_layers, d_model=args.ttq_width, block=args.ttq_block, batch=args.ttq_batch,
-                    steps=args.ttq_steps, eval_every=args.ttq_eval_every, lr=args.ttq_lr)  # fmt: skip
+                    steps=args.ttq_steps, eval_every=args.ttq_eval_every, lr=args.ttq_lr,
+                    seed=args.ttq_seed)  # fmt: skip
 
 
 def repeated_groups(groups: list[str], repeats: int) -> list[str]:
