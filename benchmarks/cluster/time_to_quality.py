@@ -303,10 +303,9 @@ OURS: dict[str, dict[str, Any]] = {
 def ours(ctx: Context, config: str, h: str | None = None, delay: str | None = None) -> dict[str, Any]:
     """``ours:<config>[:H[:tau]]``: the strategy with :data:`OURS` ``[config]``, ``H`` and streaming's delay set."""
     kwargs = {**OURS[config]}
-    if h is not None:
-        kwargs["algorithm_options"] = {**kwargs.get("algorithm_options", {}), "H": int(h)}
-    if delay is not None:
-        kwargs["algorithm_options"] = {**kwargs.get("algorithm_options", {}), "delay": int(delay)}
+    chosen = {key: int(value) for key, value in (("H", h), ("delay", delay)) if value is not None}
+    if chosen:
+        kwargs["algorithm_options"] = {**kwargs.get("algorithm_options", {}), **chosen}
     strategy = DecentralizedStrategy(**kwargs)
     result = _lightning(ctx, strategy)
     return {**result, "counted_bytes": strategy.comm_stats.bytes_sent}

@@ -67,12 +67,21 @@ def repeat_of(name: str) -> tuple[str, int]:
     return base, int(repeat) if repeat else 1
 
 
+def repeats(runs: dict[str, Run], name: str) -> dict[int, Run]:
+    """Every repeat of the run ``name``, by repeat number."""
+    return {repeat_of(n)[1]: r for n, r in runs.items() if repeat_of(n)[0] == name}
+
+
+def first_repeats(runs: dict[str, Run]) -> dict[str, Run]:
+    """The runs of the first repeat (the main table, the curves and the loss goals use these)."""
+    return {n: r for n, r in runs.items() if repeat_of(n)[1] == 1}
+
+
 def step_ratios(runs: dict[str, Run], name: str) -> list[float]:
     """``name``'s mean step over compute-only's, one ratio per repeat that has both (repeats that ran back
     to back in one set of processes, so each ratio is within one launch)."""
-    steps = {repeat_of(n)[1]: r.mean_step for n, r in runs.items() if repeat_of(n)[0] == name}
-    compute = {repeat_of(n)[1]: r.mean_step for n, r in runs.items() if repeat_of(n)[0] == "compute"}
-    return [steps[k] / compute[k] for k in sorted(steps) if k in compute]
+    mine, compute = repeats(runs, name), repeats(runs, "compute")
+    return [mine[k].mean_step / compute[k].mean_step for k in sorted(mine) if k in compute]
 
 
 def phase_excess(step_seconds: list[float], stride: int, affected: set[int]) -> float | None:
@@ -111,28 +120,24 @@ def within_run_ratios(runs: dict[str, Run], name: str) -> list[float]:
     """Per repeat: the streaming run's mean step over the same run's step without its synchronisations'
     excess (:func:`sync_excess`)."""
     stride, delay = streaming_schedule(name)
-    by_repeat = {repeat_of(n)[1]: r for n, r in runs.items() if repeat_of(n)[0] == name}
-    computes = {repeat_of(n)[1]: r for n, r in runs.items() if repeat_of(n)[0] == "compute"}
+    mine, compute = repeats(runs, name), repeats(runs, "compute")
     ratios = []
-    for k in sorted(by_repeat):
-        excess = sync_excess(by_repeat[k], computes[k], stride, delay) if k in computes else None
+    for k in sorted(mine):
+        excess = sync_excess(mine[k], compute[k], stride, delay) if k in compute else None
         if excess is not None:
-            step = statistics.fmean(by_repeat[k].step_seconds)
+            step = statistics.fmean(mine[k].step_seconds)
             ratios.append(step / (step - excess))
     return ratios
 
 
 def repeats_table(bandwidth: str, runs: dict[str, Run]) -> str:
     """Mean step of every run measured more than once, per repeat, with the ratios to compute-only."""
-    by_base: dict[str, dict[int, Run]] = {}
-    for name, r in runs.items():
-        base, repeat = repeat_of(name)
-        by_base.setdefault(base, {})[repeat] = r
     rows = []
-    for base, repeats in by_base.items():
-        if len(repeats) < 2:
+    for base in dict.fromkeys(repeat_of(name)[0] for name in runs):
+        repeated = repeats(runs, base)
+        if len(repeated) < 2:
             continue
-        ms = [repeats[k].mean_step * 1e3 for k in sorted(repeats)]
+        ms = [repeated[k].mean_step * 1e3 for k in sorted(repeated)]
         ratios = step_ratios(runs, base)
         rows.append([
             base, str(len(ms)), " / ".join(f"{m:.0f}" for m in ms), f"{statistics.median(ms):.0f}",
@@ -153,7 +158,7 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
     bandwidth = run["bandwidth"]
     link = bandwidth_bytes_per_second(bandwidth)
     measured = {name: Run.of(name, records) for name, records in run["results"].items()}
-    runs = {name: r for name, r in measured.items() if repeat_of(name)[1] == 1}  # the table: first repeats
+    runs = first_repeats(measured)
     compute, ddp = runs.get("compute"), runs.get("ddp")
     target = ddp.final_loss if ddp else run.get("target")
     ddp_time = time_to_target(ddp.curve, target) if ddp and target is not None else None
@@ -223,12 +228,13 @@ def bandwidth_report(run: dict[str, Any]) -> tuple[str, list[Goal], dict[str, An
 
 
 def _goals(
-    bandwidth: str, runs: dict[str, Run], compute: Run | None, ddp: Run | None, ddp_time: float | None,
+    bandwidth: str, measured: dict[str, Run], compute: Run | None, ddp: Run | None, ddp_time: float | None,
     target: float | None,
 ) -> tuple[list[Goal], dict[str, Any]]:  # fmt: skip
+    """The goals of one link speed from every run ``measured`` (repeats included)."""
     goals: list[Goal] = []
     floors: dict[str, Any] = {}
-    measured, runs = runs, {n: r for n, r in runs.items() if repeat_of(n)[1] == 1}
+    runs = first_repeats(measured)
     reached = {n: time_to_target(r.curve, target) for n, r in runs.items() if target is not None and n != "compute"}
     ours = {n: t for n, t in reached.items() if n.startswith("ours:") and t is not None}
     torchft = {n: t for n, t in reached.items() if n.startswith("torchft:") and t is not None}

@@ -136,6 +136,12 @@ class HierarchicalCommunicator(Communicator):
         self._count_intra(shard)
         return target[: flat.numel()]
 
+    def _all_gather_into(self, key: tuple, shard: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Step 3 with the result in ``buffer`` (gathered in place where no padding is needed)."""
+        gathered = self._all_gather(key, shard, buffer, in_place=True)
+        if gathered.data_ptr() != buffer.data_ptr():
+            buffer.view(-1).copy_(gathered)
+
     def _count_intra(self, shard: torch.Tensor) -> None:
         peers = self.local_world_size - 1
         self.stats.messages_sent += peers
@@ -158,9 +164,7 @@ class HierarchicalCommunicator(Communicator):
         shards = [self._reduce_scatter(key, buf) for key, buf in zip(keys, buffers)]
         self._counted(lambda: self._gossip.mix(shards, step))
         for key, shard, buf in zip(keys, shards, buffers):
-            mixed = self._all_gather(key, shard, buf, in_place=True)
-            if mixed.data_ptr() != buf.data_ptr():
-                buf.view(-1).copy_(mixed)
+            self._all_gather_into(key, shard, buf)
 
     @torch.no_grad()
     def start_mix(self, buffers: Sequence[torch.Tensor], step: int) -> PendingMix:
@@ -176,13 +180,11 @@ class HierarchicalCommunicator(Communicator):
     @torch.no_grad()
     def machine_average(self, buffers: Sequence[torch.Tensor]) -> None:
         """Every buffer becomes its exact average over this machine's ranks: steps 1 and 3 alone, no
-        traffic between machines (collective over the machine: all its ranks call it)."""
+        traffic between machines (collective over the machine: all its ranks call it). Blocking, so it
+        shares :meth:`mix`'s scratch buffers."""
         for index, buf in enumerate(buffers):
-            key = ("machine", index)
-            shard = self._reduce_scatter(key, buf)
-            averaged = self._all_gather(key, shard, buf, in_place=True)
-            if averaged.data_ptr() != buf.data_ptr():
-                buf.view(-1).copy_(averaged)
+            key = ("blocking", index)
+            self._all_gather_into(key, self._reduce_scatter(key, buf), buf)
 
     def close(self) -> None:
         """Release the inter-machine channels and this machine's process group."""
@@ -219,11 +221,10 @@ class _HierarchicalPendingMix(PendingMix):
     def finish(self, index: int, into: torch.Tensor | None = None, refill: bool = False) -> None:
         self.gossip.finish(index)
         buffer = self.buffers[index]
-        mixed = self.comm._all_gather(self.keys[index], self.shards[index], buffer, in_place=into is None)
         if into is None:
-            if mixed.data_ptr() != buffer.data_ptr():
-                buffer.view(-1).copy_(mixed)
+            self.comm._all_gather_into(self.keys[index], self.shards[index], buffer)
             return
+        mixed = self.comm._all_gather(self.keys[index], self.shards[index], buffer, in_place=False)
         into.view(-1).add_(mixed).sub_(buffer.view(-1))
         if refill:
             buffer.copy_(into)
