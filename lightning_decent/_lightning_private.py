@@ -8,9 +8,15 @@ the middle of a run. Keep :data:`TESTED_LIGHTNING` equal to the ``lightning`` re
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import time
+
 import lightning
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 TESTED_LIGHTNING = ">=2.6,<2.7"
 
@@ -50,15 +56,67 @@ def check_attributes(owner: object, *names: str) -> None:
 # byte counts only then); DDP's SyncBatchNorm setting, which the strategy refuses.
 check_attributes(_TrainingEpochLoop, "_broadcast_sigterm_tensor")
 check_attributes(_SubprocessScriptLauncher, "kill")
-check_attributes(LightningModule(), "_current_fx_name")
+check_attributes(LightningModule(), "_current_fx_name", "_trainer")
 check_attributes(_LoggerConnector, "should_update_logs")
 check_attributes(DDPStrategy(), "_layer_sync")
+
+
+def trainer_of(module: LightningModule | None) -> Trainer | None:
+    """The trainer ``module`` is attached to, or ``None`` (``module.trainer`` raises when there is none)."""
+    return None if module is None else module._trainer
+
+
+def current_hook(module: LightningModule) -> str | None:
+    """The Lightning hook running now (``self.log`` is only allowed inside one)."""
+    return module._current_fx_name
+
+
+def loggers_write_this_step(trainer: Trainer) -> bool:
+    """Whether Lightning writes this step's ``on_step`` metrics to its loggers (``log_every_n_steps``)."""
+    return trainer._logger_connector.should_update_logs
+
+
+def make_sigterm_check_local(trainer: Trainer) -> None:
+    """Replace the per-step world broadcast of Lightning's SIGTERM flag by a local check.
+
+    Lightning (>= 2.5) broadcasts a SIGTERM flag from rank 0 before every training batch: a world-wide
+    synchronisation per step that ties every rank to the slowest one and, when a rank hangs, blocks for the
+    whole process-group timeout. Here each rank stops on its own SIGTERM; its neighbours then stop with an
+    error naming it.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+
+    def check_local_sigterm() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException()
+
+    epoch_loop._broadcast_sigterm_tensor = check_local_sigterm
+
+
+def stop_launched_ranks(launcher: object, grace_seconds: float) -> None:
+    """Kill the ranks a popen launcher started on this node, after letting them report their own errors.
+
+    Lightning leaves the processes it launched running when the launching rank fails; with gossip, a hung
+    neighbour (the usual cause of a ``PeerTimeoutError``) would then never exit.
+    """
+    if not isinstance(launcher, _SubprocessScriptLauncher) or not getattr(launcher, "procs", None):
+        return
+    deadline = time.monotonic() + grace_seconds
+    for proc in launcher.procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    launcher.kill(signal.SIGKILL)
+
 
 __all__ = [
     "TESTED_LIGHTNING",
     "UnsupportedLightningError",
-    "_SubprocessScriptLauncher",
     "_all_gather_ddp_if_available",
     "_optimizers_to_device",
     "_sync_ddp_if_available",
+    "current_hook",
+    "loggers_write_this_step",
+    "make_sigterm_check_local",
+    "stop_launched_ranks",
+    "trainer_of",
 ]

@@ -6,10 +6,14 @@ update a whole bucket with a handful of element-wise kernels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_decent.algorithms import Algorithm, Bucket
+from lightning_decent.comm import Communicator
 
 
 class ParamBucket:
@@ -75,3 +79,48 @@ def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int) -> list[Par
         sizes[key] = sizes.get(key, 0) + size
     buckets.extend(ParamBucket(group) for group in open_groups.values() if group)
     return buckets
+
+
+def bucket_optimizers(
+    optimizers: Iterable[torch.optim.Optimizer], algorithm: Algorithm, bucket_bytes: int
+) -> dict[torch.optim.Optimizer, tuple[list[ParamBucket], list[Bucket]]]:
+    """Each optimizer's parameters packed into flat buckets (a parameter shared by two optimizers belongs to
+    the first), with the algorithm's per-bucket state initialised."""
+    packed: dict[torch.optim.Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
+    seen: set[int] = set()
+    for optimizer in optimizers:
+        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        algorithm.check_optimizer(optimizer)
+        param_buckets = build_buckets(params, bucket_bytes) if params else []
+        algo_buckets = []
+        for pb in param_buckets:
+            if algorithm.transforms_gradients:
+                pb.enable_flat_grad()
+            bucket = Bucket(pb.flat, pb.grad)
+            algorithm.init_state(bucket)
+            algo_buckets.append(bucket)
+        packed[optimizer] = (param_buckets, algo_buckets)
+    return packed
+
+
+def with_gradient_transform(
+    closure: Callable[[], Any],
+    algorithm: Algorithm,
+    comm: Communicator,
+    param_buckets: list[ParamBucket],
+    buckets: list[Bucket],
+    step: int,
+) -> Callable[[], Any]:
+    """``closure`` (forward, backward) followed by the algorithm's gradient transform on the flat gradients."""
+
+    def run() -> Any:
+        output = closure()
+        for pb in param_buckets:
+            pb.gather_grads()
+        algorithm.transform_gradients(buckets, comm, step)
+        for pb in param_buckets:
+            pb.scatter_grads()
+        return output
+
+    return run

@@ -23,9 +23,6 @@ the average to a hidden temporary file; once every shard and ``meta.json`` are c
 is renamed into place and then the file. A crash at any point leaves either the previous checkpoint
 or hidden leftovers, which the next successful save in that directory removes; a shard directory
 whose token differs from its file's (a crash between the two renames) is refused on resume.
-
-Format ``lightning-decent/sharded-v1`` (a directory ``<name>.ckpt/`` with the rank files,
-``average.ckpt`` and ``meta.json``) is still read.
 """
 
 from __future__ import annotations
@@ -41,10 +38,8 @@ from typing import Any
 import torch
 
 META_FILE = "meta.json"
-AVERAGE_FILE = "average.ckpt"  # format v1 only: the average inside the directory
 SHARDS_SUFFIX = ".shards"
 FORMAT = "lightning-decent/sharded-v2"
-FORMAT_V1 = "lightning-decent/sharded-v1"
 #: Key of the record in the top-level file that names its shard directory.
 RECORD_KEY = "decentralized_shards"
 _STAGING_MARK = ".incomplete-"
@@ -62,7 +57,7 @@ def shard_dir(path: str | os.PathLike) -> Path:
 
 
 def file_of_shard_dir(directory: Path) -> Path:
-    """The checkpoint file a v2 shard directory belongs to."""
+    """The checkpoint file a shard directory belongs to."""
     return directory.parent / directory.name[: -len(SHARDS_SUFFIX)]
 
 
@@ -123,10 +118,6 @@ def shard_problems(shards: Path, found: dict[str, Any], world_size: int, fingerp
         )
     differences = meta.incompatibilities(world_size, fingerprint, algorithm)
     return problems + ([f"it was saved with {', '.join(differences)}"] if differences else [])
-
-
-def is_v1_directory(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / AVERAGE_FILE).exists()
 
 
 def staging_path(final: Path, token: str) -> Path:
@@ -195,10 +186,8 @@ def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
         raise ValueError(f"{damaged}: it is not valid JSON ({err}). Resume from an earlier checkpoint.") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{damaged}: expected a JSON object, found {type(raw).__name__}.")
-    if raw.get("format") not in (FORMAT, FORMAT_V1):
-        raise ValueError(
-            f"{meta_path} has format {raw.get('format')!r}; this version reads {FORMAT!r} and {FORMAT_V1!r}."
-        )
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} has format {raw.get('format')!r}; this version reads {FORMAT!r}.")
     known = {f.name for f in fields(CheckpointMeta)}
     unknown, missing = (
         sorted(set(raw) - known),

@@ -22,9 +22,20 @@ batch (-1 for an empty step), last real step (0/1), real steps taken this epoch,
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
 from lightning_decent.comm.headers import RoundHeaders
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_decent.algorithms import Algorithm, Bucket
+    from lightning_decent.comm import Communicator
+    from lightning_decent.comm.collectives import BoundedCollectives
 
 
 class StepMismatchError(RuntimeError):
@@ -48,6 +59,10 @@ class EpochAgreement(RoundHeaders):
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the epoch (a new ``fit``/``validate`` call starts with an epoch start)."""
         self.epoch = -1
         self.lengths: list[int | None] = []
         self.gossip_step = 0
@@ -116,3 +131,81 @@ class EpochAgreement(RoundHeaders):
                 f"known in advance (an IterableDataset or manual optimization), so they cannot be evened out. "
                 f"Give every rank the same number of batches, or a sized data loader."
             )
+
+
+class EpochAlignment:
+    """The strategy's side of uneven inputs: epoch lengths, the step's place in its epoch, empty steps.
+
+    The strategy calls :meth:`gather_lengths` when ``fit`` starts, :meth:`start_epoch_if_new` before every
+    training batch, :meth:`begin_real_step` before a real step's gossip and :meth:`end_real_step` after it;
+    the round headers it writes and checks are :attr:`agreement`'s.
+
+    Args:
+        rank: this rank.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.agreement = EpochAgreement(rank)
+        self.lengths: list[int | None] = []
+
+    def gather_lengths(self, trainer: pl.Trainer, collectives: BoundedCollectives) -> None:
+        """Every rank's number of optimizer steps per epoch (``None``: not known in advance), one bounded
+        all-gather."""
+        batches = trainer.num_training_batches
+        known = trainer.lightning_module.automatic_optimization and math.isfinite(batches)
+        length = math.ceil(batches / trainer.accumulate_grad_batches) if known else None
+        if collectives.world_size == 1:
+            self.lengths = [length]
+        else:
+            self.lengths = collectives.all_gather_object(length, "exchange of epoch lengths (uneven inputs)")
+
+    def start_epoch_if_new(self, trainer: pl.Trainer, collectives: BoundedCollectives) -> None:
+        if self.agreement.epoch == trainer.current_epoch:
+            return
+        if trainer.reload_dataloaders_every_n_epochs and self.agreement.epoch >= 0:  # lengths may change
+            self.gather_lengths(trainer, collectives)
+        steps_done = (batch_in_epoch(trainer) - 1) // trainer.accumulate_grad_batches  # > 0 in a resumed epoch
+        self.agreement.start_epoch(trainer.current_epoch, self.lengths, steps_done)
+
+    def begin_real_step(self, trainer: pl.Trainer | None, gossip_step: int) -> bool:
+        """Before a real step's gossip; returns whether it is this rank's last real step of the epoch."""
+        last_real = epoch_ends_after_this_batch(trainer)
+        self.agreement.begin_step(gossip_step, real=True, last_real=last_real, batch=batch_in_epoch(trainer))
+        return last_real
+
+    def end_real_step(self, last_real: bool, gossip_step: int, empty_step: Callable[[int], None]) -> int:
+        """After a real step (``gossip_step`` counts it already): if it was this rank's last of the epoch,
+        run ``empty_step(k)`` until every rank has ended the epoch; returns the gossip step after them."""
+        self.agreement.end_step(real=True)
+        while last_real and self.agreement.wants_empty_step():
+            self.agreement.begin_step(gossip_step, real=False)
+            empty_step(gossip_step)
+            gossip_step += 1
+            self.agreement.end_step(real=False)
+        return gossip_step
+
+
+def batch_in_epoch(trainer: pl.Trainer | None) -> int:
+    """The current training batch, counted from 1 in its epoch (-1 outside ``fit``)."""
+    if trainer is None or not trainer.training:
+        return -1
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def epoch_ends_after_this_batch(trainer: pl.Trainer | None) -> bool:
+    if trainer is None or not trainer.training:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+
+
+@torch.no_grad()
+def empty_step(algorithm: Algorithm, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+    """The algorithm's step with a zero local gradient and no optimizer update (D-SGD: gossip only)."""
+    algorithm.before_step(buckets, comm, step)
+    if algorithm.transforms_gradients:
+        for bucket in buckets:
+            assert bucket.grads is not None
+            bucket.grads.zero_()
+        algorithm.transform_gradients(buckets, comm, step)
+    algorithm.after_step(buckets, comm, step)

@@ -197,26 +197,6 @@ def test_a_damaged_meta_json_gets_a_clear_error(saved: Path, tmp_path: Path, con
         make_trainer(tmp_path, 3).fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=copy)
 
 
-def test_a_format_v1_directory_still_resumes_and_evaluates(saved: Path, tmp_path: Path) -> None:
-    # v1: <name>.ckpt/ holding rank_0.ckpt, average.ckpt and meta.json (format sharded-v1, no hashes).
-    v1 = tmp_path / "old.ckpt"
-    v1.mkdir()
-    shards = saved / "epoch=1-step=8.ckpt.shards"
-    shutil.copy(shards / "rank_0.ckpt", v1 / "rank_0.ckpt")
-    top = torch.load(saved / "epoch=1-step=8.ckpt", weights_only=True)
-    torch.save(
-        {k: top[k] for k in ("epoch", "global_step", "state_dict", "pytorch-lightning_version")}, v1 / "average.ckpt"
-    )
-    meta = json.loads((shards / "meta.json").read_text())
-    meta.update(format="lightning-decent/sharded-v1", file_sha256={}, token="")
-    meta["file_sizes"] = {p.name: p.stat().st_size for p in v1.iterdir()}
-    (v1 / "meta.json").write_text(json.dumps(meta))
-    trainer = make_trainer(tmp_path, 3)
-    trainer.fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=v1)
-    assert trainer.global_step == trainer.strategy.gossip_step == 12
-    trainer.validate(DigitsClassifier(), DigitsDataModule(), ckpt_path=v1, verbose=False)
-
-
 def test_resuming_with_another_configuration_is_refused_by_default(saved: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, 3, algorithm="dsgd")
     meta_path = saved / "last.ckpt.shards" / "meta.json"

@@ -13,7 +13,7 @@ from mp_launch import run_gloo_world
 
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator
 from lightning_decent.comm.base import MeanPerStep
-from lightning_decent.strategy import network_average
+from lightning_decent.evaluation import network_average
 from lightning_decent.topology import get_topology
 
 N = 4

@@ -13,6 +13,7 @@ from mp_launch import run_gloo_world
 
 from lightning_decent.algorithms import Bucket, ErrorFeedback, allocate_residuals, get_algorithm
 from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL
+from lightning_decent.assembly import refuse_compression_unsupported_by
 from lightning_decent.comm import (
     AllReduceCommunicator,
     HierarchicalCommunicator,
@@ -21,7 +22,6 @@ from lightning_decent.comm import (
     get_compressor,
 )
 from lightning_decent.comm.compressed_collectives import shard_length
-from lightning_decent.strategy import refuse_compression_unsupported_by
 from lightning_decent.topology import get_topology
 
 N, DIM, STEPS = 4, 300, 3

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightning_decent import DecentralizedStrategy
+from lightning_decent.evaluation import average_state_dict
 from lightning_decent.sim import Problem, get_problem, network_average, simulate
 from lightning_decent.topology import hierarchical
 
@@ -177,7 +178,8 @@ def run(out: Path, devices: int, only: str | None = None) -> None:
             problem, algorithm, topology, steps=STEPS, lr=LR, momentum=momentum, eval_every=STEPS, **options
         )
         rank = trainer.global_rank
-        evaluated = strategy._average_state_dict({"x": model.x.detach()})["x"]  # what evaluation and average.ckpt see
+        # what evaluation and average.ckpt see
+        evaluated = average_state_dict({"x": model.x.detach()}, strategy._average_weight(), strategy.collectives)["x"]
         expected_average = network_average(simulated.params, simulated.push_weights)
         results[case] = {
             "communicator": type(strategy.communicator).__name__,

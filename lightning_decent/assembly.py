@@ -1,0 +1,168 @@
+"""From the strategy's options to the objects a run uses: the algorithm, the topology and the communicator.
+
+Each builder is a plain function of the options (testable without a Trainer) that fails with an error
+naming the fix: :func:`build_algorithm` at construction, before any process starts; :func:`build_topology`
+once the world size is known; :func:`build_communicator` once the process group exists.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from lightning_decent.algorithms import DDP, Algorithm, all_reduce_baseline, get_algorithm
+from lightning_decent.comm import (
+    COMMUNICATORS,
+    AllReduceCommunicator,
+    Communicator,
+    Compressor,
+    HierarchicalCommunicator,
+    P2PCommunicator,
+    get_compressor,
+)
+from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.headers import RoundHeaders
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
+from lightning_decent.topology.graphs import topology_options
+
+
+def check_strategy_options(eval_model: str, final_model: str, bucket_size_mb: float, log_consensus_every: int) -> None:
+    """Refuse, at construction, strategy options out of their range, naming the valid values."""
+    for name, value in (("eval_model", eval_model), ("final_model", final_model)):
+        if value not in ("average", "local"):
+            raise ValueError(f"{name}={value!r} is not one of 'average', 'local'.")
+    if bucket_size_mb <= 0:
+        raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
+    if log_consensus_every < 0:
+        raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
+
+
+def positive_timeout(name: str, seconds: float) -> timedelta:
+    """``seconds`` as a timeout, refusing what is not a positive number."""
+    if not seconds > 0:
+        raise ValueError(
+            f"{name} must be a positive number of seconds, got {seconds!r}; it bounds every wait for "
+            f"another rank (e.g. {name}=60)."
+        )
+    return timedelta(seconds=seconds)
+
+
+def check_ranks_agree(collectives: BoundedCollectives, topology: Topology, algorithm: str, communicator: str) -> None:
+    """Every rank must gossip on the same graph with the same algorithm (one fingerprint exchange)."""
+    if collectives.world_size == 1:
+        return
+    mine = (topology.fingerprint(), algorithm, communicator)
+    everyone = collectives.all_gather_object(mine, "set-up check of topology/algorithm/communicator")
+    differing = [r for r, theirs in enumerate(everyone) if theirs != mine]
+    if differing:
+        raise RuntimeError(
+            f"rank {collectives.rank}: ranks {differing} use a different topology/algorithm/communicator "
+            f"({everyone[differing[0]]} vs {mine}). Launch every rank with the same configuration."
+        )
+
+
+def check_communicator(name: str) -> None:
+    if name not in COMMUNICATORS:
+        raise ValueError(f"communicator={name!r} is not one of {', '.join(map(repr, COMMUNICATORS))}.")
+
+
+def build_algorithm(
+    algorithm: str | Algorithm,
+    options: dict[str, Any] | None = None,
+    *,
+    compression: str | Compressor | None = None,
+    compression_options: dict[str, Any] | None = None,
+    overlap: bool = False,
+    communicator: str = "p2p",
+    check_finite: bool = True,
+) -> Algorithm:
+    """The algorithm a run executes: built by name with ``options``, given its compressor, switched to its
+    overlapped form, and, with ``communicator="allreduce"``, turned into its exact-averaging baseline
+    (D-SGD becomes :class:`~lightning_decent.algorithms.DDP`)."""
+    check_communicator(communicator)
+    built = get_algorithm(algorithm, **(options or {}))
+    if compression is not None or compression_options:
+        if compression is None:
+            raise ValueError(f"compression_options={compression_options!r} need compression=... (e.g. 'int8', 'topk').")
+        built.use_compression(get_compressor(compression, **(compression_options or {})))
+    if overlap:
+        if communicator != "p2p":
+            raise ValueError(
+                f"overlap=True overlaps the neighbour exchange of communicator='p2p'; communicator={communicator!r} "
+                f"has no background transfer. Use communicator='p2p', or overlap=False."
+            )
+        built.enable_overlap()
+    if communicator == "allreduce":
+        built = all_reduce_baseline(built)
+    if isinstance(built, DDP):
+        built.check_finite = check_finite
+    return built
+
+
+def check_topology_options(name: str | Topology, options: dict[str, Any]) -> None:
+    """Fail at construction, before any process starts, on an unknown topology name or option (a built
+    topology is taken as it is)."""
+    if isinstance(name, Topology):
+        return
+    accepted = topology_options(name)  # raises for an unknown name, listing the valid ones
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"topology {name!r} does not take option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}."
+        )
+
+
+def build_topology(
+    spec: str | Topology, world_size: int, options: dict[str, Any], algorithm: Algorithm, ranks_per_machine: int
+) -> Topology:
+    """The graph ``algorithm`` gossips on for ``world_size`` ranks. A two-level topology's ``local_world_size``
+    defaults to ``ranks_per_machine`` (the ranks the launcher runs on each machine)."""
+    if world_size == 1:
+        return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
+    options = dict(options)
+    two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
+    if two_level and not options.get("local_world_size"):
+        options["local_world_size"] = ranks_per_machine
+    return algorithm.prepare_topology(get_topology(spec, world_size, **options))
+
+
+def refuse_compression_unsupported_by(algorithm: Algorithm, communicator: type[Communicator]) -> None:
+    """Refuse, before training starts, an algorithm that sends compressed payloads through a communicator
+    that cannot (rather than failing at its first synchronisation, possibly ``H`` steps later)."""
+    if algorithm.sends_compressed and not communicator.sends_compressed:
+        raise ValueError(
+            f"algorithm={algorithm.name!r} sends compressed payloads, which {communicator.__name__} cannot "
+            f"(hierarchical topologies average exactly inside a machine); use a flat topology with the 'p2p' or "
+            f"'allreduce' communicator, or drop compression."
+        )
+
+
+def build_communicator(
+    name: str,
+    topology: Topology,
+    rank: int,
+    algorithm: Algorithm,
+    *,
+    gossip_timeout: timedelta,
+    check_finite: bool,
+    collectives: BoundedCollectives,
+    headers: RoundHeaders,
+) -> Communicator:
+    """The communicator ``name`` for ``topology``: ``"allreduce"`` averages exactly; ``"p2p"`` sends to the
+    neighbours, through :class:`~lightning_decent.comm.HierarchicalCommunicator` on a two-level topology
+    (machine average, then ``1/L`` of the model per rank between machines). Point-to-point rounds carry
+    ``headers`` (uneven inputs, steps out of line) when the algorithm gossips every step."""
+    check_communicator(name)
+    if name == "allreduce":
+        return AllReduceCommunicator(topology, rank=rank, check_finite=check_finite, collectives=collectives)
+    if isinstance(topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
+        refuse_compression_unsupported_by(algorithm, HierarchicalCommunicator)
+        return HierarchicalCommunicator(topology, rank, timeout=gossip_timeout, check_finite=check_finite)
+    communicator = P2PCommunicator(
+        topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
+    )
+    if algorithm.rounds_per_step > 0:
+        communicator.headers = headers
+    return communicator

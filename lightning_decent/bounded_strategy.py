@@ -1,0 +1,73 @@
+"""``BoundedDDPStrategy``: Lightning's DDP process management with every world-wide collective bounded.
+
+Lightning's barriers, broadcasts, ``sync_dist`` reductions and ``all_gather`` wait as long as the process
+group's timeout (30 minutes by default) and, when a rank is lost, fail without naming it. Here they run
+through :class:`~lightning_decent.comm.collectives.BoundedCollectives` once the process group exists: each
+ends within ``2 x collective_timeout`` and names the ranks that are missing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+from lightning_decent._lightning_private import _all_gather_ddp_if_available, _sync_ddp_if_available
+from lightning_decent.comm.collectives import BoundedCollectives
+
+
+class BoundedDDPStrategy(DDPStrategy):
+    """A ``DDPStrategy`` whose collectives are bounded by :attr:`collective_timeout` (set by the subclass)."""
+
+    collective_timeout: timedelta = timedelta(seconds=300)
+    _collectives: BoundedCollectives | None = None
+
+    @property
+    def collectives(self) -> BoundedCollectives:
+        """The bounded world-wide collectives (built by :meth:`setup_environment`)."""
+        if self._collectives is None:
+            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
+        return self._collectives
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
+
+    @override
+    def teardown(self) -> None:
+        if self._collectives is not None:
+            self._collectives.close()
+            self._collectives = None
+        super().teardown()
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if self._collectives is None:
+            return super().barrier(name)
+        self._collectives.barrier(f"barrier {name!r}" if name else "barrier")
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._collectives is None:
+            return super().broadcast(obj, src)
+        return self._collectives.broadcast_object(obj, src, f"broadcast from rank {src}")
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if self._collectives is None or group is not None or not isinstance(tensor, torch.Tensor):
+            return super().reduce(tensor, group, reduce_op)
+        group = self._collectives.group
+        return self._collectives.run(
+            "metric reduction (sync_dist, ModelCheckpoint)", lambda: _sync_ddp_if_available(tensor, group, reduce_op)
+        )
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if self._collectives is None or group is not None:
+            return super().all_gather(tensor, group, sync_grads)
+        group = self._collectives.group
+        return self._collectives.run("all_gather", lambda: _all_gather_ddp_if_available(tensor, group, sync_grads))
