@@ -13,6 +13,13 @@ The strategy calls, for every optimizer step ``k``::
     optimizer.step()                                # the user's local update (clipping, AMP, LR ...)
     algorithm.observe_loss(loss)                    # this node's training loss (used by adaptive modifiers)
     algorithm.after_step(buckets, comm, k)          # gossip: x^{k+1} from the neighbours
+
+and, in an elastic run, when the member set changes between two steps (see :meth:`Algorithm.cancel_pending`
+and :meth:`Algorithm.change_membership`; the simulator runs the same two calls)::
+
+    algorithm.cancel_pending(buckets)               # survivors, with the old communicator's transfers aborted
+    (a joiner loads its source's parameters, optimizer state, state_dict and bucket_state_dict)
+    algorithm.change_membership(buckets, comm, k, joined)  # every member, on the new communicator
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ class Algorithm(ABC):
         transforms_gradients: the algorithm rewrites the gradient before the optimizer step.
         sends_compressed: its messages go through the communicator's ``*_compressed`` methods.
 
+        membership_rule: what :meth:`change_membership` does, in one line (docs/elastic.md).
+
     ``overlap`` is True once :meth:`enable_overlap` switched an algorithm to its overlapped form, in
     which the exchange started in ``after_step`` of step ``k`` runs during the forward and backward
     of step ``k + 1``; such an algorithm may have rounds in flight between steps (see
@@ -94,6 +103,7 @@ class Algorithm(ABC):
     transforms_gradients: ClassVar[bool] = False
     sends_compressed: bool = False
     overlap: bool = False
+    membership_rule: ClassVar[str]
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         """Check that the graph suits the algorithm; return the graph to gossip on.
@@ -175,6 +185,32 @@ class Algorithm(ABC):
     def finish_pending(self, buckets: list[Bucket]) -> None:  # noqa: B027
         """Complete and apply the rounds in flight for ``buckets`` (end of training); the next
         ``before_step`` starts afresh."""
+
+    def cancel_pending(self, buckets: list[Bucket]) -> None:  # noqa: B027
+        """Drop every exchange in flight without applying it (a member of it is gone): parameters and state
+        stay as they were before it started (overlapped D-SGD, streaming local-steps fragments, asynchronous
+        global averages). Never waits on a transfer: the strategy aborts the old communicator's transfers
+        before calling it. Call it before a survivor hands its state to a joiner. Blocking algorithms have
+        nothing in flight between steps."""
+
+    def change_membership(  # noqa: B027
+        self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor
+    ) -> None:
+        """Restore this algorithm's invariants after the member set changed (:attr:`membership_rule`).
+
+        Called on every member (survivors and joiners), in the same bucket order, once the new communicator
+        and topology for the new ``n`` are in place and a joiner has loaded the state of the member that
+        handed it over (parameters, optimizer state, :meth:`state_dict`, :meth:`bucket_state_dict`). It uses
+        element-wise operations on this node's state and the communicator only (some rules run one gossip
+        round or one global average, so every member must call it), which the simulator runs unchanged.
+
+        Args:
+            buckets: this node's buckets (stacked ``[n', m]`` in the simulator).
+            comm: the communicator of the new member set.
+            step: the optimizer step that comes next (the ``k`` of the next :meth:`before_step`).
+            joined: per-node boolean, shaped ``bucket.params.shape[:-1] + (1,)`` (``[1]`` on a rank,
+                ``[n', 1]`` in the simulator): the members that just joined.
+        """
 
     def average_weight(self, buckets: list[Bucket]) -> float:
         """This rank's weight ``w_i`` in the network average ``(1/n) sum_i w_i x_i`` that evaluation and

@@ -70,6 +70,18 @@ class Choco(Algorithm):
     at every step, which a graph whose neighbours change (one-peer exponential) breaks; such graphs,
     the modifiers (global averaging, gossip rounds) and ``overlap`` are refused.
 
+    Membership change: ``s_i = sum_j w_ij x_hat_j`` holds for the old graph only (new neighbours never
+    received this node's ``q``'s, a lost one's copy is gone, the weights change with ``n``). The members
+    refresh their public copies to their models and rebuild the sums on the new graph with one
+    uncompressed gossip round (what a D-SGD step sends)::
+
+        x_hat_i <- x_i,   s_i <- sum_j W'[i, j] x_j
+
+    after which ``s_i = sum_j w'_ij x_hat_j`` holds exactly and the compression error left in the copies is
+    zero (a joiner's copy is its own model, like everyone's). Restarting from ``x_hat = s = 0``, as at the
+    start, also keeps the invariant but re-sends the whole model through the compressor, which takes
+    about ``1/fraction`` rounds with top-k.
+
     Args:
         compression: a compressor name (:data:`~lightning_decent.comm.COMPRESSORS`) or a built
             :class:`~lightning_decent.comm.Compressor`; ``DecentralizedStrategy(compression=...)`` sets it.
@@ -78,6 +90,10 @@ class Choco(Algorithm):
     """
 
     extra_memory = 2.0
+    membership_rule = (
+        "public copies refreshed to the models and neighbour sums rebuilt on the new graph by one uncompressed "
+        "round: x_hat_i = x_i, s_i = sum_j w'_ij x_j"
+    )
 
     def __init__(
         self,
@@ -133,3 +149,10 @@ class Choco(Algorithm):
                 public.neg_().add_(bucket.params)  # x_hat_i = x^{t+1/2} - r_i
                 neighbour_sum.add_(mixed)
                 bucket.params.add_(torch.sub(neighbour_sum, public, out=mixed), alpha=self.gamma)
+
+    @torch.no_grad()
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        for bucket in buckets:
+            bucket.state[PUBLIC].copy_(bucket.params)
+            bucket.state[NEIGHBOUR_SUM].copy_(bucket.params)
+        comm.mix([bucket.state[NEIGHBOUR_SUM] for bucket in buckets], step)

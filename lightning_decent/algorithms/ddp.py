@@ -34,9 +34,13 @@ class DDP(Algorithm):
 
     Communication: 0 rounds x 0 buffers of gossip per step; one all-reduce of the gradients instead.
     Extra memory: none (plus the flat gradient buffers).
+
+    Membership change: nothing to restore. The replicas are identical, a joiner copies one of them (with
+    its optimizer state), and the next all-reduce averages over the ``n'`` members.
     """
 
     name = "ddp"
+    membership_rule = "nothing to restore: the replicas are identical, a joiner copies one; the all-reduce is over n'"
     rounds_per_step = 0
     buffers_per_round = 0
     transforms_gradients = True

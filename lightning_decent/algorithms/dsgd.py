@@ -36,11 +36,21 @@ class DSGD(Algorithm):
     decay and schedulers as without gossip), and a bucket's next exchange starts while later buckets
     are still arriving. Same messages per step; extra memory: one model (the snapshot).
 
+    Membership change: D-SGD keeps no state beyond the models, so members keep ``x_i`` (a joiner the
+    ``x`` and optimizer state of the member that handed it over) and the next round mixes with the new
+    graph's ``W'``. In the overlapped form the round in flight (``x^k``, started after step ``k - 1``) is
+    dropped and ``x^k``, which the cancellation left untouched, is sent again on the new graph by the
+    next ``before_step``: no round is lost.
+
     Args:
         overlap: use the overlapped form (``DecentralizedStrategy(overlap=True)`` sets it).
     """
 
     name = "dsgd"
+    membership_rule = (
+        "nothing to restore: members keep x_i (a joiner its source's x and optimizer state); an overlapped round "
+        "in flight is dropped and x^k is sent again on the new graph"
+    )
 
     def __init__(self, overlap: bool = False) -> None:
         self._pending: dict[int, PendingMix | None] = {}  # id(bucket) -> its round in flight (None: silent step)
@@ -101,3 +111,7 @@ class DSGD(Algorithm):
         for bucket in buckets:
             if id(bucket) in self._pending:
                 self._apply(bucket)
+
+    def cancel_pending(self, buckets: list[Bucket]) -> None:
+        for bucket in buckets:
+            self._pending.pop(id(bucket), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.algorithms.membership import remove_mean
 from lightning_decent.comm import Communicator
 from lightning_decent.topology import Topology, lambda_min, lazy
 
@@ -35,12 +36,26 @@ class ExactDiffusion(Algorithm):
 
     Communication: 1 round x 1 buffer per step. Extra memory: 1 model (``c``).
 
+    Membership change: summing the update over the nodes (``Wbar`` doubly stochastic) gives
+    ``sum_i c_i^{k+1} = sum_i c_i^k``, so ``sum_i c_i = 0`` for ever from ``c^0 = 0``; it is what makes the
+    network mean follow the local steps, ``xbar^{k+1} = xbar^k - lr dbar^k`` (in the primal-dual view of
+    Yuan et al., the dual variable stays in the range of ``I - Wbar``, orthogonal to the consensus vector).
+    After a loss, the survivors' ``c_i`` no longer sum to zero, and every later step would shift the mean
+    by ``(1/n') sum_i c_i``: a drift that grows linearly. One global average restores it::
+
+        c_i <- c_i - (1/n') sum_j c_j
+
+    keeping each member's bias correction relative to the others (a joiner starts with its source's ``c``).
+    Setting ``c = 0`` (the first step a D-SGD step, as at the start) would also do, but forgets the
+    correction the survivors built.
+
     Args:
         lazy_mixing: gossip with ``(W + I)/2`` instead of W.
     """
 
     name = "exact_diffusion"
     extra_memory = 1.0
+    membership_rule = "the corrections' mean removed by one global average, c_i -= (1/n') sum_j c_j: sum c = 0 again"
 
     def __init__(self, lazy_mixing: bool = True) -> None:
         self.lazy_mixing = lazy_mixing
@@ -88,3 +103,6 @@ class ExactDiffusion(Algorithm):
         for b in buckets:
             correction = b.state["correction"]
             torch.sub(b.params, correction, out=correction)  # x^{k+1} - psi^{k+1}
+
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        remove_mean([b.state["correction"] for b in buckets], comm)

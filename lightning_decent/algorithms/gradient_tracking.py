@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_decent.algorithms.base import Algorithm, Bucket
+from lightning_decent.algorithms.membership import restore_sum
 from lightning_decent.comm import Communicator
 
 
@@ -32,9 +33,23 @@ class GradientTracking(Algorithm):
 
     Communication: 1 round x 2 buffers (parameters, tracker) per step. Extra memory: 2 models
     (tracker ``z``/``y`` and the previous gradient).
+
+    Membership change: between steps the tracker ``z_i`` and the previous gradient ``g_i^prev`` satisfy
+    ``sum_i z_i = sum_i g_i^prev`` (DIGing's invariant, from ``y^0 = g^0``; mixing with a doubly stochastic
+    ``W`` keeps it). A lost node takes its share of both sums with it, and a joiner copies its source's,
+    so the survivors' sums differ by an amount no survivor knows. One global average over the new
+    members restores it exactly::
+
+        z_i <- z_i + (1/n') sum_j (g_j^prev - z_j)           (every member adds the same correction)
+
+    after which ``sum_i z_i = sum_i g_i^prev`` over the ``n'`` members. The correction is common to all,
+    so what the trackers learned (their common part, the network-average gradient) is kept: at
+    consensus ``z_i = gbar_old`` becomes ``gbar_new``, the new members' average gradient. (Restarting
+    with ``z_i = g_i^prev``, as at step 0, also restores the invariant but throws the tracking away.)
     """
 
     name = "gradient_tracking"
+    membership_rule = "trackers shifted by one global average, z_i += (1/n') sum_j (g_j^prev - z_j): sum z = sum g^prev"
     buffers_per_round = 2
     extra_memory = 2.0
     transforms_gradients = True
@@ -55,3 +70,6 @@ class GradientTracking(Algorithm):
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
         comm.mix([t for b in buckets for t in (b.params, b.state["tracker"])], step)
+
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        restore_sum([b.state["tracker"] for b in buckets], [b.state["previous_grad"] for b in buckets], comm)

@@ -55,6 +55,22 @@ class GUT(Algorithm):
     changes). Extra memory: 3 models (``x^{t-1}``, ``M^{t-1}``, ``D^{t-1}``), plus 1 for the momentum
     when ``beta > 0``, plus 1 model of workspace.
 
+    Membership change: summed over the nodes (doubly stochastic ``W``), ``sum_i G_i = 0`` and
+    ``sum_i a_i^t = sum_i (x_i^t - x_i^{t-1})``, so the tracked update satisfies
+    ``sum_i Y_i^t = sum_i D_i^t + mu sum_i (B_i^{t-1} - D_i^{t-1})``: the network mean follows the same
+    recursion as one node would. A lost node breaks both sums: its share of the last gossip
+    (``sum_{i != l} G_i^{t-1} = -G_l^{t-1}``) and of the last updates is gone, and ``M^{t-1} = W x^{t-1}``
+    was formed with the old ``W`` (the static-graph form needs ``M^t - M^{t-1} = W'(x^t - x^{t-1})``). The
+    tracking memory is one step deep, so it restarts from the current models, as at ``t = 0``, on the new
+    graph (one gossip round, with the operator the next step mixes with)::
+
+        x_i^{t-1} <- x_i^t,   M_i^{t-1} <- sum_j W'[i, j] x_j^t,   D_i^{t-1} <- b (x_i^t - M_i^{t-1})
+
+    Then ``sum_i G_i^{t-1} = 0`` and ``sum_i D_i^{t-1} = 0`` over the new members, and the next step has
+    ``a_i^t + D_i^{t-1} = 0``: its tracked update is ``Y^t = D^t`` (a D-SGD step at the gossiped model, GUT's
+    own first step), on either form (static or time-varying mixing). The momentum ``B_i``, which carries
+    no network invariant, is kept (a joiner takes its source's), as QG-DSGDm keeps its own.
+
     Args:
         mu: scaling factor of the tracking correction (the authors' README: 0.9 for GUT).
         beta: quasi-global momentum factor (0 for GUT).
@@ -62,6 +78,10 @@ class GUT(Algorithm):
 
     name = "gut"
     extra_memory = 3.0
+    membership_rule = (
+        "tracking restarts from the current models on the new graph (one gossip round): x^{t-1} = x, M^{t-1} = W'x, "
+        "D^{t-1} = b (x - M^{t-1}); momentum B kept"
+    )
 
     def __init__(self, mu: float = 0.9, beta: float = 0.0) -> None:
         if not 0.0 <= mu < 1.0:
@@ -141,6 +161,16 @@ class GUT(Algorithm):
             if self.beta > 0:
                 y = b.state["momentum"].mul_(self.beta).add_(y)  # B^t
             torch.sub(x, y, out=b.params)  # x^{t+1}
+
+    @torch.no_grad()
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        for b in buckets:
+            b.state["previous_params"].copy_(b.params)
+            b.state["previous_mixed"].copy_(b.params)
+        comm.mix([b.state["previous_mixed"] for b in buckets], step)  # M^{t-1} = W' x^t, what before_step will mix
+        for b in buckets:
+            previous = b.state["previous_update"]
+            torch.sub(b.params, b.state["previous_mixed"], out=previous).mul_(1.0 + self.beta)
 
 
 class QGGUT(GUT):

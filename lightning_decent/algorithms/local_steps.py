@@ -232,8 +232,12 @@ class LocalSteps(Algorithm):
                 pending.finish(index)
             bucket.state[IN_FLIGHT][fragment] = -1
         region = self._region(bucket, fragment)
-        model, anchor = bucket.params[region], bucket.state[ANCHOR][region]
+        anchor = bucket.state[ANCHOR][region]
         self._apply(bucket, fragment, anchor, self._exchange_buffer(bucket)[region])
+        self._merge(bucket.params[region], anchor, fragment)
+
+    def _merge(self, model: torch.Tensor, anchor: torch.Tensor, fragment: int | None) -> None:
+        """``x <- alpha x + (1 - alpha) a`` after a synchronisation (``x <- a`` for ``alpha = 0`` and warm-up)."""
         if fragment is None or self.mix == 0.0:
             model.copy_(anchor)
         else:
@@ -289,6 +293,33 @@ class LocalSteps(Algorithm):
             for fragment in range(self.schedule.fragments):
                 if int(bucket.state[IN_FLIGHT][fragment]) >= 0:
                     self._finish(bucket, fragment)
+
+    # ---- membership changes ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def cancel_pending(self, buckets: list[Bucket]) -> None:
+        """Drop every fragment's exchange in flight (see :meth:`_abandon` for what the fragment keeps)."""
+        for bucket in buckets:
+            in_flight = bucket.state[IN_FLIGHT]
+            for fragment in range(self.schedule.fragments):
+                if int(in_flight[fragment]) >= 0:
+                    self._syncs[bucket].pending.pop(fragment, None)
+                    in_flight[fragment] = -1
+                    self._abandon(bucket, fragment)
+
+    def _abandon(self, bucket: Bucket, fragment: int) -> None:
+        """What a fragment whose exchange was dropped keeps: by default nothing changes (the exchange was
+        prepared from the anchor and the model without writing them), so the model keeps its local
+        progress and the fragment's next synchronisation sends it."""
+
+    @torch.no_grad()
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        """A joiner starts its local steps from its anchor (``x_j <- a_j``); error-feedback residuals restart
+        at zero (the compressed average's shard residual belongs to the old ``n``'s shards)."""
+        for bucket in buckets:
+            bucket.params.copy_(torch.where(joined, bucket.state[ANCHOR], bucket.params))
+            for key in (RESIDUAL, SHARD_RESIDUAL):
+                if key in bucket.state:
+                    bucket.state[key].zero_()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -354,10 +385,24 @@ class DiLoCo(LocalSteps):
     Communication: one model (or fragment) per rank per synchronisation, i.e. ``1/H`` model per step.
     Extra memory: the anchor, the outer optimizer's state (Nesterov: one model) and one model of
     exchange buffer (workspace; persistent with ``delay > 0``).
+
+    Membership change: the anchors and the outer optimizer's state are identical on every member (the
+    same average enters the same optimizer), so they stay as they are and a joiner's copies of its
+    source's are identical too; the next average is over the ``n'`` members. A joiner starts its local
+    steps from the anchor, ``x_j <- a`` (its pseudo-gradient then counts only its own steps). A fragment
+    in flight is dropped (:meth:`cancel_pending`): its exchange touched neither anchor nor model, so the
+    model keeps the fragment's local progress and its next synchronisation, ``H`` steps later, sends it
+    (``Delta_i = a_p - x_{i,p}`` over the longer span). Error-feedback residuals restart at zero (the
+    shard residual of the two-stage average belongs to the old ``n``'s shards; the dropped part is at
+    most one message's compression error).
     """
 
     name = "diloco"
     needs_doubly_stochastic = False
+    membership_rule = (
+        "anchors and outer optimizer state are identical on every member and stay; a joiner starts from the anchor; "
+        "a fragment in flight is dropped (its progress is sent at its next sync); error-feedback residuals restart"
+    )
 
     def _prepare(
         self, bucket: Bucket, fragment: int | None, model: torch.Tensor, anchor: torch.Tensor, buffer: torch.Tensor
@@ -442,10 +487,22 @@ class GASLoC(LocalSteps):
 
     Communication: one model (or fragment) per out-neighbour per synchronisation. Extra memory: as
     :class:`DiLoCo`, plus ``y^prev`` when ``gamma > 0``.
+
+    Membership change: the anchors, outer optimizer states and ``y^prev`` are each member's own, with no
+    network invariant (as D-SGD's models), so they stay (a joiner takes its source's and starts its local
+    steps from that anchor, ``x_j <- a_j``) and the next round mixes with the new graph's ``W'``. A
+    fragment in flight has already taken its outer step (the anchor holds ``y_i``, the optimizer's state
+    moved), which cannot be undone for adaptive optimizers, so :meth:`cancel_pending` completes it with
+    ``W = I`` for that round: ``a_{i,p} <- y_i + gamma (y_i - y_i^prev)``, then the model is merged as
+    after any synchronisation. Error-feedback residuals restart at zero.
     """
 
     name = "gasloc"
     averages = False
+    membership_rule = (
+        "anchors and outer states stay each member's own (a joiner starts from its source's anchor); a fragment "
+        "in flight completes with W = I (its outer step is kept, no neighbours); error-feedback residuals restart"
+    )
 
     def __init__(self, H: int = 16, *, gossip_momentum: float = 0.0, **options: Any) -> None:
         super().__init__(H, **options)
@@ -476,6 +533,14 @@ class GASLoC(LocalSteps):
             buffer.add_(previous, alpha=self.gossip_momentum)
             previous.copy_(anchor)
         anchor.copy_(buffer)
+
+    def _abandon(self, bucket: Bucket, fragment: int) -> None:
+        """Complete the fragment with ``W = I``: the anchor holds ``y_i``, its own outer step."""
+        region = self._region(bucket, fragment)
+        anchor, buffer = bucket.state[ANCHOR][region], self._exchange_buffer(bucket)[region]
+        buffer.copy_(anchor)
+        self._apply(bucket, fragment, anchor, buffer)
+        self._merge(bucket.params[region], anchor, fragment)
 
     def exchange(
         self,

@@ -67,6 +67,13 @@ class Modified(Algorithm):
     Communication: the base's buffers, ``R`` rounds per step (one all-reduce instead at global
     steps). Extra memory: the base's.
 
+    Membership change: the base's rule, run on the communicator the base sees at ``step`` (so a rule that
+    gossips uses the operator the next step mixes with). The global-averaging schedule continues: it
+    counts the global optimizer step, which every member (a joiner through :meth:`state_dict`) shares,
+    and the next exact average is over the ``n'`` members. The adaptive period's loss sums of the
+    unfinished period restart at zero (they were sums over the old members), so its next ``f_l`` is the
+    average over the steps since the change; ``f_0`` and ``H`` are kept.
+
     Args:
         base: the algorithm to modify.
         global_average_every: ``H``, the (initial, if adaptive) number of steps between global averages.
@@ -105,6 +112,11 @@ class Modified(Algorithm):
         self._loss_count = 0
         self._routed: _RoutedCommunicator | None = None
         self._warned_no_loss = False
+
+    @property  # type: ignore[override]
+    def membership_rule(self) -> str:
+        adaptive = "; the adaptive period's loss sums restart" if self.adaptive else ""
+        return f"{self.base.membership_rule}; the global-averaging schedule continues{adaptive}"
 
     # ---- cost (the base's may depend on the graph it was prepared for) -----------------------------
     @property  # type: ignore[override]
@@ -163,6 +175,15 @@ class Modified(Algorithm):
                 self._adapt_period(comm)
             assert self.period is not None
             self.next_global_step = step + self.period
+
+    # ---- membership changes ----------------------------------------------------------------------
+    def cancel_pending(self, buckets: list[Bucket]) -> None:
+        self.base.cancel_pending(buckets)
+
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        self._loss_sum = None
+        self._loss_count = 0
+        self.base.change_membership(buckets, self._route(comm, step), step, joined)
 
     # ---- adaptive period -------------------------------------------------------------------------
     def _adapt_period(self, comm: Communicator) -> None:

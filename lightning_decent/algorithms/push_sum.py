@@ -14,6 +14,7 @@ import math
 import torch
 
 from lightning_decent.algorithms.base import PREVIOUS, Algorithm, Bucket, allocate_previous, save_previous
+from lightning_decent.algorithms.membership import restore_sum
 from lightning_decent.comm import Communicator
 from lightning_decent.topology import Topology
 from lightning_decent.topology.metrics import equilibrium_skewness, generalized_consensus_rate, period_product
@@ -63,10 +64,21 @@ class PushSum(_PushSumAverage):
 
     Communication: 1 round x (1 buffer + 1 scalar) per step. Extra memory: a push-sum scalar, plus 1
     model of workspace (the parameters before the step).
+
+    Membership change: push-sum is correct because ``W`` conserves the mass, ``sum_i x_i`` and
+    ``sum_i v_i = n`` (Kempe, Dobra & Gehrke, FOCS 2003). A lost node takes its mass ``(x_l, v_l)`` with
+    it, and a joiner that copied its source would count the source's mass twice, so the members restart
+    push-sum from their de-biased models::
+
+        v_i <- 1,   x_i = v_i z_i = z_i        (the parameters hold z_i: unchanged)
+
+    which gives ``sum_i v_i = n'`` exactly, every member's model ``z_i`` continuous, and the network average
+    ``(1/n') sum_i z_i``; from there push-sum converges as from any start. No communication.
     """
 
     name = "push_sum"
     needs_doubly_stochastic = False
+    membership_rule = "push-sum restarts from the de-biased models: v_i = 1 (so sum v = n'), x_i = z_i unchanged"
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         _require_column_stochastic(topology, self.name)
@@ -86,6 +98,10 @@ class PushSum(_PushSumAverage):
         comm.mix([t for b in buckets for t in (b.params, b.state["push_weight"])], step)
         for b in buckets:
             b.params.div_(b.state["push_weight"])
+
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        for b in buckets:
+            b.state["push_weight"].fill_(1.0)
 
 
 def recommended_gossip_rounds(topology: Topology) -> int:
@@ -126,6 +142,15 @@ class PushDIGing(_PushSumAverage):
     Extra memory: 2 models (tracker ``y``, previous gradient) and a push-sum scalar, plus 1 model of
     workspace.
 
+    Membership change: push-sum restarts from the de-biased models as in :class:`PushSum` (``v_i = 1``,
+    ``x_i = z_i``); the tracker, a numerator like ``x`` (``y_i / v_i`` estimates the average gradient), is
+    de-biased with the same ``v_i``, then its sum restored by one global average, as gradient tracking's
+    (``sum_i y_i = sum_i g_i^prev`` holds between steps from ``y^0 = g^0``)::
+
+        y_i <- y_i / v_i,   v_i <- 1,   y_i <- y_i + (1/n') sum_j (g_j^prev - y_j)
+
+    With ``rounds=None`` the recommended ``R`` is computed again for the new graph.
+
     Args:
         rounds: gossip rounds ``R`` per exchange; ``None`` picks :func:`recommended_gossip_rounds`.
     """
@@ -134,16 +159,21 @@ class PushDIGing(_PushSumAverage):
     needs_doubly_stochastic = False
     transforms_gradients = True
     extra_memory = 2.0
+    membership_rule = (
+        "push-sum restarts from the de-biased models (v_i = 1, y_i /= v_i), then one global average restores "
+        "sum y = sum g^prev"
+    )
 
     def __init__(self, rounds: int | None = 1) -> None:
         if rounds is not None and (int(rounds) != rounds or rounds < 1):
             raise ValueError(f"{self.name} needs rounds >= 1 (or None for the recommended value); got {rounds}.")
         self.rounds = rounds
+        self.recommend_rounds = rounds is None
         self.rounds_per_step = 2 * (rounds or 1)
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         _require_column_stochastic(topology, self.name)
-        if self.rounds is None:
+        if self.recommend_rounds:
             self.rounds = recommended_gossip_rounds(topology)
             self.rounds_per_step = 2 * self.rounds
         return topology
@@ -194,6 +224,13 @@ class PushDIGing(_PushSumAverage):
         self._mix([t for b in buckets for t in (b.params, b.state["push_weight"])], comm, step)
         for b in buckets:
             b.params.div_(b.state["push_weight"])
+
+    @torch.no_grad()
+    def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        for b in buckets:
+            b.state["tracker"].div_(b.state["push_weight"])
+            b.state["push_weight"].fill_(1.0)
+        restore_sum([b.state["tracker"] for b in buckets], [b.state["previous_grad"] for b in buckets], comm)
 
 
 class MGPushDIGing(PushDIGing):

@@ -37,11 +37,16 @@ class QGDSGDm(Algorithm):
     Communication: 1 round x 1 buffer per step. Extra memory: 1 model (``u``), plus 1 model of
     workspace (the pre-step parameters).
 
+    Membership change: the momentum is each node's own running average of its displacement, with no
+    network-wide invariant, so members keep ``u_i`` and a joiner takes the ``u`` of the member that
+    handed it over; the first displacement on the new graph enters ``u`` as any other.
+
     Args:
         beta: the momentum factor (paper: 0.9).
     """
 
     name = "qg_dsgdm"
+    membership_rule = "momentum u_i stays each member's own (a joiner takes its source's); no network invariant"
     extra_memory = 1.0
 
     def __init__(self, beta: float = 0.9) -> None:

@@ -12,21 +12,27 @@ For the push-sum algorithms (``push_sum``, ``push_diging``, ``mg_push_diging``) 
 de-biased models ``z_i = x_i / v_i``; the metrics' network average is ``xbar = (1/n) sum_i v_i z_i``
 (``= (1/n) sum_i x_i``, the quantity push-sum preserves), and ``consensus`` is
 ``(1/n) sum_i ||z_i - xbar||^2``. :attr:`SimResult.push_weights` keeps the final ``v``.
+
+Membership changes (``membership=``, :mod:`~lightning_decent.sim.membership`): members leave and join
+between steps, through the algorithm's ``cancel_pending`` and ``change_membership``. Such a run (or one
+that starts with a subset of the problem's data shards, ``nodes=``) reports the loss of the members'
+own objective, ``(1/n) sum_{i in members} f_i(xbar)``, without ``excess_loss``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
-from lightning_decent.comm import SimulatedCommunicator
+from lightning_decent.algorithms import Algorithm, get_algorithm
 from lightning_decent.optim import AccumAdam
+from lightning_decent.sim.membership import Members, Schedule, build_members, change_members, membership_schedule
 from lightning_decent.sim.problems import Problem
-from lightning_decent.topology import Topology, get_topology
+from lightning_decent.topology import Topology
 
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "opt", "accum_iter", "beta1", "beta2", "eps")
 
@@ -145,7 +151,9 @@ class SimResult:
     ``grad_norm_sq`` (``||grad f(xbar)||^2``), ``consensus`` (``(1/n) sum_i ||x_i - xbar||^2``) and, for
     classification, ``accuracy`` of ``xbar`` to their values at the steps in ``steps``. ``params`` are
     the final parameters (``z`` for push-sum algorithms) and ``push_weights`` the final push-sum
-    weights ``v`` (``[n, 1]``; ``None`` for the other algorithms).
+    weights ``v`` (``[n, 1]``; ``None`` for the other algorithms). ``members`` is the data shard of every
+    row of ``params`` when the members are not the problem's nodes ``0..n-1`` in order (membership
+    changes, ``nodes=``), and ``changes`` records every membership change (step, new ``n``, shards).
     """
 
     label: str
@@ -161,9 +169,23 @@ class SimResult:
     bytes_sent_per_node_step: float
     transient: int | None = None
     push_weights: torch.Tensor | None = None
+    members: list[int] | None = None
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def final(self, metric: str) -> float:
         return self.series[metric][-1]
+
+    def node_params(self, shard: int) -> torch.Tensor:
+        """The final parameters of the member that holds data shard ``shard`` (node ``shard`` when the
+        members never changed): what a real run's rank training on that shard ends with.
+
+        Raises:
+            ValueError: if no member holds it.
+        """
+        members = self.members if self.members is not None else list(range(self.params.shape[0]))
+        if shard not in members:
+            raise ValueError(f"no member holds data shard {shard} at the end; the members hold {members}.")
+        return self.params[members.index(shard)]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -177,6 +199,7 @@ class SimResult:
             "buffers_per_round": self.buffers_per_round,
             "extra_memory": self.extra_memory,
             "bytes_sent_per_node_step": self.bytes_sent_per_node_step,
+            **({"members": self.members, "membership_changes": self.changes} if self.changes else {}),
         }
 
 
@@ -187,10 +210,17 @@ def network_average(params: torch.Tensor, push_weights: torch.Tensor | None = No
 
 
 def _metrics(
-    problem: Problem, params: torch.Tensor, optimum_loss: float | None, push_weights: torch.Tensor | None = None
+    problem: Problem,
+    params: torch.Tensor,
+    optimum_loss: float | None,
+    push_weights: torch.Tensor | None = None,
+    shards: torch.Tensor | None = None,
 ) -> dict[str, float]:
     xbar = network_average(params, push_weights).requires_grad_(True)
-    loss = problem.global_loss(xbar)
+    if shards is None:
+        loss = problem.global_loss(xbar)
+    else:  # the members' own objective
+        loss = problem.local_losses(xbar.expand(len(shards), -1), nodes=shards).mean()
     (grad,) = torch.autograd.grad(loss, xbar)
     values = {
         "loss": loss.item(),
@@ -225,9 +255,12 @@ def simulate(
     dtype: torch.dtype = torch.float64,
     label: str | None = None,
     finish_in_flight: bool = True,
+    membership: Schedule = None,
+    nodes: Sequence[int] | None = None,
     **algorithm_options: Any,
 ) -> SimResult:
-    """Run ``steps`` steps of ``algorithm`` on ``problem`` over ``topology`` (built for ``problem.n``).
+    """Run ``steps`` steps of ``algorithm`` on ``problem`` over ``topology`` (built for ``problem.n``, or
+    for the number of members).
 
     Args:
         problem: the local objectives; its data must have ``dtype``.
@@ -247,74 +280,115 @@ def simulate(
         finish_in_flight: after the last step, apply the exchanges still in flight (overlap, streaming
             local steps), as the strategy does at the end of training. ``False`` reports the iterate
             ``x^K`` of the overlapped recursion itself, as papers' tables do.
+        membership: changes of the member set, e.g. ``[(100, {"leave": [3]}), (200, {"join_from": [0]})]``
+            (before step 100 the member in row 3 leaves; before step 200 a joiner receives row 0's state),
+            :class:`~lightning_decent.sim.membership.MembershipChange` objects or the command line's text;
+            ``topology`` must then be a name (it is built again for every ``n``).
+        nodes: the problem's data shards the initial members hold (default: all ``problem.n``), e.g. the
+            survivors' shards for the uninterrupted run of the new size.
+
+    Raises:
+        ValueError: naming the fix, for a schedule that cannot run (see
+            :func:`~lightning_decent.sim.membership.membership_schedule`).
     """
     algo = get_algorithm(algorithm, **algorithm_options)
-    graph = algo.prepare_topology(get_topology(topology, problem.n))
-    comm = SimulatedCommunicator(graph)
-    params = torch.nn.Parameter(problem.initial_params().to(dtype).expand(problem.n, -1).clone())
-    local = make_optimizer(
-        params,
-        optimizer,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        accum_iter=accum_iter,
-        betas=betas,
-        eps=eps,
-    )
-    algo.check_optimizer(local)
-    params.grad = torch.zeros_like(params)
-    bucket = Bucket(params.data, params.grad if algo.transforms_gradients else None)
-    algo.init_state(bucket)
-    push_weights = bucket.state.get("push_weight")
+    changes = membership_schedule(membership, steps)
+    if changes and not isinstance(topology, str):
+        raise ValueError(
+            f"membership changes rebuild the topology for every n, so give it by name (e.g. 'ring'), not the built "
+            f"topology {topology.name!r}."
+        )
+    shards = _initial_shards(nodes, problem.n)
+    first = problem.initial_params().to(dtype).expand(problem.n if shards is None else len(shards), -1).clone()
+
+    def new_optimizer(params: torch.nn.Parameter) -> torch.optim.Optimizer:
+        options = {"momentum": momentum, "weight_decay": weight_decay, "accum_iter": accum_iter}
+        return make_optimizer(params, optimizer, lr=lr, betas=betas, eps=eps, **options)
+
+    members = build_members(algo, topology, first, new_optimizer, shards)
     generator = torch.Generator().manual_seed(seed)
-    noise_buffer = torch.empty_like(params) if noise > 0 else None
-    optimum_loss = problem.optimum_loss()
+    noise_buffer: torch.Tensor | None = None
+    optimum_loss = problem.optimum_loss() if shards is None and not changes else None
+    node_steps = 0
+    change_log: list[dict[str, Any]] = []
 
     history: dict[str, list[float]] = {}
     recorded: list[int] = []
 
-    def record(step: int) -> None:
+    def record(step: int, members: Members) -> None:
         recorded.append(step)
-        for key, value in _metrics(problem, params, optimum_loss, push_weights).items():
+        push_weights = members.bucket.state.get("push_weight")
+        for key, value in _metrics(problem, members.params, optimum_loss, push_weights, members.shards).items():
             history.setdefault(key, []).append(value)
 
-    record(0)
+    record(0, members)
     start = time.perf_counter()
     for k in range(steps):
+        if k in changes:
+            members = change_members(members, changes[k], algo, str(topology), new_optimizer, problem.n)
+            assert members.shards is not None
+            change_log.append({"step": k, "n": members.n, "shards": members.shards.tolist()})
+        params, bucket, comm = members.params, members.bucket, members.comm
+        node_steps += members.n
         algo.before_step([bucket], comm, k)
-        local.zero_grad(set_to_none=False)
-        losses = problem.local_losses(params, batch=problem.sample_batch(generator))
+        members.optimizer.zero_grad(set_to_none=False)
+        batch = problem.sample_batch(generator)
+        if members.shards is None:
+            losses = problem.local_losses(params, batch=batch)
+        else:
+            batch = None if batch is None else batch[members.shards]
+            losses = problem.local_losses(params, nodes=members.shards, batch=batch)
         losses.sum().backward()
-        if noise_buffer is not None:
+        if noise > 0:
+            if noise_buffer is None or noise_buffer.shape != params.shape:
+                noise_buffer = torch.empty_like(params)
             params.grad.add_(
                 torch.randn(noise_buffer.shape, generator=generator, dtype=dtype, out=noise_buffer), alpha=noise
             )
         if algo.transforms_gradients:
             bucket.grads = params.grad
             algo.transform_gradients([bucket], comm, k)
-        local.step()
+        members.optimizer.step()
         algo.observe_loss(losses.detach())
         algo.after_step([bucket], comm, k)
         if finish_in_flight and k + 1 == steps:  # as the strategy's on_train_end
             algo.finish_pending([bucket])
         if (k + 1) % eval_every == 0 or k + 1 == steps:
-            record(k + 1)
+            record(k + 1, members)
     seconds = time.perf_counter() - start
+    push_weights = members.bucket.state.get("push_weight")
     return SimResult(
         label=label or algo.name,
         algorithm=algo.name,
-        topology=graph.name,
+        topology=members.graph.name,
         steps=recorded,
         series=history,
-        params=params.detach().clone(),
+        params=members.params.detach().clone(),
         seconds=seconds,
         rounds_per_step=algo.rounds_per_step,
         buffers_per_round=algo.buffers_per_round,
         extra_memory=algo.extra_memory,
-        bytes_sent_per_node_step=comm.stats.bytes_sent / max(steps, 1) / problem.n,
+        bytes_sent_per_node_step=members.comm.stats.bytes_sent / max(node_steps, 1),
         push_weights=None if push_weights is None else push_weights.detach().clone(),
+        members=None if members.shards is None else members.shards.tolist(),
+        changes=change_log,
     )
+
+
+def _initial_shards(nodes: Sequence[int] | None, capacity: int) -> torch.Tensor | None:
+    """The initial members' data shards (``None``: all of the problem's, in order).
+
+    Raises:
+        ValueError: for shards outside ``0..capacity-1``, repeated, or none.
+    """
+    if nodes is None:
+        return None
+    shards = [int(s) for s in nodes]
+    if not shards or len(set(shards)) != len(shards) or not all(0 <= s < capacity for s in shards):
+        raise ValueError(
+            f"nodes={list(nodes)} must name distinct data shards of the problem, in 0..{capacity - 1}, at least one."
+        )
+    return torch.tensor(shards)
 
 
 def transient_step(result: SimResult, baseline: SimResult, metric: str, factor: float = 2.0) -> int | None:
