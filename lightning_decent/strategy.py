@@ -10,6 +10,7 @@ network-average model), :mod:`~lightning_decent.sharded_checkpoints` (saving and
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -52,9 +54,12 @@ from lightning_decent.buckets import ParamBucket, bucket_optimizers, with_gradie
 from lightning_decent.comm import CommStats, Communicator, Compressor
 from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.evaluation import AveragedReplica, consensus_distance, replace_by_average
+from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options, is_membership_loss
 from lightning_decent.sharded_checkpoints import RunIdentity
 from lightning_decent.topology import Topology
 from lightning_decent.uneven import EpochAlignment, empty_step
+
+log = logging.getLogger(__name__)
 
 _CHILD_GRACE_SECONDS = 10.0
 
@@ -116,6 +121,9 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             ``gasloc`` compress their synchronisations with error feedback; other algorithms refuse a lossy
             compressor with an error naming it. ``None`` keeps the algorithm's own setting.
         compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
+        elastic: ``True`` or :class:`~lightning_decent.membership.ElasticOptions` (a dict of them from Hydra):
+            a lost rank changes the membership and the survivors go on; a process started with
+            ``elastic.join=true`` joins the running job (docs/elastic.md). Off by default.
 
     The remaining arguments are Lightning's, as for ``DDPStrategy`` (``timeout`` bounds the start-up
     rendezvous and collectives the strategy does not see, such as torchmetrics' own synchronisation).
@@ -129,6 +137,9 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     _epochs: EpochAlignment | None = None
     _prepared_step: int | None = None  # gossip step whose before_step ran at the batch start
     _resumed_from_average: bool = False
+    #: Bytes of live state this rank received from a neighbour when it joined a running job (elastic).
+    handover_bytes: int = 0
+    _elastic: EpochGroup | None = None  # the membership epochs of an elastic run (set up with the process group)
 
     def __init__(
         self,
@@ -150,6 +161,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         overlap: bool = False,
         compression: str | Compressor | None = None,
         compression_options: dict[str, Any] | None = None,
+        elastic: bool | dict[str, Any] | ElasticOptions | None = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -187,6 +199,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         self.gossip_timeout = positive_timeout("gossip_timeout", gossip_timeout)
         self.collective_timeout = positive_timeout("collective_timeout", collective_timeout)
         self.check_finite, self.resume_from_average = check_finite, resume_from_average
+        self.elastic = elastic_options(elastic)
         self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
         self._averaged_replica = AveragedReplica()
         self._bytes_per_step = MeanPerStep()
@@ -212,12 +225,20 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     @override
     def setup_environment(self) -> None:
         self._refuse_sync_batchnorm()
-        self.topology = self._build_topology(self.num_nodes * self.num_processes)  # before any process-group traffic
-        super().setup_environment()  # the process group, then the bounded collectives
-        check_ranks_agree(self.collectives, self.topology, self.algorithm.name, self._communicator_name)
+        if self.elastic is None:  # fail before any process-group traffic
+            self.topology = self._build_topology(self.num_nodes * self.num_processes)
+        super().setup_environment()  # the process group (elastic: the first membership epoch), bounded collectives
         if self._epochs is None:
             self._epochs = EpochAlignment(self.global_rank)
         self._epochs.agreement.reset()
+        self._set_up_gossip()
+
+    def _set_up_gossip(self) -> None:
+        """The topology for this world, the ranks' agreement on it, and its communicator (kept when the graph
+        is the same and it is still open: its counts continue over fit/validate calls)."""
+        self.topology = self._build_topology(self.world_size)
+        check_ranks_agree(self.collectives, self.topology, self.algorithm.name, self._communicator_name)
+        assert self._epochs is not None
         previous = self.communicator
         same_graph = previous is not None and previous.topology.fingerprint() == self.topology.fingerprint()
         if not same_graph or previous.closed:
@@ -232,7 +253,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
                 headers=self._epochs.agreement,
             )
             if same_graph:
-                self.communicator.stats = previous.stats  # counts continue over fit/validate calls
+                self.communicator.stats = previous.stats
 
     def _refuse_sync_batchnorm(self) -> None:
         if self._layer_sync is not None:
@@ -278,6 +299,80 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         """The algorithm's buckets, one list per optimizer."""
         return [buckets for _, buckets in self._buckets.values()]
 
+    # ---- elastic membership (see lightning_decent.membership) ---------------------------------------------
+    @override
+    def setup_distributed(self) -> None:
+        """Elastic runs build the process group of their first membership epoch instead of Lightning's."""
+        if self.elastic is None:
+            return super().setup_distributed()
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        launch_rank = None if self.elastic.joining else self.node_rank * self.num_processes + self.local_rank
+        world = self.num_nodes * self.num_processes
+        self._elastic = EpochGroup(self.elastic, launch_rank, world, self._process_group_backend, self._timeout)
+        self._elastic.next_epoch()
+        self.set_world_ranks()  # rank_zero_only follows the epoch's rank
+        log.warning(self._elastic.describe())
+
+    @property
+    @override
+    def global_rank(self) -> int:
+        epoch = self._elastic.epoch if self._elastic is not None else None
+        return epoch.rank if epoch is not None else super().global_rank
+
+    @property
+    @override
+    def world_size(self) -> int:
+        epoch = self._elastic.epoch if self._elastic is not None else None
+        return epoch.world_size if epoch is not None else super().world_size
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def _gossip(self, run: Callable[[], Any]) -> Any:
+        """``run()``, a part of the step that communicates; in an elastic run a lost member changes the
+        membership instead of ending the run (the interrupted exchange is dropped, ``None`` returned)."""
+        if self._elastic is None:
+            return run()
+        try:
+            return run()
+        except Exception as error:
+            if not is_membership_loss(error):
+                raise
+            reason = f"{type(error).__name__}: {error}"
+        self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
+        return None
+
+    def _change_membership(self, reason: str) -> None:
+        """Continue in the next membership epoch: drop what is in flight, form the epoch (its process group),
+        rebuild topology and communicator for the new ``n``, agree on the gossip step, restore the algorithm's
+        invariants (``Algorithm.change_membership``) and the epoch lengths."""
+        assert self._elastic is not None and self._epochs is not None
+        for buckets in self._bucket_groups:
+            self.algorithm.cancel_pending(buckets)
+        self.communicator = self._collectives = None  # their groups end with the epoch's process group
+        log.warning(f"rank {self.global_rank}: membership change at gossip step {self.gossip_step} ({reason})")
+        self._elastic.next_epoch()
+        self.set_world_ranks()
+        self._set_up_gossip()
+        self.gossip_step = self._elastic.agree_on_step(self.gossip_step, self.collectives)
+        joined = torch.tensor([self.global_rank in self._elastic.joined])
+        for buckets in self._bucket_groups:
+            self.algorithm.change_membership(buckets, self._comm, self.gossip_step, joined)
+        trainer = trainer_of(self.lightning_module)
+        if trainer is not None and trainer.training:
+            self._epochs.gather_lengths(trainer, self.collectives)
+        log.warning(self._elastic.describe())
+        self._log("membership/world_size", self.world_size)
+
+    @property
+    def _comm(self) -> Communicator:
+        assert self.communicator is not None
+        return self.communicator
+
     # ---- the gossip step -------------------------------------------------------------------------
     @override
     def optimizer_step(
@@ -291,24 +386,28 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         if entry is None or self.communicator is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         param_buckets, buckets = entry
-        comm, step = self.communicator, self.gossip_step
-        trainer = trainer_of(self.lightning_module)
+        step, trainer = self.gossip_step, trainer_of(self.lightning_module)
         last_real = self._epochs.begin_real_step(trainer, step) if self._epochs is not None else False
         if self._prepared_step != step:
-            self.algorithm.before_step(buckets, comm, step)
+            self._gossip(lambda: self.algorithm.before_step(buckets, self._comm, step))
         self._prepared_step = None
         if self.algorithm.transforms_gradients:
-            closure = with_gradient_transform(closure, self.algorithm, comm, param_buckets, buckets, step)
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            closure = with_gradient_transform(closure, self.algorithm, self._comm, param_buckets, buckets, step)
+        local_step = super().optimizer_step  # the closure (forward, backward, clipping) and the optimizer update
+        output = self._gossip(lambda: local_step(optimizer, closure, model, **kwargs))
         if isinstance(output, torch.Tensor):  # the training loss, for adaptive global averaging
             self.algorithm.observe_loss(output.detach())
-        self.algorithm.after_step(buckets, comm, step)
+        self._gossip(lambda: self.algorithm.after_step(buckets, self._comm, step))
         self.gossip_step += 1
         if self._epochs is not None:
             self.gossip_step = self._epochs.end_real_step(
-                last_real, self.gossip_step, lambda k: empty_step(self.algorithm, buckets, comm, k)
+                last_real,
+                self.gossip_step,
+                lambda k: self._gossip(lambda: empty_step(self.algorithm, buckets, self._comm, k)),
             )
-        self._log_gossip_metrics(trainer, comm)
+        if self._elastic is not None and self._elastic.joiners_due(self.gossip_step):
+            self._change_membership("processes wait to join")
+        self._log_gossip_metrics(trainer, self._comm)
         return output
 
     def _log_gossip_metrics(self, trainer: pl.Trainer | None, comm: Communicator) -> None:
@@ -340,7 +439,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         (buckets,) = self._bucket_groups
         if self._epochs is not None:
             self._epochs.begin_real_step(trainer, self.gossip_step)
-        self.algorithm.before_step(buckets, self.communicator, self.gossip_step)
+        self._gossip(lambda: self.algorithm.before_step(buckets, self._comm, self.gossip_step))
         self._prepared_step = self.gossip_step
 
     @override

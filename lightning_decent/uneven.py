@@ -158,6 +158,8 @@ class EpochAlignment:
             self.lengths = [length]
         else:
             self.lengths = collectives.all_gather_object(length, "exchange of epoch lengths (uneven inputs)")
+        if self.agreement.epoch >= 0:  # a membership change inside the epoch: the new members' lengths
+            self.agreement.lengths = list(self.lengths)
 
     def start_epoch_if_new(self, trainer: pl.Trainer, collectives: BoundedCollectives) -> None:
         if self.agreement.epoch == trainer.current_epoch:

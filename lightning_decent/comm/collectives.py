@@ -182,7 +182,7 @@ class BoundedCollectives:
                 (roll.dead if outcome == "closed" else roll.silent).append(peer)
                 continue
             _, sequence, theirs = _decode(answers[peer])
-            if sequence != self.sequence or theirs != what:
+            if sequence != self.sequence or theirs != _decode(mine)[2]:  # both names as sent (truncated)
                 roll.elsewhere[peer] = f"the {theirs} (#{sequence})"
         for work in sends:  # stay until late peers have read this rank's answer
             _wait(work, deadline)

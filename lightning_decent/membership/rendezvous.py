@@ -1,0 +1,154 @@
+"""Membership epochs on torch's dynamic rendezvous (``torch.distributed.elastic``).
+
+Every training process is one participant of a :class:`~torch.distributed.elastic.rendezvous.dynamic_rendezvous.
+DynamicRendezvousHandler` whose state lives in the membership store. A *round* of the rendezvous is a
+*membership epoch*: its participants are the members, and the round's own store prefixes the process group
+built for it. A round changes when
+
+* a member calls :meth:`Membership.next_epoch` after losing a neighbour: it leaves the completed round; the
+  lost member's heartbeats stop, so the rendezvous drops it after ``heartbeat x 2`` seconds; once every old
+  participant has left, the survivors form the next round (complete after ``last_call`` seconds, or at once
+  when ``max_ranks`` joined); fewer than ``min_ranks`` never complete it and the wait ends in
+  :class:`MembershipError`;
+* a new process calls :meth:`Membership.next_epoch`: it waits in the rendezvous's wait list, which the members
+  read (:meth:`Membership.joiners_waiting`) at their change points, and then all of them form the next round.
+
+Ranks inside an epoch are not the rendezvous's (it sorts by host and process id) but the order of the members'
+keys: the ranks launched at the start keep their order, joiners come after them, so the lowest surviving rank
+becomes rank 0 when rank 0 is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import RendezvousError
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler, RendezvousTimeout
+
+
+class MembershipError(RuntimeError):
+    """The members could not form a new epoch (fewer than ``min_ranks`` left, or the store is gone)."""
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One membership epoch: its number, this process's rank and the members' keys in rank order."""
+
+    number: int
+    rank: int
+    members: tuple[str, ...]
+    store: dist.Store
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+
+def launch_key(launch_rank: int) -> str:
+    """The key of a process launched with the run (sorted by its launch rank)."""
+    return f"a{launch_rank:08d}"
+
+
+def joiner_key() -> str:
+    """The key of a process that joins a running job (sorted after the launched ones, by arrival)."""
+    return f"j{datetime.now().strftime('%Y%m%d%H%M%S%f')}-{socket.gethostname()}"
+
+
+class Membership:
+    """This process's view of the run's member set.
+
+    Args:
+        store: the membership store (:mod:`.store`).
+        run_id: names the rendezvous (one per run).
+        key: this process's member key (:func:`launch_key` or :func:`joiner_key`).
+        min_ranks: the fewest members an epoch may have.
+        max_ranks: the most members an epoch may have (a round with this many completes at once).
+        heartbeat: the keep-alive interval; a member silent for two of them is dropped.
+        last_call: how long a round waits for more members once ``min_ranks`` have joined.
+        join_timeout: how long :meth:`next_epoch` waits for a round to complete.
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        run_id: str,
+        key: str,
+        *,
+        min_ranks: int,
+        max_ranks: int,
+        heartbeat: timedelta,
+        last_call: timedelta,
+        join_timeout: timedelta,
+    ) -> None:
+        self.key, self.min_ranks, self.join_timeout = key, min_ranks, join_timeout
+        # Every round's store is a prefix of the membership store, never a server inside a training process
+        # (which torch's agents share with their workers, and which would end with that process).
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        self._backend = C10dRendezvousBackend(store, run_id)
+        self._handler = DynamicRendezvousHandler.from_backend(
+            run_id=run_id,
+            store=store,
+            backend=self._backend,
+            min_nodes=min_ranks,
+            max_nodes=max_ranks,
+            timeout=RendezvousTimeout(join=join_timeout, last_call=last_call, heartbeat=heartbeat * 2),
+            keep_alive_interval=max(1, round(heartbeat.total_seconds())),
+            keep_alive_max_attempt=2,
+        )
+        self.epoch: Epoch | None = None
+
+    def await_launched(self, store: dist.Store, launch_rank: int, world_size: int) -> None:
+        """Before the first epoch: wait until every launched rank reached the store, so that the first epoch
+        has all of them (each arrives when its imports are done, seconds apart on a loaded machine)."""
+        store.set(f"launched/{launch_rank}", "1")
+        try:
+            store.wait([f"launched/{r}" for r in range(world_size)], self.join_timeout)
+        except (RuntimeError, dist.DistStoreError) as err:
+            missing = [r for r in range(world_size) if not store.check([f"launched/{r}"])]
+            raise MembershipError(
+                f"member {self.key}: launched ranks {missing} did not start within "
+                f"{self.join_timeout.total_seconds():g}s (elastic.join_timeout)."
+            ) from err
+
+    def next_epoch(self) -> Epoch:
+        """Leave the current epoch (if any) and join the next one; raises :class:`MembershipError` after
+        ``join_timeout`` (fewer than ``min_ranks`` members are left, or the store is gone)."""
+        try:
+            info = self._handler.next_rendezvous()
+        except RendezvousError as err:
+            raise MembershipError(
+                f"member {self.key}: no new membership epoch within {self.join_timeout.total_seconds():g}s: fewer than "
+                f"min_ranks={self.min_ranks} members are left, or the membership store is gone ({err!r}). Resume "
+                f"from the last checkpoint (resume_from_average=True when the world size changed)."
+            ) from err
+        round_store, members = info.store, self._members(info.store, info.rank, info.world_size)
+        self.epoch = Epoch(_state(self._backend).round, members.index(self.key), members, round_store)
+        return self.epoch
+
+    def joiners_waiting(self) -> int:
+        """How many processes wait to join (a read of the rendezvous state in the store)."""
+        return self._handler.num_nodes_waiting()
+
+    def _members(self, round_store: dist.Store, rank: int, world_size: int) -> tuple[str, ...]:
+        round_store.set(f"member/{rank}", self.key)
+        return tuple(sorted(round_store.get(f"member/{r}").decode() for r in range(world_size)))
+
+
+def _state(backend: C10dRendezvousBackend) -> Any:
+    """The rendezvous state as the backend stores it (round, participants, heartbeats), or ``None``."""
+    found = backend.get_state()
+    return None if found is None else pickle.loads(found[0])
+
+
+def last_heartbeat(store: dist.Store, run_id: str) -> float | None:
+    """The time (seconds since the epoch) of the newest heartbeat of ``run_id``'s rendezvous, or ``None``."""
+    state = _state(C10dRendezvousBackend(store, run_id))
+    beats = state.last_heartbeats.values() if state is not None else ()
+    return max(beat.timestamp() for beat in beats) if beats else None

@@ -1,0 +1,108 @@
+"""One rank of an elastic D-SGD run on the digits, launched as its own process (as torchrun or SLURM do).
+
+``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B] [--join]``
+
+The environment names the rank as a cluster scheduler would (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``,
+``LOCAL_RANK=0``): every process is a one-device "node". The victim signals itself (SIGKILL or SIGSTOP) after
+batch ``B`` of epoch ``E`` and writes ``OUT/victim_time`` first. Every rank that finishes writes
+``OUT/rank<R>.json``: its last world size and rank, the epochs it completed, its training loss per epoch and the
+validation accuracy of the network-average model; a joiner (``--join``, rank label R) also its first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_decent import DecentralizedStrategy
+from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
+
+
+class Record(pl.Callback):
+    """Signals the victim; records every rank's epochs, losses and world sizes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.epochs: list[dict[str, Any]] = []
+        self.first_step: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *rest: Any) -> None:
+        if self.first_step is None:
+            self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, i: int):
+        a = self.args
+        if a.rank == a.victim and trainer.current_epoch == a.at_epoch and i == a.at_batch:
+            (a.out / "victim_time").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL if a.mode == "kill" else signal.SIGSTOP)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        self.epochs.append(
+            {"epoch": trainer.current_epoch, "world_size": trainer.world_size, "loss": float(loss) if loss else None}
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--victim", type=int, default=-1)
+    parser.add_argument("--mode", choices=["kill", "hang"], default="kill")
+    parser.add_argument("--at-epoch", type=int, default=1)
+    parser.add_argument("--at-batch", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--gossip-timeout", type=float, default=10.0)
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--join", action="store_true")
+    parser.add_argument("--checkpoints", action="store_true")
+    args = parser.parse_args()
+    elastic = {"store": args.store, "join": args.join, "join_check_every": 5, "join_timeout": 90}
+    strategy = DecentralizedStrategy(
+        topology="ring", gossip_timeout=args.gossip_timeout, collective_timeout=30, elastic=elastic
+    )
+    record = Record(args)
+    callbacks: list[pl.Callback] = [record]
+    if args.checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=args.world,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        logger=CSVLogger(args.out / "logs", name="elastic", version=0),
+        log_every_n_steps=5,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=args.checkpoints,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    module = DigitsClassifier()
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    accuracy = trainer.callback_metrics.get("val/acc")
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "epochs": record.epochs,
+        "val_acc": float(accuracy) if accuracy is not None else None,
+        "first_step": record.first_step,
+        "handover_bytes": strategy.handover_bytes,
+    }
+    (args.out / f"rank{args.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
