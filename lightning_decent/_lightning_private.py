@@ -37,6 +37,7 @@ try:
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
     from lightning.pytorch.trainer.connectors.logger_connector import _LoggerConnector
 except ImportError as error:
     raise _unsupported(f"'{error.name}.{getattr(error, 'name_from', '') or ''}' ({error})") from error
@@ -59,6 +60,7 @@ check_attributes(_SubprocessScriptLauncher, "kill")
 check_attributes(LightningModule(), "_current_fx_name", "_trainer")
 check_attributes(_LoggerConnector, "should_update_logs")
 check_attributes(DDPStrategy(), "_layer_sync")
+check_attributes(_CheckpointConnector, "dump_checkpoint", "_restore_modules_and_callbacks")
 
 
 def trainer_of(module: LightningModule | None) -> Trainer | None:
@@ -93,6 +95,17 @@ def make_sigterm_check_local(trainer: Trainer) -> None:
     epoch_loop._broadcast_sigterm_tensor = check_local_sigterm
 
 
+def live_checkpoint(trainer: Trainer) -> dict:
+    """What ``Trainer.save_checkpoint`` would write now (model, optimizers, schedulers, loops, callbacks), in memory."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def resume_from_checkpoint_in_memory(trainer: Trainer, checkpoint: dict) -> None:
+    """Make the trainer restore ``checkpoint`` after the strategy's set-up, exactly as a ``ckpt_path`` given to
+    ``fit`` is restored (model, callbacks, loops, optimizers and schedulers)."""
+    trainer._checkpoint_connector._loaded_checkpoint = checkpoint
+
+
 def stop_launched_ranks(launcher: object, grace_seconds: float) -> None:
     """Kill the ranks a popen launcher started on this node, after letting them report their own errors.
 
@@ -115,8 +128,10 @@ __all__ = [
     "_optimizers_to_device",
     "_sync_ddp_if_available",
     "current_hook",
+    "live_checkpoint",
     "loggers_write_this_step",
     "make_sigterm_check_local",
+    "resume_from_checkpoint_in_memory",
     "stop_launched_ranks",
     "trainer_of",
 ]

@@ -20,10 +20,16 @@ from lightning_decent.comm.collectives import BoundedCollectives
 
 
 class BoundedDDPStrategy(DDPStrategy):
-    """A ``DDPStrategy`` whose collectives are bounded by :attr:`collective_timeout` (set by the subclass)."""
+    """A ``DDPStrategy`` whose collectives are bounded by :attr:`collective_timeout` (set by the subclass).
+
+    While :attr:`_local_collectives` is set (a process that joins a running job sets itself up while the others
+    train), Lightning's collectives are this process's own: a barrier returns, a broadcast or reduction returns
+    its input, a boolean decision is this process's.
+    """
 
     collective_timeout: timedelta = timedelta(seconds=300)
     _collectives: BoundedCollectives | None = None
+    _local_collectives: bool = False
 
     @property
     def collectives(self) -> BoundedCollectives:
@@ -46,18 +52,24 @@ class BoundedDDPStrategy(DDPStrategy):
 
     @override
     def barrier(self, name: str | None = None) -> None:
+        if self._local_collectives:
+            return None
         if self._collectives is None:
             return super().barrier(name)
         self._collectives.barrier(f"barrier {name!r}" if name else "barrier")
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._local_collectives:
+            return obj
         if self._collectives is None:
             return super().broadcast(obj, src)
         return self._collectives.broadcast_object(obj, src, f"broadcast from rank {src}")
 
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        if self._local_collectives:
+            return tensor
         if self._collectives is None or group is not None or not isinstance(tensor, torch.Tensor):
             return super().reduce(tensor, group, reduce_op)
         group = self._collectives.group
@@ -66,7 +78,15 @@ class BoundedDDPStrategy(DDPStrategy):
         )
 
     @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if self._local_collectives:
+            return decision
+        return super().reduce_boolean_decision(decision, all)
+
+    @override
     def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if self._local_collectives:
+            return tensor.unsqueeze(0)
         if self._collectives is None or group is not None:
             return super().all_gather(tensor, group, sync_grads)
         group = self._collectives.group

@@ -34,8 +34,10 @@ from lightning_decent import sharded_checkpoints
 from lightning_decent._lightning_private import (
     _optimizers_to_device,
     current_hook,
+    live_checkpoint,
     loggers_write_this_step,
     make_sigterm_check_local,
+    resume_from_checkpoint_in_memory,
     stop_launched_ranks,
     trainer_of,
 )
@@ -55,6 +57,7 @@ from lightning_decent.comm import CommStats, Communicator, Compressor
 from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.evaluation import AveragedReplica, consensus_distance, replace_by_average
 from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options, is_membership_loss
+from lightning_decent.membership.handover import donor_of, receive_state, send_state
 from lightning_decent.sharded_checkpoints import RunIdentity
 from lightning_decent.topology import Topology
 from lightning_decent.uneven import EpochAlignment, empty_step
@@ -139,6 +142,8 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     _resumed_from_average: bool = False
     #: Bytes of live state this rank received from a neighbour when it joined a running job (elastic).
     handover_bytes: int = 0
+    _joining: bool = False  # a joiner until its first training step (elastic); its Lightning collectives are local
+    _joined_this_epoch: bool = False
     _elastic: EpochGroup | None = None  # the membership epochs of an elastic run (set up with the process group)
 
     def __init__(
@@ -232,6 +237,8 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             self._epochs = EpochAlignment(self.global_rank)
         self._epochs.agreement.reset()
         self._set_up_gossip()
+        if self._joining:  # the members agree on the gossip step at this point of their change
+            self.gossip_step = EpochGroup.agree_on_step(self.gossip_step, self.collectives)
 
     def _set_up_gossip(self) -> None:
         """The topology for this world, the ranks' agreement on it, and its communicator (kept when the graph
@@ -271,12 +278,19 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
-            self._broadcast_initial_state()
+            if not self._joining:
+                self._broadcast_initial_state()
             self.setup_optimizers(trainer)
             _optimizers_to_device(self.optimizers, self.root_device)
             self._buckets = bucket_optimizers(self.optimizers, self.algorithm, self._bucket_bytes)
             self._prepared_step = None
             make_sigterm_check_local(trainer)
+            if self._joining:  # a joiner resumes from its donor's live checkpoint, as from a checkpoint file
+                checkpoint = self._elastic_handover()
+                self.gossip_step = sharded_checkpoints.restore_rank_state(
+                    checkpoint.pop(sharded_checkpoints.DECENTRALIZED_KEY), self.algorithm, self._bucket_groups
+                )
+                resume_from_checkpoint_in_memory(trainer, checkpoint)
         self.setup_precision_plugin()
 
     @torch.no_grad()
@@ -312,6 +326,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         world = self.num_nodes * self.num_processes
         self._elastic = EpochGroup(self.elastic, launch_rank, world, self._process_group_backend, self._timeout)
         self._elastic.next_epoch()
+        self._joining = self._local_collectives = self.elastic.joining
         self.set_world_ranks()  # rank_zero_only follows the epoch's rank
         log.warning(self._elastic.describe())
 
@@ -359,14 +374,35 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         self.set_world_ranks()
         self._set_up_gossip()
         self.gossip_step = self._elastic.agree_on_step(self.gossip_step, self.collectives)
-        joined = torch.tensor([self.global_rank in self._elastic.joined])
-        for buckets in self._bucket_groups:
-            self.algorithm.change_membership(buckets, self._comm, self.gossip_step, joined)
+        self._elastic_handover()
+        self._restore_invariants()
         trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
             self._epochs.gather_lengths(trainer, self.collectives)
         log.warning(self._elastic.describe())
         self._log("membership/world_size", self.world_size)
+
+    def _elastic_handover(self) -> dict[str, Any]:
+        """Donors send their live checkpoint to the joiners of this epoch; a joiner returns what it received."""
+        assert self._elastic is not None and self.topology is not None
+        joined, step, received = self._elastic.joined, self.gossip_step, {}
+        for joiner in joined:
+            donor = donor_of(joiner, joined, self.topology, step)
+            if self.global_rank == donor:
+                trainer = self.lightning_module.trainer
+                state = sharded_checkpoints.rank_state(step, self.algorithm, self._bucket_groups)
+                send_state({**live_checkpoint(trainer), sharded_checkpoints.DECENTRALIZED_KEY: state}, joiner)
+            elif self.global_rank == joiner:
+                received, self.handover_bytes = receive_state(donor)
+                log.warning(f"rank {joiner}: received {self.handover_bytes} bytes of state from rank {donor}")
+        return received
+
+    def _restore_invariants(self) -> None:
+        """Every member's ``Algorithm.change_membership`` for the new member set (joiners marked)."""
+        assert self._elastic is not None
+        joined = torch.tensor([self.global_rank in self._elastic.joined])
+        for buckets in self._bucket_groups:
+            self.algorithm.change_membership(buckets, self._comm, self.gossip_step, joined)
 
     @property
     def _comm(self) -> Communicator:
@@ -405,8 +441,6 @@ class DecentralizedStrategy(BoundedDDPStrategy):
                 self.gossip_step,
                 lambda k: self._gossip(lambda: empty_step(self.algorithm, buckets, self._comm, k)),
             )
-        if self._elastic is not None and self._elastic.joiners_due(self.gossip_step):
-            self._change_membership("processes wait to join")
         self._log_gossip_metrics(trainer, self._comm)
         return output
 
@@ -432,8 +466,11 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         optimizer has parameters; with several, ``before_step`` stays inside ``optimizer_step``.
         """
         trainer = self.lightning_module.trainer
-        if self._epochs is not None:
-            self._epochs.start_epoch_if_new(trainer, self.collectives)
+        new_epoch = self._epochs is not None and self._epochs.start_epoch_if_new(trainer, self.collectives)
+        joins_here = new_epoch and self._elastic is not None and not self._joined_this_epoch  # an epoch's start
+        if joins_here and self._elastic.admit_joiners(self.collectives):
+            self._change_membership("processes ask to join")
+        self._joined_this_epoch = False
         if len(self._buckets) != 1 or self.communicator is None or self._prepared_step == self.gossip_step:
             return
         (buckets,) = self._bucket_groups
@@ -447,6 +484,10 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         """Every rank's number of optimizer steps per epoch (uneven inputs, see :mod:`lightning_decent.uneven`;
         one small bounded all-gather per ``fit``); the logged bytes per step count from here."""
         super().on_train_start()
+        if self._joining:  # restored: the joiner's side of the members' change (same collectives, same order)
+            self._restore_invariants()
+            self._joining = self._local_collectives = False
+            self._joined_this_epoch = True  # the members admitted it at this epoch's start already
         if self._epochs is not None:
             self._epochs.gather_lengths(self.lightning_module.trainer, self.collectives)
         self._bytes_per_step = MeanPerStep(self.gossip_step, self.comm_stats.bytes_sent)

@@ -161,13 +161,15 @@ class EpochAlignment:
         if self.agreement.epoch >= 0:  # a membership change inside the epoch: the new members' lengths
             self.agreement.lengths = list(self.lengths)
 
-    def start_epoch_if_new(self, trainer: pl.Trainer, collectives: BoundedCollectives) -> None:
+    def start_epoch_if_new(self, trainer: pl.Trainer, collectives: BoundedCollectives) -> bool:
+        """Before a training batch: start the agreement on a new epoch; returns whether one started."""
         if self.agreement.epoch == trainer.current_epoch:
-            return
+            return False
         if trainer.reload_dataloaders_every_n_epochs and self.agreement.epoch >= 0:  # lengths may change
             self.gather_lengths(trainer, collectives)
         steps_done = (batch_in_epoch(trainer) - 1) // trainer.accumulate_grad_batches  # > 0 in a resumed epoch
         self.agreement.start_epoch(trainer.current_epoch, self.lengths, steps_done)
+        return True
 
     def begin_real_step(self, trainer: pl.Trainer | None, gossip_step: int) -> bool:
         """Before a real step's gossip; returns whether it is this rank's last real step of the epoch."""

@@ -31,6 +31,7 @@ def free_port() -> int:
 
 
 def start_rank(out: Path, rank: int, world: int, port: int, *args: str) -> subprocess.Popen:
+    """Rank ``rank`` of ``world`` as its own process (``rank`` only labels the output of a ``--join`` process)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -52,7 +53,8 @@ def start_rank(out: Path, rank: int, world: int, port: int, *args: str) -> subpr
 
 def stop_store(port: int) -> None:
     """Stop the membership store that launch rank 0 started on ``port + 1`` (it would exit when idle)."""
-    subprocess.run(["pkill", "-f", f"lightning_decent.membership serve --host 127.0.0.1 --port {port + 1}"], check=False)
+    pattern = f"lightning_decent.membership serve --host 127.0.0.1 --port {port + 1}"
+    subprocess.run(["pkill", "-f", pattern], check=False)
 
 
 def finish(procs: dict[int, subprocess.Popen], timeout: float) -> dict[int, int | None]:

@@ -13,14 +13,15 @@ membership change instead of the run:
    (``Algorithm.change_membership``).
 
 A new process started with the run's command and ``elastic.join=true`` waits in the rendezvous; the members take
-it in at their next change point (every ``join_check_every`` steps), and one of its neighbours hands it over its
-live checkpoint (:mod:`.handover`) before its first step.
+it in at the start of their next epoch, and one of its neighbours hands it over its live checkpoint
+(:mod:`.handover`) before its first step.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from typing import Any
@@ -63,8 +64,8 @@ class ElasticOptions:
         heartbeat: seconds between a member's keep-alives; a member silent for two of them is dropped.
         last_call: seconds a new epoch waits for more members once ``min_ranks`` have joined.
         join_timeout: seconds a change (or a joiner) waits for the next epoch before failing.
-        join_check_every: optimizer steps between the members' checks for processes waiting to join (one read
-            of the store each time; 0 never takes joiners in).
+        accept_joiners: take processes waiting to join in at the start of every epoch (one read of the store
+            and one small all-gather per epoch).
         join: this process joins a running job (also set by the environment variable ``LIGHTNING_DECENT_JOIN=1``).
     """
 
@@ -75,7 +76,7 @@ class ElasticOptions:
     heartbeat: float = 1.0
     last_call: float = 2.0
     join_timeout: float = 120.0
-    join_check_every: int = 20
+    accept_joiners: bool = True
     join: bool = False
 
     def __post_init__(self) -> None:
@@ -86,8 +87,6 @@ class ElasticOptions:
         for name in ("heartbeat", "last_call", "join_timeout"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"elastic.{name} must be a positive, finite number of seconds.")
-        if self.join_check_every < 0:
-            raise ValueError(f"elastic.join_check_every must be >= 0, got {self.join_check_every}.")
         if self.store is not None:
             parse_address(self.store)
 
@@ -151,7 +150,7 @@ class EpochGroup:
         self.options, self.backend, self.timeout = options, backend, timeout
         host, port = parse_address(options.store) if options.store else default_address()
         if options.store is None and launch_rank == 0:
-            start_detached(host, port, options.run_id, idle_seconds=max(60.0, 10 * options.heartbeat))
+            start_detached(host, port, options.run_id, idle_seconds=max(120.0, 2 * options.join_timeout))
         store = connect(host, port, timedelta(seconds=options.join_timeout))
         key = launch_key(launch_rank) if launch_rank is not None else joiner_key()
         self.membership = Membership(
@@ -163,6 +162,7 @@ class EpochGroup:
             heartbeat=timedelta(seconds=options.heartbeat),
             last_call=timedelta(seconds=options.last_call),
             join_timeout=timedelta(seconds=options.join_timeout),
+            joining=launch_rank is None,
         )
         self.previous_members: tuple[str, ...] = ()
         self.epoch: Epoch | None = None
@@ -174,27 +174,44 @@ class EpochGroup:
         return self.membership.key
 
     def next_epoch(self) -> Epoch:
-        """Leave the current epoch's process group (closing its connections), join the next epoch, build its group."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-            gc.collect()  # the last references to the old groups: their connections close now, so that every
-            # member still waiting on this one fails at once instead of after its gossip_timeout
-        self.previous_members = self.epoch.members if self.epoch is not None else ()
-        self.epoch = self.membership.next_epoch()
-        dist.init_process_group(
-            self.backend,
-            store=dist.PrefixStore("process_group", self.epoch.store),
-            rank=self.epoch.rank,
-            world_size=self.epoch.world_size,
-            timeout=self.timeout,
-        )
-        return self.epoch
+        """Leave the current epoch's process group (closing its connections), join the next epoch, build its group.
+
+        A member that fails to come up in the new group (it died while the epoch formed) starts another change."""
+        deadline = time.monotonic() + self.options.join_timeout
+        while True:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+                gc.collect()  # the last references to the old groups: their connections close now, so that every
+                # member still waiting on this one fails at once instead of after its gossip_timeout
+            if self.epoch is not None:
+                self.previous_members = self.epoch.members
+            elif self.options.joining:
+                self.membership.request_admission()
+            self.epoch = self.membership.next_epoch()
+            if len(self.epoch.joined) == self.epoch.world_size and self.epoch.world_size > 0 and self.options.joining:
+                raise MembershipError(
+                    f"member {self.key} found no running job to join in the store's run {self.options.run_id!r}: "
+                    f"the epoch it formed has joiners only ({', '.join(self.epoch.members)}). Start it while the "
+                    f"job runs, with the job's store address and run id."
+                )
+            try:
+                dist.init_process_group(
+                    self.backend,
+                    store=dist.PrefixStore("process_group", self.epoch.store),
+                    rank=self.epoch.rank,
+                    world_size=self.epoch.world_size,
+                    timeout=min(self.timeout, timedelta(seconds=self.options.join_timeout)),
+                )
+                return self.epoch
+            except (RuntimeError, dist.DistError) as err:
+                if time.monotonic() > deadline:
+                    raise MembershipError(f"member {self.key}: no process group for a new epoch: {err}") from err
 
     @property
     def joined(self) -> list[int]:
-        """The ranks of this epoch that were not members of the previous one (all of them for a joiner's first)."""
+        """The ranks of this epoch that join the running job with it."""
         assert self.epoch is not None
-        return [r for r, key in enumerate(self.epoch.members) if key not in self.previous_members]
+        return list(self.epoch.joined)
 
     @property
     def lost(self) -> list[str]:
@@ -202,10 +219,21 @@ class EpochGroup:
         assert self.epoch is not None
         return [key for key in self.previous_members if key not in self.epoch.members]
 
-    def joiners_due(self, step: int) -> bool:
-        """At a change point (every ``join_check_every`` steps): whether processes wait to join."""
-        every = self.options.join_check_every
-        return every > 0 and step % every == 0 and self.membership.joiners_waiting() > 0
+    def admit_joiners(self, collectives: BoundedCollectives) -> bool:
+        """At a change point for joins (an epoch start): admit the processes that asked to join, as every member
+        sees them (each reads the store's counters; one small all-gather makes them agree). Returns whether a
+        change follows."""
+        if not self.options.accept_joiners:
+            return False
+        seen = self.membership.tickets()
+        if collectives.world_size > 1:
+            seen = max(collectives.all_gather_object(seen, "check for processes waiting to join"))
+        requested, admitted = seen
+        if requested <= admitted:
+            return False
+        if collectives.rank == 0:
+            self.membership.admit(admitted, requested)
+        return True
 
     @staticmethod
     def agree_on_step(step: int, collectives: BoundedCollectives) -> int:

@@ -10,8 +10,9 @@ built for it. A round changes when
   participant has left, the survivors form the next round (complete after ``last_call`` seconds, or at once
   when ``max_ranks`` joined); fewer than ``min_ranks`` never complete it and the wait ends in
   :class:`MembershipError`;
-* a new process calls :meth:`Membership.next_epoch`: it waits in the rendezvous's wait list, which the members
-  read (:meth:`Membership.joiners_waiting`) at their change points, and then all of them form the next round.
+* a new process asks to be admitted (:meth:`Membership.request_admission`, a ticket in the store); the members
+  admit the waiting tickets at their next epoch start and, with the admitted joiners, form the next round. The
+  admission keeps joiners out of the rendezvous until then, so that a loss never takes one in mid-step.
 
 Ranks inside an epoch are not the rendezvous's (it sorts by host and process id) but the order of the members'
 keys: the ranks launched at the start keep their order, joiners come after them, so the lowest surviving rank
@@ -44,6 +45,7 @@ class Epoch:
     number: int
     rank: int
     members: tuple[str, ...]
+    joined: tuple[int, ...]  # the ranks whose first epoch this is (processes that join a running job)
     store: dist.Store
 
     @property
@@ -73,6 +75,7 @@ class Membership:
         heartbeat: the keep-alive interval; a member silent for two of them is dropped.
         last_call: how long a round waits for more members once ``min_ranks`` have joined.
         join_timeout: how long :meth:`next_epoch` waits for a round to complete.
+        joining: this process joins a running job (its first epoch marks it as joined).
     """
 
     def __init__(
@@ -86,11 +89,13 @@ class Membership:
         heartbeat: timedelta,
         last_call: timedelta,
         join_timeout: timedelta,
+        joining: bool = False,
     ) -> None:
-        self.key, self.min_ranks, self.join_timeout = key, min_ranks, join_timeout
+        self.key, self.min_ranks, self.join_timeout, self.joining = key, min_ranks, join_timeout, joining
         # Every round's store is a prefix of the membership store, never a server inside a training process
         # (which torch's agents share with their workers, and which would end with that process).
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        self._store = store
         self._backend = C10dRendezvousBackend(store, run_id)
         self._handler = DynamicRendezvousHandler.from_backend(
             run_id=run_id,
@@ -128,17 +133,40 @@ class Membership:
                 f"min_ranks={self.min_ranks} members are left, or the membership store is gone ({err!r}). Resume "
                 f"from the last checkpoint (resume_from_average=True when the world size changed)."
             ) from err
-        round_store, members = info.store, self._members(info.store, info.rank, info.world_size)
-        self.epoch = Epoch(_state(self._backend).round, members.index(self.key), members, round_store)
+        first = self.epoch is None and self.joining
+        members, joined = self._members(info.store, info.rank, info.world_size, first)
+        self.epoch = Epoch(_state(self._backend).round, members.index(self.key), members, joined, info.store)
         return self.epoch
 
-    def joiners_waiting(self) -> int:
-        """How many processes wait to join (a read of the rendezvous state in the store)."""
-        return self._handler.num_nodes_waiting()
+    def request_admission(self) -> None:
+        """A joiner: take a ticket and wait until the members admit it (at their next epoch start), so that it
+        enters the rendezvous only for a planned change, never in the middle of a step after a loss."""
+        ticket = self._store.add("join/requests", 1)
+        try:
+            self._store.wait([f"join/admit/{ticket}"], self.join_timeout)
+        except (RuntimeError, dist.DistStoreError) as err:
+            raise MembershipError(
+                f"member {self.key} was not admitted within {self.join_timeout.total_seconds():g}s: no member of the "
+                f"run reached the start of an epoch (is the job running, with elastic.accept_joiners=true?)."
+            ) from err
 
-    def _members(self, round_store: dist.Store, rank: int, world_size: int) -> tuple[str, ...]:
-        round_store.set(f"member/{rank}", self.key)
-        return tuple(sorted(round_store.get(f"member/{r}").decode() for r in range(world_size)))
+    def tickets(self) -> tuple[int, int]:
+        """(tickets taken by joiners, tickets admitted): one read of each counter."""
+        return self._store.add("join/requests", 0), self._store.add("join/admitted", 0)
+
+    def admit(self, admitted: int, upto: int) -> None:
+        """Admit the joiners holding tickets ``admitted + 1 .. upto`` (one member does it)."""
+        for ticket in range(admitted + 1, upto + 1):
+            self._store.set(f"join/admit/{ticket}", "1")
+        self._store.add("join/admitted", upto - admitted)
+
+    def _members(
+        self, round_store: dist.Store, rank: int, world_size: int, first: bool
+    ) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Every member's key (in rank order) and the ranks that join with this epoch, read from the round's store."""
+        round_store.set(f"member/{rank}", f"{self.key} {int(first)}")
+        entries = sorted(round_store.get(f"member/{r}").decode().split() for r in range(world_size))
+        return tuple(key for key, _ in entries), tuple(r for r, (_, new) in enumerate(entries) if new == "1")
 
 
 def _state(backend: C10dRendezvousBackend) -> Any:

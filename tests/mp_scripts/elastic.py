@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import time
@@ -65,9 +66,10 @@ def main() -> None:
     parser.add_argument("--gossip-timeout", type=float, default=10.0)
     parser.add_argument("--store", default=None)
     parser.add_argument("--join", action="store_true")
+    parser.add_argument("--join-after", type=Path, default=None, help="a joiner waits for this file to appear")
     parser.add_argument("--checkpoints", action="store_true")
     args = parser.parse_args()
-    elastic = {"store": args.store, "join": args.join, "join_check_every": 5, "join_timeout": 90}
+    elastic = {"store": args.store, "join": args.join, "join_timeout": 90}
     strategy = DecentralizedStrategy(
         topology="ring", gossip_timeout=args.gossip_timeout, collective_timeout=30, elastic=elastic
     )
@@ -90,6 +92,8 @@ def main() -> None:
         callbacks=callbacks,
     )
     module = DigitsClassifier()
+    while args.join_after is not None and not args.join_after.exists():  # imports done: join as soon as told
+        time.sleep(0.2)
     trainer.fit(module, DigitsDataModule(batch_size=32))
     accuracy = trainer.callback_metrics.get("val/acc")
     result = {
@@ -105,4 +109,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(format="%(asctime)s %(message)s")
     main()
