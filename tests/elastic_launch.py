@@ -57,12 +57,15 @@ def stop_store(port: int) -> None:
     subprocess.run(["pkill", "-f", pattern], check=False)
 
 
-def finish(procs: dict[int, subprocess.Popen], timeout: float) -> dict[int, int | None]:
-    """Wait for every process (a stopped one is killed at the deadline); their exit codes."""
+def finish(procs: dict[int, subprocess.Popen], timeout: float, stopped: tuple[int, ...] = ()) -> dict[int, int | None]:
+    """Wait for every process but the ``stopped`` ones (killed once the others ended, or at the deadline);
+    their exit codes (``None``: killed at the deadline)."""
     deadline = time.monotonic() + timeout
     codes: dict[int, int | None] = {}
-    for rank, proc in procs.items():
+    for rank, proc in sorted(procs.items(), key=lambda item: item[0] in stopped):
         try:
+            if rank in stopped:
+                raise subprocess.TimeoutExpired(proc.args, 0)
             codes[rank] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)

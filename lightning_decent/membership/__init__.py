@@ -20,6 +20,7 @@ it in at the start of their next epoch, and one of its neighbours hands it over 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +45,8 @@ from lightning_decent.membership.store import (
     parse_address,
     start_detached,
 )
+
+log = logging.getLogger(__name__)
 
 #: Environment variable that makes a process a joiner (the join command sets it; same as ``elastic.join=true``).
 JOIN_ENV = "LIGHTNING_DECENT_JOIN"
@@ -225,7 +228,11 @@ class EpochGroup:
         change follows."""
         if not self.options.accept_joiners:
             return False
-        seen = self.membership.tickets()
+        try:
+            seen = self.membership.tickets()
+        except (RuntimeError, dist.DistError) as err:  # the store is gone: train on, fail at the next change
+            log.warning(f"member {self.key}: cannot read the membership store, no joiner is admitted ({err})")
+            seen = (0, 0)
         if collectives.world_size > 1:
             seen = max(collectives.all_gather_object(seen, "check for processes waiting to join"))
         requested, admitted = seen

@@ -1,6 +1,7 @@
 """One rank of an elastic D-SGD run on the digits, launched as its own process (as torchrun or SLURM do).
 
-``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B] [--join]``
+``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B] [--join]
+[--join-after FILE] [--store HOST:PORT] [--min-ranks M] [--checkpoints] [--algorithm NAME]``
 
 The environment names the rank as a cluster scheduler would (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``,
 ``LOCAL_RANK=0``): every process is a one-device "node". The victim signals itself (SIGKILL or SIGSTOP) after
@@ -68,10 +69,17 @@ def main() -> None:
     parser.add_argument("--join", action="store_true")
     parser.add_argument("--join-after", type=Path, default=None, help="a joiner waits for this file to appear")
     parser.add_argument("--checkpoints", action="store_true")
+    parser.add_argument("--min-ranks", type=int, default=1)
+    parser.add_argument("--join-timeout", type=float, default=90.0)
+    parser.add_argument("--algorithm", default="dsgd")
     args = parser.parse_args()
-    elastic = {"store": args.store, "join": args.join, "join_timeout": 90}
+    elastic = {"store": args.store, "join": args.join, "join_timeout": args.join_timeout, "min_ranks": args.min_ranks}
     strategy = DecentralizedStrategy(
-        topology="ring", gossip_timeout=args.gossip_timeout, collective_timeout=30, elastic=elastic
+        topology="ring",
+        algorithm=args.algorithm,
+        gossip_timeout=args.gossip_timeout,
+        collective_timeout=30,
+        elastic=elastic,
     )
     record = Record(args)
     callbacks: list[pl.Callback] = [record]
