@@ -1,5 +1,6 @@
 """n virtual nodes in one process: the library's algorithms and topologies on stacked ``[n, dim]`` tensors."""
 
+from lightning_decent.sim.membership import MembershipChange, parse_membership
 from lightning_decent.sim.problems import PROBLEMS, Digits, LeastSquares, Logistic, Problem, Quadratic, get_problem
 from lightning_decent.sim.runner import (
     BASELINE,
@@ -21,6 +22,7 @@ __all__ = [
     "Digits",
     "LeastSquares",
     "Logistic",
+    "MembershipChange",
     "Problem",
     "Quadratic",
     "SimResult",
@@ -28,6 +30,7 @@ __all__ = [
     "get_problem",
     "make_optimizer",
     "network_average",
+    "parse_membership",
     "simulate",
     "transient_step",
 ]

@@ -11,6 +11,8 @@ Examples::
         --algorithms "dsgd,dsgd:opt=accum_adam:accum_iter=4"
     python -m lightning_decent.sim --problem quadratic --n 8 --topology challenging_digraph --lr 0.05 \
         --algorithms "push_sum,push_diging,mg_push_diging"
+    python -m lightning_decent.sim --problem logistic --n 8 --algorithms gradient_tracking,exact_diffusion \
+        --membership "500:leave=3;1000:join_from=0"
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="record metrics every k steps (0: about 200 points)")
     p.add_argument("--factor", type=float, default=2.0, help="transient: stay within this factor of P-SGD")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument(
+        "--membership",
+        help="membership changes, e.g. '500:leave=3;1000:join_from=0' (before step 500 row 3 leaves; before step "
+        "1000 a joiner receives row 0's state and takes a free data shard); rows joined by '+'",
+    )
     linear = p.add_argument_group("least_squares / logistic")
     linear.add_argument("--dim", type=int, default=100)
     linear.add_argument("--samples", type=int, default=32, help="samples per node")
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         dtype=dtype,
         factor=args.factor,
+        membership=args.membership,
     )
     title = f"{problem.name}, n={problem.n}, {args.topology}, {args.optimizer}, lr={args.lr:g}, noise={args.noise:g}"
     print(title)
