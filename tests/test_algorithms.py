@@ -46,7 +46,8 @@ def test_unknown_name_lists_the_valid_ones() -> None:
 
 
 def test_unknown_option_lists_the_accepted_ones() -> None:
-    with pytest.raises(ValueError, match=r"gut does not take option\(s\) \['momentum'\].*mu, beta.*gossip_rounds"):
+    accepted = r"algorithm 'gut' does not take option\(s\) \['momentum'\].*mu, beta.*gossip_rounds"
+    with pytest.raises(ValueError, match=accepted):
         get_algorithm("gut", momentum=0.9)
 
 

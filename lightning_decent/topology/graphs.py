@@ -10,10 +10,9 @@ too: Base-(k+1) graphs (``base_k.py``), EquiTopo (``equitopo.py``) and two-level
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from lightning_decent._extras import require
+from lightning_decent.registry import Registry
 from lightning_decent.topology.base import Topology
 from lightning_decent.topology.base_k import base
 from lightning_decent.topology.equitopo import equidyn, equistatic
@@ -433,7 +433,7 @@ def hierarchical(
             f"hierarchical needs n = machines x local_world_size; got n={n}, local_world_size={local!r}. "
             "Set local_world_size to the number of ranks per machine (a divisor of n)."
         )
-    if isinstance(machines, str) and _resolve(machines)[0] is hierarchical:
+    if isinstance(machines, str) and TOPOLOGIES.resolve(_split_lazy(machines)[0]) == "hierarchical":
         raise ValueError("hierarchical cannot nest itself; choose a flat machine topology such as base or ring.")
     count = n // local
     machine_graph = complete(1) if count == 1 else get_topology(machines, count, **(machine_options or {}))
@@ -441,46 +441,45 @@ def hierarchical(
 
 
 # ---- registry --------------------------------------------------------------------------------------
-TOPOLOGIES: dict[str, Callable[..., Topology]] = {
-    "complete": complete,
-    "ring": ring,
-    "directed_ring": directed_ring,
-    "star": star,
-    "grid": grid,
-    "torus": torus,
-    "erdos_renyi": erdos_renyi,
-    "exponential": exponential,
-    "one_peer_exponential": one_peer_exponential,
-    "alternating_exponential_ring": alternating_exponential_ring,
-    "directed_graph": directed_graph,
-    "challenging_digraph": challenging_digraph,
-    "base": base,
-    "equistatic": equistatic,
-    "equidyn": equidyn,
-    "hierarchical": hierarchical,
-}
-
 _LAZY_PREFIX = "lazy_"
 
+#: The registered topologies by name; every builder takes the node count ``n`` first, then its options.
+TOPOLOGIES: Registry[Topology] = Registry(
+    "topology",
+    {
+        "complete": complete,
+        "ring": ring,
+        "directed_ring": directed_ring,
+        "star": star,
+        "grid": grid,
+        "torus": torus,
+        "erdos_renyi": erdos_renyi,
+        "exponential": exponential,
+        "one_peer_exponential": one_peer_exponential,
+        "alternating_exponential_ring": alternating_exponential_ring,
+        "directed_graph": directed_graph,
+        "challenging_digraph": challenging_digraph,
+        "base": base,
+        "equistatic": equistatic,
+        "equidyn": equidyn,
+        "hierarchical": hierarchical,
+    },
+    leading=1,
+    note=f"any of them may be prefixed with '{_LAZY_PREFIX}'",
+)
 
-def _resolve(name: str) -> tuple[Callable[..., Topology], bool]:
-    """``(builder, is_lazy)`` for a registry name; '-' is accepted for '_' and a ``lazy_`` prefix
-    asks for :func:`lazy` of the graph."""
+
+def _split_lazy(name: str) -> tuple[str, bool]:
+    """``(registry name, is_lazy)``: a ``lazy_`` prefix asks for :func:`lazy` of the graph."""
     key = name.strip().lower().replace("-", "_")
-    is_lazy = key.startswith(_LAZY_PREFIX)
-    key = key.removeprefix(_LAZY_PREFIX)
-    if key not in TOPOLOGIES:
-        raise ValueError(
-            f"Unknown topology {name!r}; valid names: {', '.join(TOPOLOGIES)} "
-            f"(any of them may be prefixed with '{_LAZY_PREFIX}')."
-        )
-    return TOPOLOGIES[key], is_lazy
+    if key.startswith(_LAZY_PREFIX):
+        return key.removeprefix(_LAZY_PREFIX), True
+    return name, False
 
 
 def topology_options(name: str) -> tuple[str, ...]:
     """The keyword options a registry name accepts besides ``n`` (e.g. ``('p', 'seed')``)."""
-    builder, _ = _resolve(name)
-    return tuple(list(inspect.signature(builder).parameters)[1:])
+    return TOPOLOGIES.options(_split_lazy(name)[0])
 
 
 def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
@@ -498,10 +497,6 @@ def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
         if options:
             raise ValueError("Options only apply to a topology given by name; build the Topology with them.")
         return name
-    builder, is_lazy = _resolve(name)
-    accepted = topology_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{name} does not take option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}.")
-    topology = builder(n, **options)
+    key, is_lazy = _split_lazy(name)
+    topology = TOPOLOGIES.build(key, n, **options)
     return lazy(topology) if is_lazy else topology
