@@ -22,7 +22,7 @@ from lightning_decent.algorithms import (
     recommended_gossip_rounds,
 )
 from lightning_decent.comm import SimulatedCommunicator
-from lightning_decent.sim import LeastSquares, Quadratic, network_average, simulate
+from lightning_decent.sim import LeastSquares, Quadratic, simulate, stacked_average
 from lightning_decent.topology import challenging_digraph, directed_ring, equilibrium, from_matrix, get_topology
 
 K, LR = 300, 0.05
@@ -77,7 +77,7 @@ def test_metrics_use_the_network_average_sum_v_z_over_n() -> None:
     problem = Quadratic(n=4)
     result = simulate(problem, "push_sum", "challenging_digraph", steps=1, lr=LR, eval_every=1)
     expected = -LR * (problem.curvature * (0 - problem.centers)).mean(0)
-    xbar = network_average(result.params, result.push_weights)
+    xbar = stacked_average(result.params, result.push_weights)
     torch.testing.assert_close(xbar, expected, rtol=1e-14, atol=1e-15)
     assert not torch.allclose(result.params.mean(0), expected)
     assert result.series["loss"][-1] == pytest.approx(problem.global_loss(expected).item(), rel=1e-14)

@@ -8,8 +8,8 @@ from lightning_decent.sim.runner import (
     SimResult,
     compare,
     make_optimizer,
-    network_average,
     simulate,
+    stacked_average,
     transient_step,
 )
 
@@ -27,7 +27,7 @@ __all__ = [
     "compare",
     "get_problem",
     "make_optimizer",
-    "network_average",
     "simulate",
+    "stacked_average",
     "transient_step",
 ]

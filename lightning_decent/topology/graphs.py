@@ -4,7 +4,7 @@ Every builder takes the number of nodes ``n`` (plus options) and returns a :clas
 pull convention of ``base.py``: ``W[i, j]`` is the weight node ``i`` gives to node ``j``'s value. The
 weights follow ``shared/research/algorithms.md`` §1; the numbers they produce are checked against
 its §3 tables in ``tests/test_topology*.py``. Families with their own module are registered here
-too: Base-(k+1) graphs (``base_k.py``), EquiTopo (``equitopo.py``) and two-level clusters
+too: Base-(k+1) graphs (``finite_time.py``), EquiTopo (``equitopo.py``) and two-level clusters
 (``hierarchical.py``).
 """
 
@@ -23,8 +23,8 @@ import torch
 from lightning_decent._extras import require
 from lightning_decent.registry import Registry
 from lightning_decent.topology.base import Topology
-from lightning_decent.topology.base_k import base
 from lightning_decent.topology.equitopo import equidyn, equistatic
+from lightning_decent.topology.finite_time import base
 from lightning_decent.topology.hierarchical import HierarchicalTopology
 
 if TYPE_CHECKING:
