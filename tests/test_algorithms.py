@@ -171,7 +171,7 @@ def test_the_gut_stability_check_predicts_divergence(monkeypatch: pytest.MonkeyP
 def test_gut_with_periodic_global_averaging_is_checked_on_its_whole_schedule(
     monkeypatch: pytest.MonkeyPatch, name: str, lr: float, unstable: int, stable: int
 ) -> None:
-    # Issue 13: the check was skipped with global averaging, and qg_gut with H = 4 on the ring (n = 8)
+    # The check was once skipped with global averaging, and qg_gut with H = 4 on the ring (n = 8)
     # reached an excess loss of 6e27. An exact average every H steps does not reset GUT's memory terms.
     problem, ring = Quadratic(n=8), get_topology("ring", 8)
     run = {"steps": 1000, "lr": lr, "eval_every": 1000}

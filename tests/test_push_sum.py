@@ -1,8 +1,9 @@
-"""Push-sum algorithms on directed graphs (GitHub issue 5), driven by the simulator.
+"""Push-sum algorithms on directed graphs, driven by the simulator.
 
-Reference data: algorithms.md §3.4b (challenging digraph: pi, kappa_pi = 2^(n-1), beta_pi = 1/sqrt(2),
-push-sum ratios, recommended R) and §3.6's digraph rows (``ref_algos.py``: challenging digraph n = 4,
-K = 300, lr = 0.05, x^0 = 0, the quadratic ``problem(4)``, exact gradients, reporting ``z = x / v``).
+Reference data: the challenging digraph of Liang, Huang, Xin & Yuan (arXiv:2312.04928): pi, kappa_pi =
+2^(n-1), beta_pi = 1/sqrt(2), push-sum ratios, recommended R; and an independent float64 numpy simulation
+(challenging digraph n = 4, K = 300, lr = 0.05, x^0 = 0, the quadratic ``problem(4)``, exact gradients,
+reporting ``z = x / v``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ DIGRAPH_ROWS = [
 
 
 def reference_metrics(z: np.ndarray, optimum: np.ndarray) -> tuple[float, float, float]:
-    """``ref_algos.report`` on the de-biased models ``z``."""
+    """The reference simulation's metrics on the de-biased models ``z``."""
     zbar = z.mean(0)
     return (
         float(np.linalg.norm(zbar - optimum)),

@@ -1,4 +1,4 @@
-"""Topology builders against the weight definitions and tables of shared/research/algorithms.md §1, §3."""
+"""Topology builders against their papers' weight definitions and worked examples, computed independently."""
 
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ def test_challenging_digraph_n4_matrix() -> None:
 
 
 def test_directed_graph_weights_use_the_senders_out_degree() -> None:
-    # Repaired seed-004 6-node digraph (algorithms.md §3.4a), 1-based edges src -> dst.
+    # The 6-node digraph example of Liang et al. (arXiv:2312.04928), repaired to be strongly connected; 1-based
+    # edges src -> dst.
     edges = [(1, 3), (1, 4), (2, 1), (3, 5), (3, 6), (5, 2), (4, 2), (6, 5)]
     w = directed_graph(6, edges=[(s - 1, d - 1) for s, d in edges]).matrix(0)
     assert w[0, 0] == w[2, 0] == w[3, 0] == pytest.approx(1 / 3)  # node 1 sends to 3 and 4
@@ -164,7 +165,7 @@ def test_directed_graph_weights_use_the_senders_out_degree() -> None:
     np.testing.assert_allclose(w.sum(axis=0), 1.0)
 
 
-# ---- seed-004 5-node consensus tables (algorithms.md §3.2) ---------------------------------------
+# ---- 5-node consensus example of Liang et al. (arXiv:2312.04928), recomputed exactly ---------------
 F = Fraction
 RING_TABLE = {
     1: [F(5, 3), F(1), F(2), F(3), F(7, 3)],
@@ -319,8 +320,8 @@ def test_builder_errors_name_the_fix(make, fragments: list[str]) -> None:
         assert fragment in str(info.value)
 
 
-def test_seed_printed_digraph_is_refused_with_the_absorbing_nodes_named() -> None:
-    # algorithms.md §3.4a: the printed 6-node matrix has absorbing nodes 4 and 6 (1-based).
+def test_a_digraph_with_absorbing_nodes_is_refused_with_them_named() -> None:
+    # The 6-node example as printed by Liang et al. (arXiv:2312.04928) has absorbing nodes 4 and 6 (1-based).
     edges = [(1, 3), (1, 4), (2, 1), (3, 5), (3, 6), (5, 2)]
     with pytest.raises(ValueError, match=r"nodes \[3, 5\] cannot reach node 0"):
         directed_graph(6, edges=[(s - 1, d - 1) for s, d in edges])
