@@ -28,6 +28,7 @@ from lightning_decent.topology import (
     star,
     torus,
 )
+from lightning_decent.topology.graphs import check_topology_options
 
 UNDIRECTED = ["complete", "ring", "star", "grid", "torus", "erdos_renyi", "alternating_exponential_ring"]
 DIRECTED_DOUBLY = ["directed_ring", "exponential", "one_peer_exponential"]
@@ -318,6 +319,15 @@ def test_builder_errors_name_the_fix(make, fragments: list[str]) -> None:
         make()
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_options_are_checked_before_building_also_behind_the_lazy_prefix() -> None:
+    check_topology_options("Lazy-Erdos-Renyi", {"p": 0.5, "seed": 3})  # accepted: the builder's parameters
+    with pytest.raises(ValueError) as info:
+        check_topology_options("lazy_ring", {"p": 0.5})
+    assert str(info.value) == "topology 'ring' does not take option(s) ['p']; its options are: none."
+    with pytest.raises(ValueError, match=r"Unknown topology 'hypercube'; valid names: complete, ring, .*'lazy_'"):
+        check_topology_options("hypercube", {})
 
 
 def test_a_digraph_with_absorbing_nodes_is_refused_with_them_named() -> None:

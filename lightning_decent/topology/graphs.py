@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -484,6 +484,11 @@ def topology_options(name: str) -> tuple[str, ...]:
     return TOPOLOGIES.options(_split_lazy(name)[0])
 
 
+def check_topology_options(name: str, options: Mapping[str, object]) -> None:
+    """Raise ``ValueError`` for an unknown topology name, or an option it does not take, naming the valid ones."""
+    TOPOLOGIES.check_options(_split_lazy(name)[0], options)
+
+
 def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
     """Build a registered topology for ``n`` nodes, e.g. ``get_topology("erdos_renyi", 16, p=0.5)``.
 
@@ -499,6 +504,7 @@ def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
         if options:
             raise ValueError("Options only apply to a topology given by name; build the Topology with them.")
         return name
+    check_topology_options(name, options)
     key, is_lazy = _split_lazy(name)
-    topology = TOPOLOGIES.build(key, n, **options)
+    topology = TOPOLOGIES[TOPOLOGIES.resolve(key)](n, **options)
     return lazy(topology) if is_lazy else topology
