@@ -1,4 +1,4 @@
-"""Simulator tables for issue 5: push-sum algorithms on directed graphs, and decentralized Adam.
+"""Simulator tables: push-sum algorithms on directed graphs, and decentralized Adam.
 
 (a) Digraphs: SGP (push_sum), Push-DIGing and MG-Push-DIGing (recommended R) on a heterogeneous
     least-squares problem (exact gradients) over the challenging digraph (n = 8, 16; kappa_pi = 2^(n-1))

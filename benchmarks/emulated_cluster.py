@@ -3,7 +3,7 @@
 Builds an N-rank "cluster" with :class:`lightning_decent.emulation.EmulatedCluster`, starts one
 process per namespace (gloo bound to the namespace's shaped interface through
 ``GLOO_SOCKET_IFNAME``; ranks from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``), runs
-the measurements of :mod:`benchmarks.cluster.cases` and prints the tables and the goals of issue 7.
+the measurements of :mod:`benchmarks.cluster.cases` and prints the tables and the step-time goals.
 Every namespace and process is removed at the end, also on failure or Ctrl-C. Baselines are always
 measured in the same run: this machine is shared and noisy.
 
@@ -433,7 +433,7 @@ def render_two_level(
             goal.name = f"{name}: {gossip.split(':')[1]}: {goal.name}"
             sections.append(f"{name}, {gossip}:\n{text}")
             goals.append(goal)
-    sections.append(report.goals_table(goals, "Goals (issue 15)"))
+    sections.append(report.goals_table(goals, "Goals (two-level cluster)"))
     summary = {name: {case: t.mean for case, t in report.timings(r).items()} for name, r in raw["two_level"].items()}
     return "\n".join(sections), goals, summary
 

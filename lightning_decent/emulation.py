@@ -54,15 +54,6 @@ def _shape(interface: str, bandwidth: str, namespace: str) -> None:
     )  # fmt: skip
 
 
-def remove_stale_namespaces() -> list[str]:
-    """Delete namespaces left by earlier runs that were killed before they could clean up."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    stale = [name for name in listed if name.startswith(PREFIX)]
-    for name in stale:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return stale
-
-
 class EmulatedCluster:
     """``hosts`` network namespaces on one bridge, each link shaped to ``bandwidth`` (e.g. ``"1gbit"``).
 

@@ -1,6 +1,6 @@
-"""The algorithms, driven by the simulator, against the reference simulations of algorithms.md §3.6.
+"""The algorithms, driven by the simulator, against independent reference simulations (plain float64 numpy).
 
-Problem (``ref_algos.py``): 8 nodes on the 1/3-ring, ``f_i(x) = 1/2 (x - c_i)^T H_i (x - c_i)``, exact
+Problem: 8 nodes on the 1/3-ring, ``f_i(x) = 1/2 (x - c_i)^T H_i (x - c_i)``, exact
 gradients, ``x^0 = 0``, K = 300 steps, lr 0.1, float64. Columns: ``|xbar - x*|``, consensus
 ``(1/n) sum ||x_i - xbar||^2``, ``max_i ||x_i - x*||``. Rows above 1e-8 must match to 1e-8 relative;
 rows at the rounding floor (1e-11 ... 1e-14) only need to be below 1e-9.
@@ -109,7 +109,7 @@ def test_gradient_tracking_is_the_one_round_atc_form(problem: Quadratic) -> None
 
 
 def test_exact_diffusion_trajectory_matches_the_reference_recursion(problem: Quadratic) -> None:
-    # Before the floor: ref_algos.py's ED recursion, psi^{k+1} = x - lr g, x = Wbar(psi^{k+1} + x - psi^k).
+    # Before the floor: the reference ED recursion, psi^{k+1} = x - lr g, x = Wbar(psi^{k+1} + x - psi^k).
     grad, w_bar = numpy_grad(problem), lazy(get_topology("ring", 8)).matrix(0)
     steps = 30
     x, psi = np.zeros((8, 2)), np.zeros((8, 2))

@@ -146,7 +146,7 @@ def test_algorithms_that_cannot_compress_refuse_naming_choco(algorithm: str) -> 
 
 
 def test_bad_compression_input() -> None:
-    with pytest.raises(ValueError, match=r"Unknown compressor 'int3'. Valid names"):
+    with pytest.raises(ValueError, match=r"Unknown compressor 'int3'; valid names"):
         DecentralizedStrategy(algorithm="choco", compression="int3")
     with pytest.raises(ValueError, match=r"need compression=\.\.\."):
         DecentralizedStrategy(algorithm="choco", compression_options={"block": 64})

@@ -189,7 +189,7 @@ def test_encode_and_decode_leaves_what_was_sent_and_the_residual() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "match"),
     [
-        ("int2", {}, r"Unknown compressor 'int2'. Valid names: none, bf16, fp16, int8, int4, topk, randomk"),
+        ("int2", {}, r"Unknown compressor 'int2'; valid names: none, bf16, fp16, int8, int4, topk, randomk"),
         ("topk", {}, r"'topk' needs fraction=\.\.\."),
         ("topk", {"fraction": 0}, r"fraction must be in \(0, 1\]"),
         ("randomk", {"fraction": 1.5}, r"fraction must be in \(0, 1\]"),

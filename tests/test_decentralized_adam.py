@@ -1,5 +1,5 @@
-"""Decentralized Adam (DAdam) and AccumAdam (GitHub issue 5): configs, the simulator's optimizers and
-algorithms.md §3.6's DAdam / AccumAdam rows (decent-dp form ``X <- W X - a d(X)``: D-SGD's overlapped form)."""
+"""Decentralized Adam (DAdam) and AccumAdam: configs, the simulator's optimizers and an independent reference
+simulation's DAdam / AccumAdam rows (decent-dp form ``X <- W X - a d(X)``: D-SGD's overlapped form)."""
 
 from __future__ import annotations
 

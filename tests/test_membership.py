@@ -19,7 +19,7 @@ from lightning_decent.algorithms import ALGORITHMS, Algorithm, Bucket, get_algor
 from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL
 from lightning_decent.algorithms.local_steps import ANCHOR, IN_FLIGHT, OUTER_OPTIMIZER
 from lightning_decent.comm import Communicator
-from lightning_decent.sim import get_problem, network_average, simulate
+from lightning_decent.sim import get_problem, simulate, stacked_average
 from lightning_decent.sim.cli import main as sim_main
 from lightning_decent.sim.membership import MembershipChange, parse_membership
 
@@ -321,7 +321,7 @@ def test_a_run_with_a_leave_and_a_join_ends_where_an_uninterrupted_run_of_its_fi
     changed = simulate(convex, name, topology, membership=LEAVE_THEN_JOIN, **settings)
     assert changed.members == [0, 1, 2, 4, 5, 6, 7, 3]
     reference = simulate(convex, name, topology, nodes=changed.members, **settings)
-    end, expected = (network_average(r.params, r.push_weights) for r in (changed, reference))
+    end, expected = (stacked_average(r.params, r.push_weights) for r in (changed, reference))
     assert (end - expected).abs().max().item() < 1e-8
     assert changed.final("loss") < 0.75 * changed.series["loss"][0]
     if name in RULES_THAT_MATTER:  # without the rule the run settles elsewhere (or drifts)
@@ -330,7 +330,7 @@ def test_a_run_with_a_leave_and_a_join_ends_where_an_uninterrupted_run_of_its_fi
         algo.change_membership = lambda *args: None  # type: ignore[method-assign]
         ruleless_settings = {k: v for k, v in settings.items() if k not in algorithm_options}
         ruleless = simulate(convex, algo, topology, membership=LEAVE_THEN_JOIN, **ruleless_settings)
-        assert (network_average(ruleless.params, ruleless.push_weights) - expected).abs().max().item() > 1e-2
+        assert (stacked_average(ruleless.params, ruleless.push_weights) - expected).abs().max().item() > 1e-2
 
 
 def test_exact_methods_reach_the_whole_problems_optimum_after_a_leave_and_a_join(convex) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent import DecentralizedStrategy
-from lightning_decent.algorithms import ALGORITHMS, DSGD, Bucket, get_algorithm
+from lightning_decent.algorithms import ALGORITHMS, DSGD, Bucket, LocalSteps, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.topology import get_topology
@@ -97,7 +97,7 @@ def test_the_simulator_accepts_the_overlapped_form_by_name() -> None:
     assert not get_algorithm("dsgd").overlap
 
 
-LOCAL_STEPS = {"local_sgd", "diloco", "gasloc"}
+LOCAL_STEPS = {name for name, cls in ALGORITHMS.items() if issubclass(cls, LocalSteps)}
 
 
 @pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - {"dsgd"} - LOCAL_STEPS))

@@ -1,8 +1,9 @@
-"""Push-sum algorithms on directed graphs (GitHub issue 5), driven by the simulator.
+"""Push-sum algorithms on directed graphs, driven by the simulator.
 
-Reference data: algorithms.md §3.4b (challenging digraph: pi, kappa_pi = 2^(n-1), beta_pi = 1/sqrt(2),
-push-sum ratios, recommended R) and §3.6's digraph rows (``ref_algos.py``: challenging digraph n = 4,
-K = 300, lr = 0.05, x^0 = 0, the quadratic ``problem(4)``, exact gradients, reporting ``z = x / v``).
+Reference data: the challenging digraph of Liang, Huang, Xin & Yuan (arXiv:2312.04928): pi, kappa_pi =
+2^(n-1), beta_pi = 1/sqrt(2), push-sum ratios, recommended R; and an independent float64 numpy simulation
+(challenging digraph n = 4, K = 300, lr = 0.05, x^0 = 0, the quadratic ``problem(4)``, exact gradients,
+reporting ``z = x / v``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning_decent.algorithms import (
     recommended_gossip_rounds,
 )
 from lightning_decent.comm import SimulatedCommunicator
-from lightning_decent.sim import LeastSquares, Quadratic, network_average, simulate
+from lightning_decent.sim import LeastSquares, Quadratic, simulate, stacked_average
 from lightning_decent.topology import challenging_digraph, directed_ring, equilibrium, from_matrix, get_topology
 
 K, LR = 300, 0.05
@@ -41,7 +42,7 @@ DIGRAPH_ROWS = [
 
 
 def reference_metrics(z: np.ndarray, optimum: np.ndarray) -> tuple[float, float, float]:
-    """``ref_algos.report`` on the de-biased models ``z``."""
+    """The reference simulation's metrics on the de-biased models ``z``."""
     zbar = z.mean(0)
     return (
         float(np.linalg.norm(zbar - optimum)),
@@ -77,7 +78,7 @@ def test_metrics_use_the_network_average_sum_v_z_over_n() -> None:
     problem = Quadratic(n=4)
     result = simulate(problem, "push_sum", "challenging_digraph", steps=1, lr=LR, eval_every=1)
     expected = -LR * (problem.curvature * (0 - problem.centers)).mean(0)
-    xbar = network_average(result.params, result.push_weights)
+    xbar = stacked_average(result.params, result.push_weights)
     torch.testing.assert_close(xbar, expected, rtol=1e-14, atol=1e-15)
     assert not torch.allclose(result.params.mean(0), expected)
     assert result.series["loss"][-1] == pytest.approx(problem.global_loss(expected).item(), rel=1e-14)

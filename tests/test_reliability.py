@@ -1,4 +1,4 @@
-"""Single-process parts of issue 13: refused options, the all-reduce baseline's choice of algorithm, and the
+"""Reliability checks in one process: refused options, the all-reduce baseline's choice of algorithm, and the
 roll-call messages of the bounded collectives (their multi-process behaviour is in
 ``test_reliability_multiprocess.py``)."""
 

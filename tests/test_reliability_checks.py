@@ -1,4 +1,4 @@
-"""Issue 13 in real 4-process gloo runs (one launch, ``tests/mp_scripts/reliability_checks.py``): gradient
+"""Reliability in real 4-process gloo runs (one launch, ``tests/mp_scripts/reliability_checks.py``): gradient
 accumulation for algorithms that move the parameters before the step, the DDP-equivalent all-reduce
 baseline with Adam, and what a push-sum checkpoint gives when loaded or evaluated at another world size."""
 

@@ -15,7 +15,7 @@ import torch
 from mp_launch import launch
 
 RANKS = 4
-#: Exact resume is checked for these (issue 6): plain gossip, a tracker state, push-sum weights on a digraph.
+#: Exact resume is checked for these: plain gossip, a tracker state, push-sum weights on a digraph.
 RESUME_ALGORITHMS = ("dsgd", "gradient_tracking", "push_sum")
 
 
@@ -93,7 +93,7 @@ COLLECTIVE_FAULTS = [
     ("mode", "when", "message"), COLLECTIVE_FAULTS, ids=[f"{m}-{w}" for m, w, _ in COLLECTIVE_FAULTS]
 )
 def test_a_rank_lost_in_a_collective_is_named_within_the_timeout(tmp_path: Path, mode: str, when: str, message: str):
-    # Issue 13: a stopped rank left the others in the evaluation all-reduce or the checkpoint broadcast for
+    # A stopped rank once left the others in the evaluation all-reduce or the checkpoint broadcast for
     # the process group's 30 minutes; a killed one ended the run with gloo's "Connection reset by peer".
     elapsed, stderr = run_failure(tmp_path, mode, 60, "--when", when, "--collective-timeout", "5")
     assert elapsed < 45, f"took {elapsed:.1f}s to stop after rank 2 {'was killed' if mode == 'kill' else 'hung'}"

@@ -1,4 +1,4 @@
-"""Topology builders against the weight definitions and tables of shared/research/algorithms.md §1, §3."""
+"""Topology builders against their papers' weight definitions and worked examples, computed independently."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from lightning_decent.topology import (
     star,
     torus,
 )
+from lightning_decent.topology.graphs import check_topology_options
 
 UNDIRECTED = ["complete", "ring", "star", "grid", "torus", "erdos_renyi", "alternating_exponential_ring"]
 DIRECTED_DOUBLY = ["directed_ring", "exponential", "one_peer_exponential"]
@@ -156,7 +157,8 @@ def test_challenging_digraph_n4_matrix() -> None:
 
 
 def test_directed_graph_weights_use_the_senders_out_degree() -> None:
-    # Repaired seed-004 6-node digraph (algorithms.md §3.4a), 1-based edges src -> dst.
+    # The 6-node digraph example of Liang et al. (arXiv:2312.04928), repaired to be strongly connected; 1-based
+    # edges src -> dst.
     edges = [(1, 3), (1, 4), (2, 1), (3, 5), (3, 6), (5, 2), (4, 2), (6, 5)]
     w = directed_graph(6, edges=[(s - 1, d - 1) for s, d in edges]).matrix(0)
     assert w[0, 0] == w[2, 0] == w[3, 0] == pytest.approx(1 / 3)  # node 1 sends to 3 and 4
@@ -164,7 +166,7 @@ def test_directed_graph_weights_use_the_senders_out_degree() -> None:
     np.testing.assert_allclose(w.sum(axis=0), 1.0)
 
 
-# ---- seed-004 5-node consensus tables (algorithms.md §3.2) ---------------------------------------
+# ---- 5-node consensus example of Liang et al. (arXiv:2312.04928), recomputed exactly ---------------
 F = Fraction
 RING_TABLE = {
     1: [F(5, 3), F(1), F(2), F(3), F(7, 3)],
@@ -319,8 +321,17 @@ def test_builder_errors_name_the_fix(make, fragments: list[str]) -> None:
         assert fragment in str(info.value)
 
 
-def test_seed_printed_digraph_is_refused_with_the_absorbing_nodes_named() -> None:
-    # algorithms.md §3.4a: the printed 6-node matrix has absorbing nodes 4 and 6 (1-based).
+def test_options_are_checked_before_building_also_behind_the_lazy_prefix() -> None:
+    check_topology_options("Lazy-Erdos-Renyi", {"p": 0.5, "seed": 3})  # accepted: the builder's parameters
+    with pytest.raises(ValueError) as info:
+        check_topology_options("lazy_ring", {"p": 0.5})
+    assert str(info.value) == "topology 'ring' does not take option(s) ['p']; its options are: none."
+    with pytest.raises(ValueError, match=r"Unknown topology 'hypercube'; valid names: complete, ring, .*'lazy_'"):
+        check_topology_options("hypercube", {})
+
+
+def test_a_digraph_with_absorbing_nodes_is_refused_with_them_named() -> None:
+    # The 6-node example as printed by Liang et al. (arXiv:2312.04928) has absorbing nodes 4 and 6 (1-based).
     edges = [(1, 3), (1, 4), (2, 1), (3, 5), (3, 6), (5, 2)]
     with pytest.raises(ValueError, match=r"nodes \[3, 5\] cannot reach node 0"):
         directed_graph(6, edges=[(s - 1, d - 1) for s, d in edges])

@@ -21,8 +21,8 @@ from lightning_decent.topology import (
     ring,
     simple_base,
 )
-from lightning_decent.topology.base_k import base_digits, hyper_hypercube_factors, smooth_part
 from lightning_decent.topology.equitopo import basis
+from lightning_decent.topology.finite_time import base_digits, hyper_hypercube_factors, smooth_part
 
 
 def exact_average(n: int) -> np.ndarray:

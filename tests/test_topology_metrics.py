@@ -1,4 +1,4 @@
-"""Spectral metrics against the verified tables of shared/research/algorithms.md §1.2, §3.1–§3.5."""
+"""Spectral metrics against independently computed tables (float64 numpy) and the papers' closed forms."""
 
 from __future__ import annotations
 
@@ -207,9 +207,9 @@ def test_repaired_seed_digraph_metrics() -> None:
     assert consensus_rate(top) == pytest.approx(0.8827122036, abs=1e-9)
 
 
-def test_equilibrium_of_the_printed_seed_digraph_is_undefined() -> None:
+def test_equilibrium_of_a_digraph_with_absorbing_nodes_is_undefined() -> None:
     third = 1 / 3
-    printed = np.array(  # algorithms.md §3.4a, as printed: nodes 4 and 6 are absorbing
+    printed = np.array(  # Liang et al. (arXiv:2312.04928), as printed: nodes 4 and 6 are absorbing
         [
             [third, 0.5, 0, 0, 0, 0],
             [0, 0.5, 0, 0, 0.5, 0],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-#: Goals of issue 7 (ratios measured in the same run).
+#: Step-time goals of the flat cluster (ratios measured in the same run).
 ONE_PEER_ROUND = 1.05
 D_PEER_ROUND = 1.10
 OVERLAP_STEP = 1.03
@@ -304,5 +304,5 @@ def _mean_curve(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
     ]
 
 
-def goals_table(goals: list[Goal], title: str = "Goals (issue 7)") -> str:
+def goals_table(goals: list[Goal], title: str = "Goals (flat cluster)") -> str:
     return table(title, ["goal", "measured", "target", "status", "note"], [g.row() for g in goals])

@@ -11,7 +11,7 @@ from typing import Any
 from benchmarks.cluster.report import Goal, bandwidth_bytes_per_second, goals_table, table
 from benchmarks.cluster.time_to_quality import DELAY, FRAGMENTS, TTQ_CASES, time_to_target
 
-#: Goals of issue 12 section 4 (ratios from one run).
+#: Time-to-quality goals (ratios from one run).
 VERSUS_DDP_TIME = 0.2
 VERSUS_TORCHFT_TIME = 0.7
 STREAMING_STEP = 1.05
@@ -332,7 +332,7 @@ def render(runs: dict[str, dict[str, Any]], plot_path: Path | None = None) -> tu
         targets[bandwidth] = ddp.final_loss if ddp else None
         sections.append(f"# command: {run.get('command', '?')}\n\n{text}")
         goals += [Goal(f"{bandwidth}: {g.name}", g.value, g.limit, g.note) for g in run_goals]
-    sections.append(goals_table(goals, "Goals (issue 12 section 4)"))
+    sections.append(goals_table(goals, "Goals (time to quality)"))
     summary["goals"] = [{"goal": g.name, "value": g.value, "limit": g.limit, "status": g.status, "note": g.note}
                         for g in goals]  # fmt: skip
     if plot_path is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.cluster.report import Goal, _ms, _ratio, _timing_of, table, timings
 
-#: Goals of issue 15 on 2 machines x 4 ranks (ratios of mean steps measured in the same run).
+#: Goals of the two-level cluster on 2 machines x 4 ranks (ratios of mean steps measured in the same run).
 VERSUS_DDP = 0.6
 VERSUS_AER = 0.7
 

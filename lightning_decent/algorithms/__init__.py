@@ -11,7 +11,6 @@ need a doubly stochastic matrix.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from lightning_decent.algorithms.base import Algorithm, Bucket, require_plain_sgd
@@ -32,56 +31,38 @@ from lightning_decent.algorithms.push_sum import (
     recommended_gossip_rounds,
 )
 from lightning_decent.algorithms.qg_dsgdm import QGDSGDm
+from lightning_decent.registry import Registry
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    "ddp": DDP,
-    "dsgd": DSGD,
-    "qg_dsgdm": QGDSGDm,
-    "exact_diffusion": ExactDiffusion,
-    "gradient_tracking": GradientTracking,
-    "gut": GUT,
-    "qg_gut": QGGUT,
-    "push_sum": PushSum,
-    "push_diging": PushDIGing,
-    "mg_push_diging": MGPushDIGing,
-    "local_sgd": LocalSGD,
-    "diloco": DiLoCo,
-    "gasloc": GASLoC,
-    "choco": Choco,
-}
+#: The registered algorithms by name; ``ALGORITHMS.aliases`` holds the short names (``d2``, ``ed``, ``gt``).
+ALGORITHMS: Registry[Algorithm] = Registry(
+    "algorithm",
+    {
+        "ddp": DDP,
+        "dsgd": DSGD,
+        "qg_dsgdm": QGDSGDm,
+        "exact_diffusion": ExactDiffusion,
+        "gradient_tracking": GradientTracking,
+        "gut": GUT,
+        "qg_gut": QGGUT,
+        "push_sum": PushSum,
+        "push_diging": PushDIGing,
+        "mg_push_diging": MGPushDIGing,
+        "local_sgd": LocalSGD,
+        "diloco": DiLoCo,
+        "gasloc": GASLoC,
+        "choco": Choco,
+    },
+    aliases={"d2": "exact_diffusion", "ed": "exact_diffusion", "gt": "gradient_tracking"},
+    shared_options=MODIFIER_OPTIONS,
+)
 
 #: Short names accepted by :func:`get_algorithm`.
-ALIASES: dict[str, str] = {
-    "d2": "exact_diffusion",
-    "ed": "exact_diffusion",
-    "gt": "gradient_tracking",
-}
+ALIASES: dict[str, str] = ALGORITHMS.aliases
 
 
 def algorithm_options(name: str) -> tuple[str, ...]:
     """The keyword options an algorithm name accepts (its own, then the modifiers')."""
-    return _constructor_options(ALGORITHMS[_resolve(name)]) + MODIFIER_OPTIONS
-
-
-def _constructor_options(cls: type) -> tuple[str, ...]:
-    """The named parameters of ``cls``'s constructor; a ``**options`` parameter stands for the options of
-    the parent class it is forwarded to (``gasloc`` adds its own to those of every local-steps algorithm)."""
-    parameters = inspect.signature(cls).parameters.values()
-    names = tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        names += tuple(n for n in _constructor_options(cls.__mro__[1]) if n not in names)
-    return names
-
-
-def _resolve(name: str) -> str:
-    key = name.strip().replace("-", "_").lower()
-    key = ALIASES.get(key, key)
-    if key not in ALGORITHMS:
-        raise ValueError(
-            f"Unknown algorithm {name!r}. Valid names: {', '.join(ALGORITHMS)} "
-            f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())})."
-        )
-    return key
+    return ALGORITHMS.options(name)
 
 
 def get_algorithm(name: str | Algorithm, **options: Any) -> Algorithm:
@@ -100,12 +81,7 @@ def get_algorithm(name: str | Algorithm, **options: Any) -> Algorithm:
             )
         _check_modifiers(name, modifiers)
         return with_modifiers(name, **modifiers)
-    key = _resolve(name)
-    accepted = algorithm_options(key)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{key} does not take option(s) {unknown}; its options are: {', '.join(accepted)}.")
-    algorithm = ALGORITHMS[key](**options)
+    algorithm = ALGORITHMS.build(name, **options)
     _check_modifiers(algorithm, modifiers)
     return with_modifiers(algorithm, **modifiers)
 

@@ -78,7 +78,11 @@ def save_previous(buckets: list[Bucket]) -> None:
 class Algorithm(ABC):
     """Base class of decentralized algorithms.
 
-    Class attributes describe the cost, shown in the README's algorithm table:
+    Class attributes describe the cost; the tests hold every registered algorithm to them (bytes sent
+    per step, state allocated by :meth:`init_state`):
+        communicates_every_step: every optimizer step sends ``rounds_per_step x buffers_per_round``
+            buffers to each out-neighbour (False: the local-steps family, which synchronises every ``H``
+            steps).
         rounds_per_step: sequential communication rounds per optimizer step.
         buffers_per_round: model-sized buffers sent to each out-neighbour per round.
         extra_memory: persistent per-node state in model sizes, beyond parameters, gradients and
@@ -96,6 +100,7 @@ class Algorithm(ABC):
     """
 
     name: ClassVar[str]
+    communicates_every_step: ClassVar[bool] = True
     rounds_per_step: ClassVar[int] = 1
     buffers_per_round: ClassVar[int] = 1
     extra_memory: ClassVar[float] = 0.0

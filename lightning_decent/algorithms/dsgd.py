@@ -23,7 +23,7 @@ class DSGD(Algorithm):
     Adam/AdamW gives decentralized Adam (DAdam). Communication: 1 round x 1 buffer per step.
     Extra memory: none (plus one receive buffer per in-neighbour in the communicator).
 
-    With ``overlap=True``, the one-step-delayed form of Lian et al.'s D-PSGD (algorithms.md §0.1)::
+    With ``overlap=True``, the one-step-delayed form of Lian et al.'s D-PSGD (NeurIPS 2017, Algorithm 1)::
 
         x_i^{k+1} = sum_j W[i, j](k) x_j^k - lr * d_i^k,    d_i^k computed at the un-mixed x_i^k
 

@@ -26,10 +26,10 @@ class GradientTracking(Algorithm):
     L2 weight decay is added to ``y`` inside the step and is not tracked, which leaves the fixed point
     unchanged because ``wd x_i`` is identical on all nodes at consensus.
 
-    This differs from the two-round ATC form (``y^{k+1} = W(y^k + g^{k+1} - g^k)``, algorithms.md
-    §2.5) and from epfml's one-round form (``x^{k+1} = W x^k - lr y^k``): same fixed point, one round,
-    and the parameters are sent after the local step as in D-SGD. Works on any doubly stochastic W,
-    directed and time-varying included.
+    This differs from the two-round ATC form (``y^{k+1} = W(y^k + g^{k+1} - g^k)``) and from epfml's
+    one-round form (``x^{k+1} = W x^k - lr y^k``): same fixed point, one round, and the parameters are
+    sent after the local step as in D-SGD. Works on any doubly stochastic W, directed and time-varying
+    included.
 
     Communication: 1 round x 2 buffers (parameters, tracker) per step. Extra memory: 2 models
     (tracker ``z``/``y`` and the previous gradient).

@@ -24,7 +24,7 @@ class GUT(Algorithm):
 
     ``mu`` is the paper's scaling factor (``mu = 0`` gives D-SGD, adapt-then-combine, with the gradient
     at the gossiped model; ``beta > 0, mu = 0`` is the GUT code's "QG-DSGDm"). GUT does not remove the
-    heterogeneity bias completely: it shrinks it by about ``(1 - mu)`` (algorithms.md §2.6).
+    heterogeneity bias completely: it shrinks it by about ``(1 - mu)``.
 
     Its gossip is a momentum-like recursion that, for some graphs and ``(mu, beta)``, amplifies
     disagreement whatever the learning rate (e.g. ``mu = 0.9`` on the one-peer exponential graph):

@@ -96,6 +96,7 @@ class LocalSteps(Algorithm):
     #: The synchronisation is a global average (DiLoCo), which keeps a second error-feedback residual.
     averages: ClassVar[bool] = True
 
+    communicates_every_step: ClassVar[bool] = False
     rounds_per_step: ClassVar[int] = 1
     buffers_per_round: ClassVar[int] = 1
 

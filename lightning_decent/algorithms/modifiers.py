@@ -21,7 +21,7 @@ from lightning_decent.topology import Topology
 
 MODIFIER_OPTIONS = ("global_average_every", "adaptive_global_average", "gossip_rounds")
 
-#: AGA exponent (seed 000): H = H0 * (f(x^0) / f(x^T))^(1/4).
+#: Gossip-AGA's exponent (Chen et al., ICML 2021): H = H0 * (f(x^0) / f(x^T))^(1/4).
 AGA_EXPONENT = 0.25
 
 
@@ -54,7 +54,7 @@ class Modified(Algorithm):
       exact average, ``x_i^{k+1} = (1/n) sum_j x_j^{k+1/2}`` for D-SGD. ``H = 1`` averages the
       parameters after every local step (parallel SGD for SGD with or without momentum; for Adam it is
       not DDP, which averages gradients: use ``algorithm="ddp"``). Optimizer state is not averaged.
-    * **Adaptive period** (Gossip-AGA, same paper; rule of algorithms.md §2.7):
+    * **Adaptive period** (Gossip-AGA, same paper):
       ``H_l = ceil(H_0 (f_0 / f_l)^(1/4))``, where ``f_l`` is the training loss averaged over every
       node and every step of the period that just ended (all-reduced with the average, so all nodes
       agree) and ``f_0`` the first period's: averaging is frequent while the loss is high and gets

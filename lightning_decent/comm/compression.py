@@ -34,13 +34,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-#: Names accepted by :func:`get_compressor`.
-COMPRESSORS = ("none", "bf16", "fp16", "int8", "int4", "topk", "randomk")
+from lightning_decent.registry import Registry
 
 Key = Sequence[int]
 
@@ -381,6 +381,23 @@ class RandomK(_Sparsifier):
 #: stay small enough for a useful contraction bound (omega = 0.67).
 DEFAULT_BLOCK = {"int8": 256, "int4": 64}
 
+#: The registered compressors by name; each builder's keyword parameters are the name's options.
+COMPRESSOR_REGISTRY: Registry[Compressor] = Registry(
+    "compressor",
+    {
+        "none": partial(Cast, None),
+        "bf16": partial(Cast, torch.bfloat16),
+        "fp16": partial(Cast, torch.float16),
+        "int8": partial(BlockQuantizer, 8, block=DEFAULT_BLOCK["int8"]),
+        "int4": partial(BlockQuantizer, 4, block=DEFAULT_BLOCK["int4"]),
+        "topk": TopK,
+        "randomk": RandomK,
+    },
+)
+
+#: Names accepted by :func:`get_compressor`.
+COMPRESSORS = COMPRESSOR_REGISTRY.names()
+
 
 def get_compressor(name: str | Compressor | None, **options: Any) -> Compressor:
     """Build a compressor by name: ``get_compressor("int8", block=128)``, ``get_compressor("topk", fraction=0.01)``.
@@ -395,28 +412,8 @@ def get_compressor(name: str | Compressor | None, **options: Any) -> Compressor:
         if options:
             raise ValueError(f"Options {sorted(options)} only apply to a compressor given by name.")
         return name
-    key = "none" if name is None else str(name).strip().lower()
-    accepted = {
-        "none": (),
-        "bf16": (),
-        "fp16": (),
-        "int8": ("block",),
-        "int4": ("block",),
-        "topk": ("fraction",),
-        "randomk": ("fraction", "seed"),
-    }
-    if key not in accepted:
-        raise ValueError(f"Unknown compressor {name!r}. Valid names: {', '.join(COMPRESSORS)}.")
-    unknown = sorted(set(options) - set(accepted[key]))
-    if unknown:
-        valid = ", ".join(accepted[key]) or "none"
-        raise ValueError(f"compressor {key!r} does not take option(s) {unknown}; its options are: {valid}.")
-    if key in ("none", "bf16", "fp16"):
-        return Cast({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[key])
-    if key in DEFAULT_BLOCK:
-        return BlockQuantizer(8 if key == "int8" else 4, options.get("block", DEFAULT_BLOCK[key]))
-    if "fraction" not in options:
+    key = COMPRESSOR_REGISTRY.resolve("none" if name is None else str(name))
+    COMPRESSOR_REGISTRY.check_options(key, options)
+    if "fraction" in COMPRESSOR_REGISTRY.options(key) and "fraction" not in options:
         raise ValueError(f"compressor {key!r} needs fraction=... (the share of values sent, e.g. 0.01).")
-    if key == "topk":
-        return TopK(options["fraction"])
-    return RandomK(options["fraction"], options.get("seed", 0))
+    return COMPRESSOR_REGISTRY.build(key, **options)

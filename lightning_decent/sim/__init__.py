@@ -9,8 +9,8 @@ from lightning_decent.sim.runner import (
     SimResult,
     compare,
     make_optimizer,
-    network_average,
     simulate,
+    stacked_average,
     transient_step,
 )
 
@@ -29,8 +29,8 @@ __all__ = [
     "compare",
     "get_problem",
     "make_optimizer",
-    "network_average",
     "parse_membership",
     "simulate",
+    "stacked_average",
     "transient_step",
 ]

@@ -78,7 +78,8 @@ def _rows(tensor: torch.Tensor, nodes: torch.Tensor | None) -> torch.Tensor:
 
 
 class Quadratic(Problem):
-    """The deterministic reference problem of algorithms.md §3.6 (``ref_algos.py``), ``d = 2``::
+    """A deterministic heterogeneous quadratic in ``d = 2`` with a closed-form optimum, the tests' reference
+    problem::
 
     f_i(x) = 1/2 (x - c_i)^T H_i (x - c_i),  H_i = diag(1 + i/(n-1), 2 - i/(n-1)),
     c_i = (i - (n-1)/2, (-1)^i),  x^0 = 0.

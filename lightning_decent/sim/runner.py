@@ -203,8 +203,9 @@ class SimResult:
         }
 
 
-def network_average(params: torch.Tensor, push_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``(1/n) sum_i x_i``: the plain row mean, or ``(1/n) sum_i v_i z_i`` for push-sum (``params = z``)."""
+def stacked_average(params: torch.Tensor, push_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The average model of the simulated nodes, from their stacked ``[n, dim]`` rows: ``(1/n) sum_i x_i``, or
+    ``(1/n) sum_i v_i z_i`` for push-sum (``params = z``)."""
     params = params.detach()
     return params.mean(dim=0) if push_weights is None else (push_weights.detach() * params).mean(dim=0)
 
@@ -216,7 +217,7 @@ def _metrics(
     push_weights: torch.Tensor | None = None,
     shards: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    xbar = network_average(params, push_weights).requires_grad_(True)
+    xbar = stacked_average(params, push_weights).requires_grad_(True)
     if shards is None:
         loss = problem.global_loss(xbar)
     else:  # the members' own objective

@@ -1,8 +1,8 @@
 """Communication graphs for gossip: builders, the name registry and spectral metrics."""
 
 from lightning_decent.topology.base import Topology
-from lightning_decent.topology.base_k import base, hyper_hypercube, simple_base
 from lightning_decent.topology.equitopo import equidyn, equistatic, equistatic_shifts
+from lightning_decent.topology.finite_time import base, hyper_hypercube, simple_base
 from lightning_decent.topology.graphs import (
     TOPOLOGIES,
     alternating_exponential_ring,

@@ -1,19 +1,19 @@
 """Builders for the standard gossip graphs, and the name registry used by configs and the CLI.
 
 Every builder takes the number of nodes ``n`` (plus options) and returns a :class:`Topology` in the
-pull convention of ``base.py``: ``W[i, j]`` is the weight node ``i`` gives to node ``j``'s value. The
-weights follow ``shared/research/algorithms.md`` §1; the numbers they produce are checked against
-its §3 tables in ``tests/test_topology*.py``. Families with their own module are registered here
-too: Base-(k+1) graphs (``base_k.py``), EquiTopo (``equitopo.py``) and two-level clusters
+pull convention of ``base.py``: ``W[i, j]`` is the weight node ``i`` gives to node ``j``'s value. Each
+builder cites the paper its weights come from; undirected graphs without closed-form weights get
+Metropolis–Hastings weights (Xiao, Boyd & Lall, IPSN 2005). ``tests/test_topology*.py`` checks the
+consensus rates they produce against independent computations. Families with their own module are registered here
+too: Base-(k+1) graphs (``finite_time.py``), EquiTopo (``equitopo.py``) and two-level clusters
 (``hierarchical.py``).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -22,9 +22,10 @@ import scipy.sparse as sp
 import torch
 
 from lightning_decent._extras import require
+from lightning_decent.registry import Registry
 from lightning_decent.topology.base import Topology
-from lightning_decent.topology.base_k import base
 from lightning_decent.topology.equitopo import equidyn, equistatic
+from lightning_decent.topology.finite_time import base
 from lightning_decent.topology.hierarchical import HierarchicalTopology
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def complete(n: int) -> Topology:
 
 
 def ring(n: int) -> Topology:
-    """Undirected ring: ``W[i, i] = W[i, i±1 mod n] = 1/3`` (seed 000). For ``n = 2`` both weights
+    """Undirected ring: ``W[i, i] = W[i, i±1 mod n] = 1/3``. For ``n = 2`` both weights
     are 1/2 (the two neighbours coincide); for ``n = 1``, ``W = [[1]]``."""
     _check_n(n, "ring")
     return Topology([_circulant(n, (0, 1, -1))], name="ring")
@@ -181,8 +182,8 @@ def torus(n: int, rows: int | None = None, cols: int | None = None) -> Topology:
 def erdos_renyi(n: int, p: float | None = None, seed: int = 0) -> Topology:
     """Erdős–Rényi ``G(n, p)`` with Metropolis–Hastings weights, drawn deterministically:
     ``U = numpy.random.default_rng(seed).random((n, n))``, edge ``{i, j}`` (i < j) iff ``U[i, j] < p``
-    (algorithms.md §1.2). A disconnected draw is redrawn with ``seed + 1, seed + 2, ...`` (at most
-    100 attempts)."""
+    (a deterministic draw, so that tests and runs agree). A disconnected draw is redrawn with
+    ``seed + 1, seed + 2, ...`` (at most 100 attempts)."""
     _check_n(n, "erdos_renyi")
     if p is None or not 0.0 < p <= 1.0:
         raise ValueError(f"erdos_renyi needs an edge probability p= in (0, 1], e.g. p=0.5; got p={p!r}.")
@@ -205,16 +206,16 @@ def _tau(n: int) -> int:
 
 
 def exponential(n: int) -> Topology:
-    """Static exponential graph (Ying et al. 2021; seed 000 formula):
+    """Static exponential graph (Ying, Yuan, Chen, Hu, Pan & Yin, NeurIPS 2021):
     ``W[i, j] = 1/(tau + 1)`` if ``(j - i) mod n`` is 0 or a power of two ``2^0 .. 2^floor(log2(n-1))``,
-    ``tau = ceil(log2 n)``. Node i pulls from ``i + 2^k``: the convention that reproduces the seed-004
-    5-node consensus table. Doubly stochastic, not symmetric for n >= 4."""
+    ``tau = ceil(log2 n)``. Node i pulls from ``i + 2^k`` (its transpose, pulling from ``i - 2^k``, has
+    the same consensus rate). Doubly stochastic, not symmetric for n >= 4."""
     _check_n(n, "exponential")
     return Topology([_circulant(n, [0] + [2**k for k in range(_tau(n))])], name="exponential")
 
 
 def one_peer_exponential(n: int) -> Topology:
-    """One-peer exponential graph (Ying et al. 2021), period ``tau = ceil(log2 n)``:
+    """One-peer exponential graph (Ying et al., NeurIPS 2021), period ``tau = ceil(log2 n)``:
     ``W^(k)[i, i] = 1/2`` and ``W^(k)[i, (i + 2^(k mod tau)) mod n] = 1/2``.
 
     Every phase is doubly stochastic with one peer per node. The product of any ``tau`` consecutive
@@ -263,7 +264,7 @@ def _aer_phases(machines: int, local: int) -> list[list[list[int]]]:
 
 
 def alternating_exponential_ring(n: int, local_world_size: int | None = None) -> Topology:
-    """decent-dp's ``alternating-exp-ring`` (algorithms.md §1.1): ``n = N x L`` ranks on ``N = 2^r``
+    """decent-dp's ``alternating-exp-ring`` (Wang, Zhang, Wu & Johansson, ICLR 2025): ``n = N x L`` ranks on ``N = 2^r``
     machines of ``L = local_world_size`` ranks (machine ``m`` holds ranks ``mL .. mL + L - 1``).
 
     Period ``2r``. For each hop ``2^i`` machines pair as ``j <-> j XOR 2^i``; in one of the two phases
@@ -307,7 +308,8 @@ def _edge_pairs(n: int, edges: Iterable[Sequence[int]]) -> set[tuple[int, int]]:
 
 
 def directed_graph(n: int, edges: Iterable[Sequence[int]] | None = None) -> Topology:
-    """Column-stochastic weights on a user's directed graph (seed 004, with the sender's out-degree):
+    """Column-stochastic weights on a user's directed graph (those of Nedić & Olshevsky, IEEE TAC 2015,
+    with the sender's out-degree):
     ``W[i, j] = 1/(1 + d_j^out)`` if ``j -> i`` or ``i == j``, else 0. ``edges`` lists ``(src, dst)``
     pairs (``src`` sends to ``dst``). The graph must be strongly connected. Use it with push-sum."""
     _check_n(n, "directed_graph")
@@ -322,8 +324,8 @@ def directed_graph(n: int, edges: Iterable[Sequence[int]] | None = None) -> Topo
 
 
 def challenging_digraph(n: int) -> Topology:
-    """The "challenging" column-stochastic digraph of Liang, Huang, Xin & Yuan (arXiv:2312.04928,
-    seed 004): first row ``(1/2, ..., 1/2, 1)``, sub-diagonal ``W[j+1, j] = 1/2``, all else 0.
+    """The "challenging" column-stochastic digraph of Liang, Huang, Xin & Yuan (arXiv:2312.04928):
+    first row ``(1/2, ..., 1/2, 1)``, sub-diagonal ``W[j+1, j] = 1/2``, all else 0.
     Its equilibrium is ``pi ∝ (2^(n-1), ..., 2, 1)``, so ``kappa_pi = 2^(n-1)``, and
     ``beta_pi = 1/sqrt(2)`` for n >= 3."""
     _check_n(n, "challenging_digraph")
@@ -433,7 +435,7 @@ def hierarchical(
             f"hierarchical needs n = machines x local_world_size; got n={n}, local_world_size={local!r}. "
             "Set local_world_size to the number of ranks per machine (a divisor of n)."
         )
-    if isinstance(machines, str) and _resolve(machines)[0] is hierarchical:
+    if isinstance(machines, str) and TOPOLOGIES.resolve(_split_lazy(machines)[0]) == "hierarchical":
         raise ValueError("hierarchical cannot nest itself; choose a flat machine topology such as base or ring.")
     count = n // local
     machine_graph = complete(1) if count == 1 else get_topology(machines, count, **(machine_options or {}))
@@ -441,46 +443,50 @@ def hierarchical(
 
 
 # ---- registry --------------------------------------------------------------------------------------
-TOPOLOGIES: dict[str, Callable[..., Topology]] = {
-    "complete": complete,
-    "ring": ring,
-    "directed_ring": directed_ring,
-    "star": star,
-    "grid": grid,
-    "torus": torus,
-    "erdos_renyi": erdos_renyi,
-    "exponential": exponential,
-    "one_peer_exponential": one_peer_exponential,
-    "alternating_exponential_ring": alternating_exponential_ring,
-    "directed_graph": directed_graph,
-    "challenging_digraph": challenging_digraph,
-    "base": base,
-    "equistatic": equistatic,
-    "equidyn": equidyn,
-    "hierarchical": hierarchical,
-}
-
 _LAZY_PREFIX = "lazy_"
 
+#: The registered topologies by name; every builder takes the node count ``n`` first, then its options.
+TOPOLOGIES: Registry[Topology] = Registry(
+    "topology",
+    {
+        "complete": complete,
+        "ring": ring,
+        "directed_ring": directed_ring,
+        "star": star,
+        "grid": grid,
+        "torus": torus,
+        "erdos_renyi": erdos_renyi,
+        "exponential": exponential,
+        "one_peer_exponential": one_peer_exponential,
+        "alternating_exponential_ring": alternating_exponential_ring,
+        "directed_graph": directed_graph,
+        "challenging_digraph": challenging_digraph,
+        "base": base,
+        "equistatic": equistatic,
+        "equidyn": equidyn,
+        "hierarchical": hierarchical,
+    },
+    leading=1,
+    note=f"any of them may be prefixed with '{_LAZY_PREFIX}'",
+)
 
-def _resolve(name: str) -> tuple[Callable[..., Topology], bool]:
-    """``(builder, is_lazy)`` for a registry name; '-' is accepted for '_' and a ``lazy_`` prefix
-    asks for :func:`lazy` of the graph."""
+
+def _split_lazy(name: str) -> tuple[str, bool]:
+    """``(registry name, is_lazy)``: a ``lazy_`` prefix asks for :func:`lazy` of the graph."""
     key = name.strip().lower().replace("-", "_")
-    is_lazy = key.startswith(_LAZY_PREFIX)
-    key = key.removeprefix(_LAZY_PREFIX)
-    if key not in TOPOLOGIES:
-        raise ValueError(
-            f"Unknown topology {name!r}; valid names: {', '.join(TOPOLOGIES)} "
-            f"(any of them may be prefixed with '{_LAZY_PREFIX}')."
-        )
-    return TOPOLOGIES[key], is_lazy
+    if key.startswith(_LAZY_PREFIX):
+        return key.removeprefix(_LAZY_PREFIX), True
+    return name, False
 
 
 def topology_options(name: str) -> tuple[str, ...]:
     """The keyword options a registry name accepts besides ``n`` (e.g. ``('p', 'seed')``)."""
-    builder, _ = _resolve(name)
-    return tuple(list(inspect.signature(builder).parameters)[1:])
+    return TOPOLOGIES.options(_split_lazy(name)[0])
+
+
+def check_topology_options(name: str, options: Mapping[str, object]) -> None:
+    """Raise ``ValueError`` for an unknown topology name, or an option it does not take, naming the valid ones."""
+    TOPOLOGIES.check_options(_split_lazy(name)[0], options)
 
 
 def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
@@ -498,10 +504,7 @@ def get_topology(name: str | Topology, n: int, **options: object) -> Topology:
         if options:
             raise ValueError("Options only apply to a topology given by name; build the Topology with them.")
         return name
-    builder, is_lazy = _resolve(name)
-    accepted = topology_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{name} does not take option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}.")
-    topology = builder(n, **options)
+    check_topology_options(name, options)
+    key, is_lazy = _split_lazy(name)
+    topology = TOPOLOGIES[TOPOLOGIES.resolve(key)](n, **options)
     return lazy(topology) if is_lazy else topology

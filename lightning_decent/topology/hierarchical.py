@@ -44,9 +44,6 @@ class HierarchicalTopology(Topology):
     def num_machines(self) -> int:
         return self.machines.n
 
-    def machine_of(self, rank: int) -> int:
-        return rank // self.local_world_size
-
     def __repr__(self) -> str:
         return (
             f"HierarchicalTopology(machines={self.machines.name!r} x {self.num_machines}, "

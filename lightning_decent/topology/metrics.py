@@ -1,10 +1,11 @@
 """Spectral metrics of mixing matrices: how fast gossip averages (all float64).
 
-* ``rho = ||W - 11^T/n||_2`` (seeds 000/003/004): after ``k`` rounds of a static doubly stochastic W,
-  ``||x^k - x̄|| <= rho^k ||x^0 - x̄||``; the spectral gap is ``1 - rho``.
+* ``rho = ||W - 11^T/n||_2`` (the ``beta`` of Chen, Yuan, Zhang, Pan, Xu & Yin, ICML 2021): after ``k``
+  rounds of a static doubly stochastic W, ``||x^k - x̄|| <= rho^k ||x^0 - x̄||``; the spectral gap is
+  ``1 - rho``.
 * For column-stochastic digraphs (push-sum), with ``pi`` the equilibrium (``W pi = pi``, ``1^T pi = 1``):
   ``beta_pi = ||diag(sqrt pi)^-1 (W - pi 1^T) diag(sqrt pi)||_2`` and ``kappa_pi = max pi / min pi``
-  (seed 004; Liang, Huang, Xin & Yuan, arXiv:2312.04928).
+  (Liang, Huang, Xin & Yuan, arXiv:2312.04928).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def equilibrium(w: MatrixLike, step: int = 0) -> np.ndarray:
 
 def generalized_consensus_rate(w: MatrixLike, step: int = 0) -> float:
     """``beta_pi = ||diag(sqrt pi)^-1 (W - pi 1^T) diag(sqrt pi)||_2`` for a column-stochastic W
-    (seed 004): the push-sum analogue of ``rho``. Equals ``rho`` for a doubly stochastic W."""
+    (Liang et al., arXiv:2312.04928): the push-sum analogue of ``rho``. Equals ``rho`` for a doubly stochastic W."""
     m = _matrix(w, step)
     pi = equilibrium(m)
     root = np.sqrt(pi)
@@ -120,7 +121,7 @@ def generalized_consensus_rate(w: MatrixLike, step: int = 0) -> float:
 
 
 def equilibrium_skewness(w: MatrixLike, step: int = 0) -> float:
-    """``kappa_pi = max pi / min pi`` (seed 004); 1 for a doubly stochastic W."""
+    """``kappa_pi = max pi / min pi`` (Liang et al., arXiv:2312.04928); 1 for a doubly stochastic W."""
     pi = equilibrium(w, step)
     return float(pi.max() / pi.min())
 
@@ -134,7 +135,8 @@ _TRANSIENT_FORMULAS = {
 
 def transient_iterations(rho: float, n: int, setting: str = "iid") -> float:
     """Order of the number of iterations before D-SGD reaches the linear speed-up of parallel SGD
-    (seeds 000/003; algorithms.md §3.5), constants such as sigma and b dropped:
+    (as Chen et al., ICML 2021, tabulate them for Gossip SGD), constants such as the
+    gradient noise sigma and the heterogeneity b dropped:
 
     * ``"iid"`` (non-convex, identical data):   ``rho^4 n^3 / (1 - rho)^2``
     * ``"non_iid"`` (non-convex, heterogeneous): ``rho^4 n^3 / (1 - rho)^4``

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.evaluation import average_state_dict
-from lightning_decent.sim import Problem, get_problem, network_average, simulate
+from lightning_decent.sim import Problem, get_problem, simulate, stacked_average
 from lightning_decent.topology import hierarchical
 
 STEPS = 20
@@ -180,7 +180,7 @@ def run(out: Path, devices: int, only: str | None = None) -> None:
         rank = trainer.global_rank
         # what evaluation and average.ckpt see
         evaluated = average_state_dict({"x": model.x.detach()}, strategy._average_weight(), strategy.collectives)["x"]
-        expected_average = network_average(simulated.params, simulated.push_weights)
+        expected_average = stacked_average(simulated.params, simulated.push_weights)
         results[case] = {
             "communicator": type(strategy.communicator).__name__,
             "max_abs_diff": (model.x.detach() - simulated.params[rank]).abs().max().item(),

@@ -1,4 +1,5 @@
-"""Base-(k+1) graphs: exact averaging in a finite number of rounds for any n, at most k peers per round.
+"""Base-(k+1) graphs (registry name ``base``): exact averaging in a finite number of rounds for any n, at most k
+peers per round.
 
 Takezawa, Sato, Bao, Niwa & Yamada, "Beyond Exponential Graph: Communication-Efficient Topologies
 for Decentralized Learning via Finite-time Convergence", NeurIPS 2023 (arXiv:2305.11420). Three
