@@ -234,6 +234,28 @@ def test_resuming_with_another_schedule_is_refused() -> None:
         get_algorithm("diloco", H=32).load_state_dict(state)
 
 
+def test_adamw_outer_optimizer_decays_only_when_asked() -> None:
+    # Before, torch's AdamW default weight_decay=0.01 applied silently: a zero pseudo-gradient shrank the anchor by
+    # lr x 0.01 = 0.7 % per synchronisation.
+    def anchor_after_a_zero_sync(**options: float) -> torch.Tensor:
+        algo = get_algorithm("diloco", H=1, outer_optimizer="adamw", **options)
+        bucket = Bucket(torch.ones(1, 8))
+        algo.init_state(bucket)
+        algo.after_step([bucket], SimulatedCommunicator(get_topology("complete", 1)), step=0)  # model == anchor
+        return bucket.state["anchor"]
+
+    assert torch.equal(anchor_after_a_zero_sync(), torch.ones(1, 8))
+    assert torch.allclose(anchor_after_a_zero_sync(outer_weight_decay=0.1), torch.full((1, 8), 1 - 0.7 * 0.1))
+
+
+def test_a_checkpoint_from_before_outer_weight_decay_resumes_with_its_implicit_value() -> None:
+    old = get_algorithm("diloco", outer_optimizer="adamw").state_dict()
+    del old["config"]["outer_weight_decay"]  # saved by a version that used torch's AdamW default
+    with pytest.raises(ValueError, match=r"outer_weight_decay=0.01 \(now 0.0\)"):
+        get_algorithm("diloco", outer_optimizer="adamw").load_state_dict(old)
+    get_algorithm("diloco", outer_optimizer="adamw", outer_weight_decay=0.01).load_state_dict(old)
+
+
 # ---- cost ------------------------------------------------------------------------------------------------
 def test_bytes_per_step_are_one_model_per_sync() -> None:
     problem = logistic()
@@ -283,6 +305,7 @@ def test_strategy_builds_it_by_name() -> None:
         ({"outer_lr": 0.0}, "outer_lr must be positive"),
         ({"H": 4, "delay": 1, "mix": 1.5}, r"mix must be in \[0, 1\]"),
         ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+        ({"outer_weight_decay": -0.1}, "outer_weight_decay must be >= 0"),
         ({"global_average_every": 4}, r"synchronises every H steps itself; the modifiers \['global_average_every'\]"),
     ],
 )

@@ -81,6 +81,8 @@ class LocalSteps(Algorithm):
             :data:`~lightning_decent.algorithms.outer.OUTER_OPTIMIZERS`).
         outer_lr: the outer learning rate.
         outer_momentum: SGD/Nesterov momentum, or Adam's ``beta1``.
+        outer_weight_decay: the outer optimizer's ``weight_decay`` (default 0 for every outer optimizer,
+            ``adamw`` included: torch's AdamW default of 0.01 is not used).
         fragments: ``F``, streaming fragments per bucket (1: the whole model at once).
         delay: ``tau``, inner steps a fragment's exchange overlaps before it is applied (0: blocking).
         mix: Streaming DiLoCo's merge factor ``alpha``, ``x_i <- alpha x_i + (1 - alpha) a_i`` when a
@@ -106,6 +108,7 @@ class LocalSteps(Algorithm):
         outer_optimizer: str = "nesterov",
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
+        outer_weight_decay: float = 0.0,
         fragments: int = 1,
         delay: int = 0,
         mix: float = 0.0,
@@ -115,8 +118,9 @@ class LocalSteps(Algorithm):
     ) -> None:
         self.schedule = SyncSchedule(H, fragments, delay, warmup_steps)
         self.compressor = get_compressor(compression, **(compression_options or {}))
-        check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum)
+        check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum, outer_weight_decay)
         self.outer_optimizer, self.outer_lr, self.outer_momentum = outer_optimizer, outer_lr, outer_momentum
+        self.outer_weight_decay = float(outer_weight_decay)
         self.mix = float(mix)
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1] (the weight of the local model in the merge); got {mix!r}.")
@@ -156,7 +160,9 @@ class LocalSteps(Algorithm):
         if not self.compressor.lossless:
             allocate_residuals(bucket, average=self.averages)
         views = [anchor[..., start:end] for start, end in bounds]
-        optimizer = build_outer_optimizer(self.outer_optimizer, views, self.outer_lr, self.outer_momentum)
+        optimizer = build_outer_optimizer(
+            self.outer_optimizer, views, self.outer_lr, self.outer_momentum, self.outer_weight_decay
+        )
         self._syncs[bucket] = _BucketSync(optimizer, bounds)
 
     # ---- the step ------------------------------------------------------------------------------------
@@ -301,6 +307,7 @@ class LocalSteps(Algorithm):
             "outer_optimizer": self.outer_optimizer,
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
+            "outer_weight_decay": self.outer_weight_decay,
             "mix": self.mix,
             "compression": self.compressor.describe(),
         }
@@ -309,8 +316,10 @@ class LocalSteps(Algorithm):
         return {"config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved, mine = state["config"], self._config()
-        differing = {key: (saved[key], mine[key]) for key in mine if saved.get(key) != mine[key]}
+        saved, mine = dict(state["config"]), self._config()
+        if "outer_weight_decay" not in saved:  # saved before it was an option: torch's defaults applied
+            saved["outer_weight_decay"] = 0.01 if saved.get("outer_optimizer") == "adamw" else 0.0
+        differing = {key: (saved.get(key), mine[key]) for key in mine if saved.get(key) != mine[key]}
         if differing:
             described = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differing.items())
             raise ValueError(
