@@ -51,7 +51,7 @@ from lightning_decent.comm import (
     get_compressor,
 )
 from lightning_decent.comm.base import MeanPerStep
-from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.collectives import BoundedCollectives, check_timeout
 from lightning_decent.comm.p2p import average_all_reduce
 from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
@@ -180,12 +180,8 @@ class DecentralizedStrategy(DDPStrategy):
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
         if log_consensus_every < 0:
             raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
-        for name, seconds in (("gossip_timeout", gossip_timeout), ("collective_timeout", collective_timeout)):
-            if not seconds > 0:
-                raise ValueError(
-                    f"{name} must be a positive number of seconds, got {seconds!r}; it bounds every wait for "
-                    f"another rank (e.g. {name}=60)."
-                )
+        self.gossip_timeout = check_timeout("gossip_timeout", gossip_timeout)
+        self.collective_timeout = check_timeout("collective_timeout", collective_timeout)
         self.algorithm = get_algorithm(algorithm, **(algorithm_options or {}))
         if compression is not None or compression_options:
             self.algorithm.use_compression(_compressor(compression, compression_options))
@@ -205,8 +201,6 @@ class DecentralizedStrategy(DDPStrategy):
         self.final_model = final_model
         self.log_consensus_every = log_consensus_every
         self.log_comm_stats = log_comm_stats
-        self.gossip_timeout = timedelta(seconds=gossip_timeout)
-        self.collective_timeout = timedelta(seconds=collective_timeout)
         self.check_finite = check_finite
         self.resume_from_average = resume_from_average
         self._resumed_from_average = False

@@ -4,20 +4,37 @@ roll-call messages of the bounded collectives (their multi-process behaviour is 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import DDP, DSGD, GradientTracking
-from lightning_decent.comm.collectives import _decode, _encode
+from lightning_decent.comm.collectives import MAX_TIMEOUT_SECONDS, _decode, _encode, check_timeout
 from lightning_decent.uneven import EpochAgreement, StepMismatchError, UnevenInputsError
 
 
 @pytest.mark.parametrize("name", ["gossip_timeout", "collective_timeout"])
-@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan")])
-def test_a_non_positive_timeout_is_refused(name: str, value: float) -> None:
-    # Before: gossip_timeout=0 meant "no timeout" and a negative value blamed a healthy peer at once.
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), float("inf"), MAX_TIMEOUT_SECONDS + 1])
+def test_a_non_positive_or_unbounded_timeout_is_refused(name: str, value: float) -> None:
+    # Before: gossip_timeout=0 meant "no timeout", a negative value blamed a healthy peer at once, and
+    # collective_timeout=inf failed at set-up with "OverflowError: cannot convert float infinity to integer".
+    with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds, finite and at most"):
+        check_timeout(name, value)
     with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
         DecentralizedStrategy(**{name: value})
+
+
+@pytest.mark.parametrize("value", ["60", True, None])
+def test_a_timeout_that_is_not_a_number_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match=r"gossip_timeout must be a number of seconds \(e.g. gossip_timeout=60\)"):
+        check_timeout("gossip_timeout", value)  # type: ignore[arg-type]
+
+
+def test_a_valid_timeout_becomes_a_timedelta_gloo_accepts() -> None:
+    assert check_timeout("collective_timeout", 2.5) == timedelta(seconds=2.5)
+    assert check_timeout("collective_timeout", MAX_TIMEOUT_SECONDS) == timedelta(days=365)
+    assert check_timeout("collective_timeout", 7) == timedelta(seconds=7)
 
 
 def test_the_all_reduce_communicator_runs_ddp_for_dsgd_and_exact_mixing_for_the_others() -> None:

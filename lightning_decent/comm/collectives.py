@@ -27,6 +27,8 @@ aborts the process instead of raising; the roll call still names missing ranks f
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,27 @@ T = TypeVar("T")
 
 _ROLL_CALL_TAG = 7
 _NAME_BYTES = 48  # a roll-call message: rank and sequence (2 x int64), then the collective's name
+
+
+#: The longest timeout accepted: a year. Longer ones (and ``inf``) are refused rather than read as "no limit":
+#: a wait without a bound is what these timeouts exist to prevent.
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
+
+
+def check_timeout(name: str, seconds: float) -> timedelta:
+    """``seconds`` as a :class:`~datetime.timedelta`, or a :class:`ValueError` naming ``name`` and the fix.
+
+    Accepted: a finite real number in ``(0, MAX_TIMEOUT_SECONDS]``. Refused: zero, negative values, NaN,
+    ``inf`` (there is no "no limit": every wait for another rank must end) and booleans."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds (e.g. {name}=60); got {seconds!r}.")
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"{name} must be a positive number of seconds, finite and at most {MAX_TIMEOUT_SECONDS} (a year); got "
+            f"{seconds!r}. It bounds every wait for another rank (e.g. {name}=60); there is no unlimited setting, "
+            f"for a very slow rank pass a large value."
+        )
+    return timedelta(seconds=float(seconds))
 
 
 class CollectiveTimeoutError(RuntimeError):
