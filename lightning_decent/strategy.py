@@ -763,9 +763,7 @@ class DecentralizedStrategy(DDPStrategy):
             return super().load_checkpoint(path, weights_only=weights_only)
         assert self.topology is not None
         shards = ckpt.shard_dir(path)
-        problems = ckpt.shard_problems(
-            shards, record, self.world_size, self.topology.fingerprint(), self.algorithm.name
-        )
+        problems = ckpt.shard_problems(shards, record, self._checkpoint_meta(""), self.algorithm.uses_topology)
         if problems:
             return self._resume_from_average(path, super().load_checkpoint(path, weights_only=weights_only), problems)
         meta = ckpt.read_meta(shards)
@@ -795,7 +793,7 @@ class DecentralizedStrategy(DDPStrategy):
         """Format v1: a directory with the rank files, ``average.ckpt`` and ``meta.json``."""
         meta = ckpt.read_meta(path)
         assert self.topology is not None
-        problems = meta.incompatibilities(self.world_size, self.topology.fingerprint(), self.algorithm.name)
+        problems = meta.incompatibilities(self._checkpoint_meta(""), self.algorithm.uses_topology)
         if self._fitting and not problems:
             loaded = self.checkpoint_io.load_checkpoint(
                 path / ckpt.rank_file(self.global_rank), weights_only=weights_only

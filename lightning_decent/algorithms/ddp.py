@@ -38,6 +38,7 @@ class DDP(Algorithm):
 
     name = "ddp"
     rounds_per_step = 0
+    uses_topology = False
     buffers_per_round = 0
     transforms_gradients = True
     check_finite = True  # set by the strategy from its own ``check_finite``

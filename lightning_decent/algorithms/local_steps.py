@@ -367,6 +367,7 @@ class DiLoCo(LocalSteps):
 
     name = "diloco"
     needs_doubly_stochastic = False
+    uses_topology = False  # the exact average of every rank: the same on any graph
 
     def _prepare(
         self, bucket: Bucket, fragment: int | None, model: torch.Tensor, anchor: torch.Tensor, buffer: torch.Tensor
