@@ -116,7 +116,9 @@ def read_record(path: Path, weights_only: bool) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and found.get("format") == FORMAT else None
 
 
-def shard_problems(shards: Path, found: dict[str, Any], current: CheckpointMeta, uses_topology: bool = True) -> list[str]:
+def shard_problems(
+    shards: Path, found: dict[str, Any], current: CheckpointMeta, uses_topology: bool = True
+) -> list[str]:
     """Why the shards beside a top-level file (whose record is ``found``) cannot be resumed exactly by a run
     with the settings ``current`` (see :meth:`CheckpointMeta.incompatibilities`)."""
     if not shards.is_dir():

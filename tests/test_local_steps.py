@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_decent.train  # noqa: F401  (registers the config resolvers)
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
-from lightning_decent.comm import SimulatedCommunicator, get_compressor
+from lightning_decent.comm import NonFiniteValueError, SimulatedCommunicator, get_compressor
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.sim import AlgorithmSpec, get_problem, simulate
 from lightning_decent.sim.problems import LeastSquares, Problem
@@ -367,3 +367,30 @@ def test_lightning_checkpoint_with_an_exchange_in_flight_resumes_bitwise(tmp_pat
     resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "part"),
+    [
+        ("diloco", {"H": 1}, "fragment 0"),
+        ("diloco", {"H": 1, "compression": "int8"}, "fragment 0"),
+        ("local_sgd", {"H": 4, "fragments": 2, "delay": 1}, "fragment 1"),
+        ("diloco", {"H": 4, "warmup_steps": 2}, "the whole model"),
+        ("gasloc", {"H": 1}, "fragment 0"),
+    ],
+)
+def test_an_outer_sync_refuses_to_send_nan_naming_the_rank(name: str, options: dict, part: str) -> None:
+    # Before: NaN in one rank's model went into the outer average (plain, int8, streaming) and every parameter
+    # of every rank became NaN, with exit code 0.
+    comm = SimulatedCommunicator(get_topology("complete", 1))
+    comm.rank, comm.check_finite = 2, True
+    algo = get_algorithm(name, **options)
+    bucket = Bucket(torch.ones(1, 8))
+    algo.init_state(bucket)
+    bucket.params[0, -1] = float("nan")  # in the last fragment
+    step = 3 if options.get("fragments") else 0  # streaming: fragment 0 syncs after step 1, fragment 1 after 3
+    for earlier in range(step):
+        algo.after_step([bucket], comm, step=earlier)
+    with pytest.raises(NonFiniteValueError, match=rf"rank 2: NaN or Inf in buffer 0 \({part}\) about to be sent at "
+                       rf"the synchronisation after step {step}"):  # fmt: skip
+        algo.after_step([bucket], comm, step=step)

@@ -47,7 +47,7 @@ from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL,
 from lightning_decent.algorithms.outer import build_outer_optimizer, check_outer_optimizer, outer_state_models
 from lightning_decent.algorithms.sync_schedule import SyncSchedule
 from lightning_decent.comm import Communicator, Compressor, get_compressor
-from lightning_decent.comm.base import PendingMix
+from lightning_decent.comm.base import PendingMix, refuse_non_finite
 
 ANCHOR = "anchor"  # a_i: where the current local steps started (bucket state)
 EXCHANGE = "exchange"  # what is on the wire: Delta (DiLoCo) or y (GASLoC); state while it can be in flight
@@ -204,10 +204,14 @@ class LocalSteps(Algorithm):
     ) -> None:
         """Prepare every bucket's buffer for ``fragment`` (``None``: warm-up, whole model) and exchange them."""
         buffers = []
-        for bucket in buckets:
+        for index, bucket in enumerate(buckets):
             region = self._region(bucket, fragment)
             buffer = self._exchange_buffer(bucket)[region]
             self._prepare(bucket, fragment, bucket.params[region], bucket.state[ANCHOR][region], buffer)
+            if comm.check_finite:  # before it enters anyone's average or anchor
+                part = "the whole model" if fragment is None else f"fragment {fragment}"
+                where = f"the synchronisation after step {step}"
+                refuse_non_finite(buffer, comm.rank, f"buffer {index} ({part}) about to be sent at {where}")
             buffers.append(buffer)
         pending = self.exchange(buffers, comm, round_, blocking=blocking, feedback=self._feedback(buckets, fragment))
         if fragment is None:

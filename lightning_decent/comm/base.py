@@ -52,6 +52,22 @@ class MeanPerStep:
         return mean
 
 
+class NonFiniteValueError(FloatingPointError):
+    """This rank is about to send or average NaN or Inf."""
+
+
+def refuse_non_finite(buf: torch.Tensor, rank: int, what: str) -> None:
+    """Raise :class:`NonFiniteValueError` naming ``rank`` and ``what`` (e.g. ``"buffer 0 about to be sent at
+    gossip step 5"``) if ``buf`` holds NaN or Inf: one sum, in float32 for 16-bit buffers (whose sum
+    would overflow first)."""
+    total = buf.sum(dtype=torch.float32) if buf.dtype in (torch.float16, torch.bfloat16) else buf.sum()
+    if not torch.isfinite(total):
+        raise NonFiniteValueError(
+            f"rank {rank}: NaN or Inf in {what}; stopping instead of spreading it to the other ranks. Lower the "
+            f"learning rate or clip gradients (check_finite=False disables this check)."
+        )
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -76,6 +92,10 @@ class Communicator(ABC):
 
     #: Whether the ``*_compressed`` methods are implemented (compressed payloads on the wire).
     sends_compressed: ClassVar[bool] = False
+    #: This process's global rank (named in errors) and whether what it sends or averages is first checked
+    #: for NaN/Inf (:func:`refuse_non_finite`); the transports between processes set both.
+    rank: int = 0
+    check_finite: bool = False
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology

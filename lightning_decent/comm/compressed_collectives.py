@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import CommStats, Communicator, PendingMix
+from lightning_decent.comm.base import CommStats, Communicator, PendingMix, refuse_non_finite
 from lightning_decent.comm.compression import Compressor, encode_and_decode
 
 #: ``all_gather_single`` (torch >= 2.10) replaces ``all_gather_into_tensor``; both take a flat output.
@@ -34,6 +34,13 @@ def shard_length(numel: int, parts: int, alignment: int) -> int:
     """Length of each of ``parts`` equal shards covering ``numel`` values (the last ones zero-padded),
     a multiple of ``alignment`` (a quantiser's block, so shards keep the whole-buffer blocks)."""
     return max(1, math.ceil(numel / (parts * alignment))) * alignment
+
+
+def _refuse_non_finite(comm: Communicator, buffers: Sequence[torch.Tensor], step: int) -> None:
+    """With the communicator's ``check_finite``: no NaN/Inf goes into a compressed average (one sum per buffer)."""
+    if comm.check_finite:
+        for index, buf in enumerate(buffers):
+            refuse_non_finite(buf, comm.rank, f"buffer {index} about to be averaged (compressed) at step {step}")
 
 
 def _count(stats: CommStats, payload_bytes: int, messages: int) -> None:
@@ -54,6 +61,7 @@ def all_gather_average(
 ) -> None:
     """``x <- (1/n) sum_j C(x_j)`` exactly (sum in rank order), the payloads gathered by every rank."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _refuse_non_finite(comm, buffers, step)
     for index, buf in enumerate(buffers):
         key = (step, index)
         flat = buf.view(-1)
@@ -212,6 +220,7 @@ def start_two_stage_average(
 ) -> PendingMix:
     """:func:`two_stage_average` with its first stage started in the background for every buffer (see
     :class:`_PendingTwoStage`); the buffers are encoded and ``residuals`` written before it returns."""
+    _refuse_non_finite(comm, buffers, step)
     stages = [_TwoStageShards(comm, buf, index, compressor, step, group) for index, buf in enumerate(buffers)]
     for index, stage in enumerate(stages):
         stage.send(_residual(residuals, index))

@@ -77,6 +77,7 @@ class HierarchicalCommunicator(Communicator):
         super().__init__(topology)
         self.local_world_size = local = topology.local_world_size
         self.rank = rank
+        self.check_finite = check_finite
         _check_layout(rank, local, dist.get_world_size())
         machines = [list(range(m * local, (m + 1) * local)) for m in range(topology.num_machines)]
         self.machine_group, _ = dist.new_subgroups_by_enumeration(machines)

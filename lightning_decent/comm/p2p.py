@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.base import (
+    Communicator,
+    PendingMix,
+    count_all_reduce,
+    nbytes,
+    refuse_non_finite,
+)
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.compressed_collectives import start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor, encode_and_decode
@@ -24,10 +30,6 @@ _Headers = tuple[torch.Tensor | None, list[tuple[dist.Work, int, torch.Tensor | 
 
 class PeerTimeoutError(RuntimeError):
     """A neighbour did not complete its part of a gossip round in time (it died or hangs)."""
-
-
-class NonFiniteValueError(FloatingPointError):
-    """This rank is about to send NaN or Inf to its neighbours."""
 
 
 class _Phase:
@@ -349,13 +351,7 @@ class P2PCommunicator(Communicator):
 
     # ---- checks and bookkeeping --------------------------------------------------------------------
     def _refuse_non_finite(self, buf: torch.Tensor, index: int, step: int) -> None:
-        total = buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()
-        if not torch.isfinite(total):
-            raise NonFiniteValueError(
-                f"rank {self.rank}: NaN or Inf in buffer {index} about to be sent at gossip step {step}; "
-                f"stopping instead of spreading it to the neighbours. Lower the learning rate or clip "
-                f"gradients (check_finite=False disables this check)."
-            )
+        refuse_non_finite(buf, self.rank, f"buffer {index} about to be sent at gossip step {step}")
 
     def _wait(self, work: dist.Work, peer: int, step: int) -> None:
         try:
