@@ -285,7 +285,11 @@ class DecentralizedStrategy(DDPStrategy):
         if isinstance(self.topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
             refuse_compression_unsupported_by(self.algorithm, HierarchicalCommunicator)
             return HierarchicalCommunicator(
-                self.topology, self.global_rank, timeout=self.gossip_timeout, check_finite=self.check_finite
+                self.topology,
+                self.global_rank,
+                timeout=self.gossip_timeout,
+                check_finite=self.check_finite,
+                collectives=self._collectives,
             )
         return P2PCommunicator(
             self.topology,

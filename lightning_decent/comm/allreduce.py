@@ -78,7 +78,7 @@ class AllReduceCommunicator(Communicator):
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         self._count(buffers)
-        return start_average_all_reduce(buffers, self._collective_group)
+        return start_average_all_reduce(buffers, self.group, self.collectives)
 
     def _count(self, buffers: Sequence[torch.Tensor]) -> None:
         n = dist.get_world_size(self.group)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.compression import Compressor
 from lightning_decent.topology import Topology
 
@@ -96,6 +97,9 @@ class Communicator(ABC):
     #: for NaN/Inf (:func:`refuse_non_finite`); the transports between processes set both.
     rank: int = 0
     check_finite: bool = False
+    #: The strategy's bounded world collectives (``collective_timeout``, the roll call), for the transports
+    #: between processes that run world-wide averages; ``None``: plain collectives.
+    collectives: BoundedCollectives | None = None
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
