@@ -394,3 +394,33 @@ def test_an_outer_sync_refuses_to_send_nan_naming_the_rank(name: str, options: d
     with pytest.raises(NonFiniteValueError, match=rf"rank 2: NaN or Inf in buffer 0 \({part}\) about to be sent at "
                        rf"the synchronisation after step {step}"):  # fmt: skip
         algo.after_step([bucket], comm, step=step)
+
+
+class _RecordingCommunicator(SimulatedCommunicator):
+    """Records how a gossip round at each call would be named in errors."""
+
+    def __init__(self) -> None:
+        super().__init__(get_topology("complete", 1))
+        self.named: list[str] = []
+
+    def mix(self, buffers, step: int) -> None:
+        self.named.append(self.step_name(step))
+        super().mix(buffers, step)
+
+
+def test_errors_of_a_streaming_gossip_sync_name_the_training_step_not_the_round() -> None:
+    # Before: a stopped neighbour during streaming GASLoC's sync after step 5 was reported "at gossip step 0"
+    # (the fragment's synchronisation round, which selects W).
+    algo = get_algorithm("gasloc", H=4, fragments=2)
+    bucket = Bucket(torch.ones(1, 8))
+    algo.init_state(bucket)
+    comm = _RecordingCommunicator()
+    for step in range(8):
+        algo.after_step([bucket], comm, step=step)
+    assert comm.named == [
+        "gossip step 1 (synchronisation round 0)",  # fragment 0
+        "gossip step 3 (synchronisation round 0)",  # fragment 1
+        "gossip step 5 (synchronisation round 1)",
+        "gossip step 7 (synchronisation round 1)",
+    ]
+    assert comm.reported_step is None and comm.step_name(5) == "gossip step 5"  # outside a sync: the step itself

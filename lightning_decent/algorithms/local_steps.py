@@ -168,6 +168,14 @@ class LocalSteps(Algorithm):
     # ---- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        comm.reported_step = step  # errors name this step, not the synchronisation's round
+        try:
+            self._synchronise(buckets, comm, step)
+        finally:
+            comm.reported_step = None
+
+    def _synchronise(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        """Complete the exchanges due after ``step`` and start the one that starts then."""
         if self.schedule.is_warmup(step):
             self._start(buckets, comm, None, step, step, blocking=True)
             for bucket in buckets:

@@ -100,6 +100,9 @@ class Communicator(ABC):
     #: The strategy's bounded world collectives (``collective_timeout``, the roll call), for the transports
     #: between processes that run world-wide averages; ``None``: plain collectives.
     collectives: BoundedCollectives | None = None
+    #: The training step that errors name when the ``step`` given to ``mix`` is another count (the
+    #: local-steps family mixes its ``k``-th synchronisation with ``W(k)``); ``None``: they are the same.
+    reported_step: int | None = None
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -125,6 +128,13 @@ class Communicator(ABC):
         """True if mixing at ``step`` sends nothing and leaves this node's buffers unchanged (no
         neighbours and self weight 1), so callers may skip preparing a round."""
         return False
+
+    def step_name(self, step: int) -> str:
+        """How errors name the round mixed with ``W(step)``: ``"gossip step 5"``, or with :attr:`reported_step`
+        ``"gossip step 5 (synchronisation round 0)"``."""
+        if self.reported_step is None:
+            return f"gossip step {step}"
+        return f"gossip step {self.reported_step} (synchronisation round {step})"
 
     def close(self) -> None:
         """Release what the transport created (process groups); the communicator is not used afterwards."""

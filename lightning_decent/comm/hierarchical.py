@@ -101,6 +101,15 @@ class HierarchicalCommunicator(Communicator):
             between, rank, timeout=timeout, check_finite=check_finite, collectives=collectives
         )
 
+    @property  # type: ignore[override]
+    def reported_step(self) -> int | None:
+        """The point-to-point communicator's (:attr:`Communicator.reported_step`): its errors name the step."""
+        return self._gossip.reported_step
+
+    @reported_step.setter
+    def reported_step(self, step: int | None) -> None:
+        self._gossip.reported_step = step
+
     @property
     def between_machines(self) -> CommStats:
         """Messages and bytes of the shards this rank sent and received across machines."""

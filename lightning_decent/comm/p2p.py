@@ -351,7 +351,7 @@ class P2PCommunicator(Communicator):
 
     # ---- checks and bookkeeping --------------------------------------------------------------------
     def _refuse_non_finite(self, buf: torch.Tensor, index: int, step: int) -> None:
-        refuse_non_finite(buf, self.rank, f"buffer {index} about to be sent at gossip step {step}")
+        refuse_non_finite(buf, self.rank, f"buffer {index} about to be sent at {self.step_name(step)}")
 
     def _wait(self, work: dist.Work, peer: int, step: int) -> None:
         seconds = f"gossip_timeout={self.timeout.total_seconds():g}s"
@@ -366,9 +366,9 @@ class P2PCommunicator(Communicator):
         """The error for a neighbour lost at ``step``; with the strategy's collectives, what a roll call of
         every rank (bounded by ``gossip_timeout``) found: the neighbour may only be waiting on the rank
         that failed."""
-        message = f"rank {self.rank}: lost rank {peer} at gossip step {step}: {why}."
+        message = f"rank {self.rank}: lost rank {peer} at {self.step_name(step)}: {why}."
         if self.collectives is not None:
-            found = self.collectives.explain(f"gossip step {step}", self.timeout)
+            found = self.collectives.explain(self.step_name(step), self.timeout)
             message += f" Roll call of every rank: {found or 'every rank answered'}."
         if err is not None:
             message += f" Underlying error: {err}"
