@@ -55,6 +55,8 @@ def train(root: Path, loader: str, resume_from: Path | None = None) -> torch.Ten
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[saver] if resume_from is None else [],
+        enable_checkpointing=resume_from is None,
+        default_root_dir=root,
     )
     model = DigitsClassifier()
     trainer.fit(model, Digits(loader), ckpt_path=resume_from)
