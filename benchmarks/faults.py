@@ -110,8 +110,8 @@ def main() -> None:
     for name in args.only.split(","):
         if name in RANK_CASES:
             seconds, line, left = run_rank_case(name)
-            line += f" [segments left: {left}]" if name.startswith("hier") else ""
-            print(f"| {name} | {RANK_CASES[name]} | {seconds:.1f} | {line[:260]} |", flush=True)
+            segments = f" [segments left: {left}]" if name.startswith("hier") else ""
+            print(f"| {name} | {RANK_CASES[name]} | {seconds:.1f} | {line[:260]}{segments} |", flush=True)
             continue
         seconds, line = run_case(name)
         print(f"| {name} | {CASES[name][2]} | {seconds:.1f} | {line[:220]} |", flush=True)
