@@ -93,7 +93,7 @@ def run_rank_case(name: str) -> tuple[float, str, int]:
     seconds = max(float("inf") if r["seconds"] is None else r["seconds"] for r in survivors)
     lines = [
         f"{m.group(1)}: {m.group(2)}"
-        for r in report["ranks"]
+        for r in sorted(report["ranks"], key=lambda r: r["rank"] != 2)  # the victim's own error first (NaN)
         for line in r["stderr"].splitlines()
         if (m := _ERROR_LINE.search(line))
     ]
