@@ -39,16 +39,6 @@ def check_strategy_options(eval_model: str, final_model: str, bucket_size_mb: fl
         raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
 
 
-def positive_timeout(name: str, seconds: float) -> timedelta:
-    """``seconds`` as a timeout, refusing what is not a positive number."""
-    if not seconds > 0:
-        raise ValueError(
-            f"{name} must be a positive number of seconds, got {seconds!r}; it bounds every wait for "
-            f"another rank (e.g. {name}=60)."
-        )
-    return timedelta(seconds=seconds)
-
-
 def check_ranks_agree(collectives: BoundedCollectives, topology: Topology, algorithm: str, communicator: str) -> None:
     """Every rank must gossip on the same graph with the same algorithm (one fingerprint exchange)."""
     if collectives.world_size == 1:
@@ -159,7 +149,9 @@ def build_communicator(
         return AllReduceCommunicator(topology, rank=rank, check_finite=check_finite, collectives=collectives)
     if isinstance(topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
         refuse_compression_unsupported_by(algorithm, HierarchicalCommunicator)
-        return HierarchicalCommunicator(topology, rank, timeout=gossip_timeout, check_finite=check_finite)
+        return HierarchicalCommunicator(
+            topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
+        )
     communicator = P2PCommunicator(
         topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
     )

@@ -77,15 +77,24 @@ class CheckpointMeta:
     file_sizes: dict[str, int] = field(default_factory=dict)
     file_sha256: dict[str, str] = field(default_factory=dict)
 
-    def incompatibilities(self, world_size: int, topology_fingerprint: str, algorithm: str) -> list[str]:
-        """Human-readable differences that prevent an exact per-rank resume."""
+    def incompatibilities(self, current: CheckpointMeta, uses_topology: bool = True) -> list[str]:
+        """Human-readable differences from the resuming run's settings (``current``) that prevent an exact
+        per-rank resume: the world size, the algorithm, and where the algorithm mixes over the graph
+        (``uses_topology``) the topology and the communicator that realises it (gossip or an exact
+        all-reduce). An algorithm whose only exchange is an exact average over all ranks (DiLoCo, local
+        SGD, the DDP baseline) computes the same on any graph, so those two are not compared for it."""
         problems = []
-        if self.world_size != world_size:
-            problems.append(f"world size {self.world_size} (now {world_size})")
-        if self.topology_fingerprint != topology_fingerprint:
-            problems.append(f"topology {self.topology!r} with fingerprint {self.topology_fingerprint} (differs now)")
-        if self.algorithm != algorithm:
-            problems.append(f"algorithm {self.algorithm!r} (now {algorithm!r})")
+        if self.world_size != current.world_size:
+            problems.append(f"world size {self.world_size} (now {current.world_size})")
+        if self.algorithm != current.algorithm:
+            problems.append(f"algorithm {self.algorithm!r} (now {current.algorithm!r})")
+        if uses_topology and self.topology_fingerprint != current.topology_fingerprint:
+            problems.append(
+                f"topology {self.topology!r} with fingerprint {self.topology_fingerprint} (now {current.topology!r} "
+                f"with {current.topology_fingerprint})"
+            )
+        if uses_topology and self.communicator != current.communicator:
+            problems.append(f"communicator {self.communicator!r} (now {current.communicator!r})")
         return problems
 
 
@@ -102,8 +111,11 @@ def read_record(path: Path, weights_only: bool) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and found.get("format") == FORMAT else None
 
 
-def shard_problems(shards: Path, found: dict[str, Any], world_size: int, fingerprint: str, algorithm: str) -> list[str]:
-    """Why the shards beside a top-level file (whose record is ``found``) cannot be resumed exactly."""
+def shard_problems(
+    shards: Path, found: dict[str, Any], current: CheckpointMeta, uses_topology: bool = True
+) -> list[str]:
+    """Why the shards beside a top-level file (whose record is ``found``) cannot be resumed exactly by a run
+    with the settings ``current`` (see :meth:`CheckpointMeta.incompatibilities`)."""
     if not shards.is_dir():
         return [f"its shard directory {shards} is missing"]
     try:
@@ -116,7 +128,7 @@ def shard_problems(shards: Path, found: dict[str, Any], world_size: int, fingerp
             f"its shard directory {shards} holds another save (token {meta.token}, the file's is {found.get('token')}:"
             f" a save was interrupted between renaming the two)"
         )
-    differences = meta.incompatibilities(world_size, fingerprint, algorithm)
+    differences = meta.incompatibilities(current, uses_topology)
     return problems + ([f"it was saved with {', '.join(differences)}"] if differences else [])
 
 

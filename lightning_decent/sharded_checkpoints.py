@@ -39,6 +39,7 @@ class RunIdentity:
     topology_fingerprint: str
     algorithm: str
     communicator: str
+    uses_topology: bool = True  # whether the algorithm's mathematics depends on the graph (see CheckpointMeta)
 
     def meta(self, gossip_step: int, token: str) -> ckpt.CheckpointMeta:
         return ckpt.CheckpointMeta(
@@ -159,9 +160,7 @@ def _load_file(
         return Loaded(io.load_checkpoint(path, weights_only=weights_only))
     assert identity is not None
     shards = ckpt.shard_dir(path)
-    problems = ckpt.shard_problems(
-        shards, record, identity.world_size, identity.topology_fingerprint, identity.algorithm
-    )
+    problems = ckpt.shard_problems(shards, record, identity.meta(0, ""), identity.uses_topology)
     if problems:
         return _resume_from_average(path, io.load_checkpoint(path, weights_only=weights_only), problems, from_average)
     meta = ckpt.read_meta(shards)

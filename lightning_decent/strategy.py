@@ -49,12 +49,12 @@ from lightning_decent.assembly import (
     check_ranks_agree,
     check_strategy_options,
     check_topology_options,
-    positive_timeout,
 )
 from lightning_decent.bounded_strategy import BoundedDDPStrategy
 from lightning_decent.buckets import ParamBucket, bucket_optimizers, with_gradient_transform
 from lightning_decent.comm import CommStats, Communicator, Compressor
 from lightning_decent.comm.base import MeanPerStep
+from lightning_decent.comm.collectives import check_timeout
 from lightning_decent.evaluation import AveragedReplica, consensus_distance, replace_by_average
 from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options, is_membership_loss
 from lightning_decent.membership.handover import donor_of, receive_state, send_state
@@ -201,8 +201,8 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         self._communicator_name, self._bucket_bytes = communicator, int(bucket_size_mb * 2**20)
         self.eval_model, self.final_model = eval_model, final_model
         self.log_consensus_every, self.log_comm_stats = log_consensus_every, log_comm_stats
-        self.gossip_timeout = positive_timeout("gossip_timeout", gossip_timeout)
-        self.collective_timeout = positive_timeout("collective_timeout", collective_timeout)
+        self.gossip_timeout = check_timeout("gossip_timeout", gossip_timeout)
+        self.collective_timeout = check_timeout("collective_timeout", collective_timeout)
         self.check_finite, self.resume_from_average = check_finite, resume_from_average
         self.elastic = elastic_options(elastic)
         self._buckets: dict[Optimizer, tuple[list[ParamBucket], list[Bucket]]] = {}
@@ -575,6 +575,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             topology_fingerprint=self.topology.fingerprint(),
             algorithm=self.algorithm.name,
             communicator=self._communicator_name,
+            uses_topology=self.algorithm.uses_topology,
         )
 
     @override

@@ -231,3 +231,66 @@ def test_resuming_in_the_middle_of_an_epoch_takes_no_empty_steps(tmp_path: Path)
     resumed = make_trainer(tmp_path, 2)
     resumed.fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=tmp_path / "ckpts" / "epoch=1-step=6.ckpt")
     assert resumed.global_step == 8 and resumed.strategy.gossip_step == 8
+
+
+def _meta(**changes) -> ckpt.CheckpointMeta:
+    settings = dict(world_size=4, topology="ring", topology_fingerprint="aaaa", algorithm="choco", communicator="p2p")
+    return ckpt.CheckpointMeta(**{**settings, **changes}, gossip_step=8, library_version="0")
+
+
+def test_a_resume_with_another_communicator_is_named_when_the_graph_enters_the_mathematics() -> None:
+    # Before: a choco ring checkpoint resumed with communicator="allreduce" was accepted silently (the ranks then
+    # ended 100x further apart than a run that used the all-reduce from the start).
+    saved = _meta()
+    assert saved.incompatibilities(_meta(communicator="allreduce")) == ["communicator 'p2p' (now 'allreduce')"]
+    assert saved.incompatibilities(_meta(topology="torus", topology_fingerprint="bbbb")) == [
+        "topology 'ring' with fingerprint aaaa (now 'torus' with bbbb)"
+    ]
+    assert saved.incompatibilities(_meta()) == []
+
+
+def test_an_exact_average_algorithm_may_resume_on_another_graph_but_not_another_world_size() -> None:
+    saved = _meta(algorithm="diloco")
+    other_graph = _meta(algorithm="diloco", topology="torus", topology_fingerprint="bbbb", communicator="allreduce")
+    assert saved.incompatibilities(other_graph, uses_topology=False) == []
+    assert saved.incompatibilities(_meta(algorithm="diloco", world_size=8), uses_topology=False) == [
+        "world size 4 (now 8)"
+    ]
+    assert saved.incompatibilities(_meta(algorithm="local_sgd"), uses_topology=False) == [
+        "algorithm 'diloco' (now 'local_sgd')"
+    ]
+
+
+def test_which_algorithms_depend_on_the_graph() -> None:
+    from lightning_decent.algorithms import get_algorithm
+
+    assert not get_algorithm("diloco").uses_topology and not get_algorithm("local_sgd").uses_topology
+    assert not get_algorithm("ddp").uses_topology
+    assert all(get_algorithm(name).uses_topology for name in ("dsgd", "choco", "gasloc", "gradient_tracking"))
+
+
+def _edit_meta(shards: Path, **changes: object) -> None:
+    meta_path = shards / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **changes}))
+
+
+def test_resuming_with_another_communicator_is_refused_naming_it(tmp_path: Path) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1)
+    make_trainer(tmp_path, 1, [saver], algorithm="choco").fit(DigitsClassifier(), DigitsDataModule())
+    path = tmp_path / "ckpts" / "epoch=0-step=4.ckpt"
+    _edit_meta(ckpt.shard_dir(path), communicator="allreduce")  # as if saved by an all-reduce run
+    with pytest.raises(ValueError, match=r"communicator 'allreduce' \(now 'p2p'\).*resume_from_average=True"):
+        make_trainer(tmp_path, 2, algorithm="choco").fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=path)
+
+
+def test_a_diloco_run_resumes_exactly_after_a_change_of_topology(tmp_path: Path) -> None:
+    # Issue 23's item: DiLoCo's sync is an exact all-reduce that does not use the graph, so a resume on another
+    # topology (or communicator) continues the same run; before, it was refused.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1)
+    options = {"algorithm": "diloco", "algorithm_options": {"H": 2}}
+    make_trainer(tmp_path, 1, [saver], **options).fit(DigitsClassifier(), DigitsDataModule())
+    path = tmp_path / "ckpts" / "epoch=0-step=4.ckpt"
+    _edit_meta(ckpt.shard_dir(path), topology="torus", topology_fingerprint="0" * 16, communicator="allreduce")
+    resumed = make_trainer(tmp_path, 2, **options)
+    resumed.fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=path)
+    assert resumed.global_step == 8 and not resumed.strategy._resumed_from_average

@@ -217,3 +217,17 @@ def test_a_gpu_buffer_gets_the_payload_of_the_cpu_one(name: str) -> None:
         assert torch.equal(c.roundtrip(x.cuda(), key=(2, 1)).cpu(), c.roundtrip(x, key=(2, 1)))
     else:
         assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0])
+def test_int8_on_16_bit_buffers_keeps_the_float32_error_bound(dtype, magnitude: float) -> None:
+    # The scales are computed in float32: before, float16 blocks below ~3.8e-6 got a zero scale and were sent as
+    # zeros (relative error 1.0 at 1e-6), and bfloat16 blocks went over half a step.
+    x = (data(4, 512) * magnitude).to(dtype)
+    decoded = get_compressor("int8", block=64).roundtrip(x)
+    step = (x.float().abs().view(4, 8, 64).amax(-1) / 127).repeat_interleave(64, dim=-1)  # the float32 scale sent
+    rounding = decoded.float().abs() * torch.finfo(dtype).eps / 2 + torch.finfo(dtype).smallest_normal * 2**-11
+    assert ((decoded.float() - x.float()).abs() <= step * (0.5 + 1e-6) + rounding).all()
+    relative = (decoded.float() - x.float()).norm() / x.float().norm()
+    assert relative < 0.02

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_decent.train  # noqa: F401  (registers the config resolvers)
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
-from lightning_decent.comm import SimulatedCommunicator, get_compressor
+from lightning_decent.comm import NonFiniteValueError, SimulatedCommunicator, get_compressor
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.sim import AlgorithmSpec, get_problem, simulate
 from lightning_decent.sim.problems import LeastSquares, Problem
@@ -234,6 +234,28 @@ def test_resuming_with_another_schedule_is_refused() -> None:
         get_algorithm("diloco", H=32).load_state_dict(state)
 
 
+def test_adamw_outer_optimizer_decays_only_when_asked() -> None:
+    # Before, torch's AdamW default weight_decay=0.01 applied silently: a zero pseudo-gradient shrank the anchor by
+    # lr x 0.01 = 0.7 % per synchronisation.
+    def anchor_after_a_zero_sync(**options: float) -> torch.Tensor:
+        algo = get_algorithm("diloco", H=1, outer_optimizer="adamw", **options)
+        bucket = Bucket(torch.ones(1, 8))
+        algo.init_state(bucket)
+        algo.after_step([bucket], SimulatedCommunicator(get_topology("complete", 1)), step=0)  # model == anchor
+        return bucket.state["anchor"]
+
+    assert torch.equal(anchor_after_a_zero_sync(), torch.ones(1, 8))
+    assert torch.allclose(anchor_after_a_zero_sync(outer_weight_decay=0.1), torch.full((1, 8), 1 - 0.7 * 0.1))
+
+
+def test_a_checkpoint_from_before_outer_weight_decay_resumes_with_its_implicit_value() -> None:
+    old = get_algorithm("diloco", outer_optimizer="adamw").state_dict()
+    del old["config"]["outer_weight_decay"]  # saved by a version that used torch's AdamW default
+    with pytest.raises(ValueError, match=r"outer_weight_decay=0.01 \(now 0.0\)"):
+        get_algorithm("diloco", outer_optimizer="adamw").load_state_dict(old)
+    get_algorithm("diloco", outer_optimizer="adamw", outer_weight_decay=0.01).load_state_dict(old)
+
+
 # ---- cost ------------------------------------------------------------------------------------------------
 def test_bytes_per_step_are_one_model_per_sync() -> None:
     problem = logistic()
@@ -283,6 +305,7 @@ def test_strategy_builds_it_by_name() -> None:
         ({"outer_lr": 0.0}, "outer_lr must be positive"),
         ({"H": 4, "delay": 1, "mix": 1.5}, r"mix must be in \[0, 1\]"),
         ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+        ({"outer_weight_decay": -0.1}, "outer_weight_decay must be >= 0"),
         ({"global_average_every": 4}, r"synchronises every H steps itself; the modifiers \['global_average_every'\]"),
     ],
 )
@@ -344,3 +367,60 @@ def test_lightning_checkpoint_with_an_exchange_in_flight_resumes_bitwise(tmp_pat
     resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "part"),
+    [
+        ("diloco", {"H": 1}, "fragment 0"),
+        ("diloco", {"H": 1, "compression": "int8"}, "fragment 0"),
+        ("local_sgd", {"H": 4, "fragments": 2, "delay": 1}, "fragment 1"),
+        ("diloco", {"H": 4, "warmup_steps": 2}, "the whole model"),
+        ("gasloc", {"H": 1}, "fragment 0"),
+    ],
+)
+def test_an_outer_sync_refuses_to_send_nan_naming_the_rank(name: str, options: dict, part: str) -> None:
+    # Before: NaN in one rank's model went into the outer average (plain, int8, streaming) and every parameter
+    # of every rank became NaN, with exit code 0.
+    comm = SimulatedCommunicator(get_topology("complete", 1))
+    comm.rank, comm.check_finite = 2, True
+    algo = get_algorithm(name, **options)
+    bucket = Bucket(torch.ones(1, 8))
+    algo.init_state(bucket)
+    bucket.params[0, -1] = float("nan")  # in the last fragment
+    step = 3 if options.get("fragments") else 0  # streaming: fragment 0 syncs after step 1, fragment 1 after 3
+    for earlier in range(step):
+        algo.after_step([bucket], comm, step=earlier)
+    with pytest.raises(NonFiniteValueError, match=rf"rank 2: NaN or Inf in buffer 0 \({part}\) about to be sent at "
+                       rf"the synchronisation after step {step}"):  # fmt: skip
+        algo.after_step([bucket], comm, step=step)
+
+
+class _RecordingCommunicator(SimulatedCommunicator):
+    """Records how a gossip round at each call would be named in errors."""
+
+    def __init__(self) -> None:
+        super().__init__(get_topology("complete", 1))
+        self.named: list[str] = []
+
+    def mix(self, buffers, step: int) -> None:
+        self.named.append(self.step_name(step))
+        super().mix(buffers, step)
+
+
+def test_errors_of_a_streaming_gossip_sync_name_the_training_step_not_the_round() -> None:
+    # Before: a stopped neighbour during streaming GASLoC's sync after step 5 was reported "at gossip step 0"
+    # (the fragment's synchronisation round, which selects W).
+    algo = get_algorithm("gasloc", H=4, fragments=2)
+    bucket = Bucket(torch.ones(1, 8))
+    algo.init_state(bucket)
+    comm = _RecordingCommunicator()
+    for step in range(8):
+        algo.after_step([bucket], comm, step=step)
+    assert comm.named == [
+        "gossip step 1 (synchronisation round 0)",  # fragment 0
+        "gossip step 3 (synchronisation round 0)",  # fragment 1
+        "gossip step 5 (synchronisation round 1)",
+        "gossip step 7 (synchronisation round 1)",
+    ]
+    assert comm.reported_step is None and comm.step_name(5) == "gossip step 5"  # outside a sync: the step itself

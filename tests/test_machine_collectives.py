@@ -57,3 +57,19 @@ def test_a_full_dev_shm_falls_back_to_the_process_group_with_a_warning(group, mo
     assert torch.equal(target, torch.arange(4.0))
     assert machine._segments == {("b", 4, torch.float32): None}
     assert not segments()  # the file it could not fill was removed
+
+
+@pytest.mark.parametrize("failing", ["broadcast_object_list", "barrier"])
+def test_a_segment_is_removed_when_its_set_up_fails(group, monkeypatch, failing: str) -> None:
+    # Before: the creating rank unlinked the file only after the barrier, so a mate that died or stopped before
+    # mapping it (a failed broadcast or barrier here) left /dev/shm/lightning_decent_* behind.
+    machine = SharedMemoryMachine(group, local_rank=0, local_world_size=1)
+
+    def lost_mate(*args, **kwargs) -> None:
+        assert segments()  # the segment exists at this point of the set-up
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(machine_collectives.dist, failing, lost_mate)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        machine.reduce_scatter(("b",), torch.empty(4), torch.arange(4.0))
+    assert not segments()

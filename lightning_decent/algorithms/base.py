@@ -89,6 +89,9 @@ class Algorithm(ABC):
             the user's optimizer state.
         needs_doubly_stochastic: refuse column-stochastic (directed) graphs.
         transforms_gradients: the algorithm rewrites the gradient before the optimizer step.
+        uses_topology: the mixing matrix (the topology, and the communicator that realises it) enters the
+            algorithm's mathematics; ``False`` for algorithms whose only exchange is an exact average over
+            all ranks, which a resume may then continue on another graph.
         sends_compressed: its messages go through the communicator's ``*_compressed`` methods.
 
         membership_rule: what :meth:`change_membership` does, in one line (docs/elastic.md).
@@ -106,6 +109,7 @@ class Algorithm(ABC):
     extra_memory: ClassVar[float] = 0.0
     needs_doubly_stochastic: ClassVar[bool] = True
     transforms_gradients: ClassVar[bool] = False
+    uses_topology: ClassVar[bool] = True
     sends_compressed: bool = False
     overlap: bool = False
     membership_rule: ClassVar[str]

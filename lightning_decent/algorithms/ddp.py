@@ -42,6 +42,7 @@ class DDP(Algorithm):
     name = "ddp"
     membership_rule = "nothing to restore: the replicas are identical, a joiner copies one; the all-reduce is over n'"
     rounds_per_step = 0
+    uses_topology = False
     buffers_per_round = 0
     transforms_gradients = True
     check_finite = True  # set by the strategy from its own ``check_finite``

@@ -47,7 +47,7 @@ from lightning_decent.algorithms.error_feedback import RESIDUAL, SHARD_RESIDUAL,
 from lightning_decent.algorithms.outer import build_outer_optimizer, check_outer_optimizer, outer_state_models
 from lightning_decent.algorithms.sync_schedule import SyncSchedule
 from lightning_decent.comm import Communicator, Compressor, get_compressor
-from lightning_decent.comm.base import PendingMix
+from lightning_decent.comm.base import PendingMix, refuse_non_finite
 
 ANCHOR = "anchor"  # a_i: where the current local steps started (bucket state)
 EXCHANGE = "exchange"  # what is on the wire: Delta (DiLoCo) or y (GASLoC); state while it can be in flight
@@ -81,6 +81,8 @@ class LocalSteps(Algorithm):
             :data:`~lightning_decent.algorithms.outer.OUTER_OPTIMIZERS`).
         outer_lr: the outer learning rate.
         outer_momentum: SGD/Nesterov momentum, or Adam's ``beta1``.
+        outer_weight_decay: the outer optimizer's ``weight_decay`` (default 0 for every outer optimizer,
+            ``adamw`` included: torch's AdamW default of 0.01 is not used).
         fragments: ``F``, streaming fragments per bucket (1: the whole model at once).
         delay: ``tau``, inner steps a fragment's exchange overlaps before it is applied (0: blocking).
         mix: Streaming DiLoCo's merge factor ``alpha``, ``x_i <- alpha x_i + (1 - alpha) a_i`` when a
@@ -107,6 +109,7 @@ class LocalSteps(Algorithm):
         outer_optimizer: str = "nesterov",
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
+        outer_weight_decay: float = 0.0,
         fragments: int = 1,
         delay: int = 0,
         mix: float = 0.0,
@@ -116,8 +119,9 @@ class LocalSteps(Algorithm):
     ) -> None:
         self.schedule = SyncSchedule(H, fragments, delay, warmup_steps)
         self.compressor = get_compressor(compression, **(compression_options or {}))
-        check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum)
+        check_outer_optimizer(outer_optimizer, outer_lr, outer_momentum, outer_weight_decay)
         self.outer_optimizer, self.outer_lr, self.outer_momentum = outer_optimizer, outer_lr, outer_momentum
+        self.outer_weight_decay = float(outer_weight_decay)
         self.mix = float(mix)
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1] (the weight of the local model in the merge); got {mix!r}.")
@@ -157,12 +161,22 @@ class LocalSteps(Algorithm):
         if not self.compressor.lossless:
             allocate_residuals(bucket, average=self.averages)
         views = [anchor[..., start:end] for start, end in bounds]
-        optimizer = build_outer_optimizer(self.outer_optimizer, views, self.outer_lr, self.outer_momentum)
+        optimizer = build_outer_optimizer(
+            self.outer_optimizer, views, self.outer_lr, self.outer_momentum, self.outer_weight_decay
+        )
         self._syncs[bucket] = _BucketSync(optimizer, bounds)
 
     # ---- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        comm.reported_step = step  # errors name this step, not the synchronisation's round
+        try:
+            self._synchronise(buckets, comm, step)
+        finally:
+            comm.reported_step = None
+
+    def _synchronise(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        """Complete the exchanges due after ``step`` and start the one that starts then."""
         if self.schedule.is_warmup(step):
             self._start(buckets, comm, None, step, step, blocking=True)
             for bucket in buckets:
@@ -199,10 +213,14 @@ class LocalSteps(Algorithm):
     ) -> None:
         """Prepare every bucket's buffer for ``fragment`` (``None``: warm-up, whole model) and exchange them."""
         buffers = []
-        for bucket in buckets:
+        for index, bucket in enumerate(buckets):
             region = self._region(bucket, fragment)
             buffer = self._exchange_buffer(bucket)[region]
             self._prepare(bucket, fragment, bucket.params[region], bucket.state[ANCHOR][region], buffer)
+            if comm.check_finite:  # before it enters anyone's average or anchor
+                part = "the whole model" if fragment is None else f"fragment {fragment}"
+                where = f"the synchronisation after step {step}"
+                refuse_non_finite(buffer, comm.rank, f"buffer {index} ({part}) about to be sent at {where}")
             buffers.append(buffer)
         pending = self.exchange(buffers, comm, round_, blocking=blocking, feedback=self._feedback(buckets, fragment))
         if fragment is None:
@@ -333,6 +351,7 @@ class LocalSteps(Algorithm):
             "outer_optimizer": self.outer_optimizer,
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
+            "outer_weight_decay": self.outer_weight_decay,
             "mix": self.mix,
             "compression": self.compressor.describe(),
         }
@@ -341,8 +360,10 @@ class LocalSteps(Algorithm):
         return {"config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved, mine = state["config"], self._config()
-        differing = {key: (saved[key], mine[key]) for key in mine if saved.get(key) != mine[key]}
+        saved, mine = dict(state["config"]), self._config()
+        if "outer_weight_decay" not in saved:  # saved before it was an option: torch's defaults applied
+            saved["outer_weight_decay"] = 0.01 if saved.get("outer_optimizer") == "adamw" else 0.0
+        differing = {key: (saved.get(key), mine[key]) for key in mine if saved.get(key) != mine[key]}
         if differing:
             described = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differing.items())
             raise ValueError(
@@ -404,6 +425,7 @@ class DiLoCo(LocalSteps):
         "anchors and outer optimizer state are identical on every member and stay; a joiner starts from the anchor; "
         "a fragment in flight is dropped (its progress is sent at its next sync); error-feedback residuals restart"
     )
+    uses_topology = False  # the exact average of every rank: the same on any graph
 
     def _prepare(
         self, bucket: Bucket, fragment: int | None, model: torch.Tensor, anchor: torch.Tensor, buffer: torch.Tensor

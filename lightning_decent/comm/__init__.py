@@ -2,10 +2,10 @@
 in-process simulator of n nodes."""
 
 from lightning_decent.comm.allreduce import AllReduceCommunicator
-from lightning_decent.comm.base import CommStats, Communicator
+from lightning_decent.comm.base import CommStats, Communicator, NonFiniteValueError
 from lightning_decent.comm.compression import COMPRESSORS, Compressor, get_compressor
 from lightning_decent.comm.hierarchical import HierarchicalCommunicator
-from lightning_decent.comm.p2p import NonFiniteValueError, P2PCommunicator, PeerTimeoutError
+from lightning_decent.comm.p2p import P2PCommunicator, PeerTimeoutError
 from lightning_decent.comm.simulated import SimulatedCommunicator
 
 COMMUNICATORS = ("p2p", "allreduce")

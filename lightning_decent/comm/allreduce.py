@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
+from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes, refuse_non_finite
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.compressed_collectives import all_gather_average, start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor
-from lightning_decent.comm.p2p import NonFiniteValueError, average_all_reduce, start_average_all_reduce
+from lightning_decent.comm.p2p import average_all_reduce, start_average_all_reduce
 from lightning_decent.topology import Topology
 
 
@@ -30,8 +30,8 @@ class AllReduceCommunicator(Communicator):
         topology: the graph (only its size matters).
         group: the process group (default: the world).
         rank: this process's global rank (named in errors).
-        check_finite: ``mix`` raises :class:`NonFiniteValueError` instead of averaging NaN/Inf into every
-            replica (one sum per buffer).
+        check_finite: ``mix`` raises :class:`~lightning_decent.comm.base.NonFiniteValueError` instead of
+            averaging NaN/Inf into every replica (one sum per buffer).
         collectives: bounded world collectives (the strategy's); without them a plain all-reduce.
     """
 
@@ -61,12 +61,7 @@ class AllReduceCommunicator(Communicator):
     def mix(self, buffers: Sequence[torch.Tensor], step: int) -> None:
         if self.check_finite:
             for index, buf in enumerate(buffers):
-                if not torch.isfinite(buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()):
-                    raise NonFiniteValueError(
-                        f"rank {self.rank}: NaN or Inf in buffer {index} about to be averaged at step {step}; "
-                        f"stopping instead of spreading it to every replica. Lower the learning rate or clip "
-                        f"gradients (check_finite=False disables this check)."
-                    )
+                refuse_non_finite(buf, self.rank, f"buffer {index} about to be averaged at step {step}")
         self.global_average(buffers)
 
     @torch.no_grad()
@@ -83,7 +78,7 @@ class AllReduceCommunicator(Communicator):
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         self._count(buffers)
-        return start_average_all_reduce(buffers, self._collective_group)
+        return start_average_all_reduce(buffers, self.group, self.collectives)
 
     def _count(self, buffers: Sequence[torch.Tensor]) -> None:
         n = dist.get_world_size(self.group)

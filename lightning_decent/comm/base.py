@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.compression import Compressor
 from lightning_decent.topology import Topology
 
@@ -52,6 +53,22 @@ class MeanPerStep:
         return mean
 
 
+class NonFiniteValueError(FloatingPointError):
+    """This rank is about to send or average NaN or Inf."""
+
+
+def refuse_non_finite(buf: torch.Tensor, rank: int, what: str) -> None:
+    """Raise :class:`NonFiniteValueError` naming ``rank`` and ``what`` (e.g. ``"buffer 0 about to be sent at
+    gossip step 5"``) if ``buf`` holds NaN or Inf: one sum, in float32 for 16-bit buffers (whose sum
+    would overflow first)."""
+    total = buf.sum(dtype=torch.float32) if buf.dtype in (torch.float16, torch.bfloat16) else buf.sum()
+    if not torch.isfinite(total):
+        raise NonFiniteValueError(
+            f"rank {rank}: NaN or Inf in {what}; stopping instead of spreading it to the other ranks. Lower the "
+            f"learning rate or clip gradients (check_finite=False disables this check)."
+        )
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -76,6 +93,16 @@ class Communicator(ABC):
 
     #: Whether the ``*_compressed`` methods are implemented (compressed payloads on the wire).
     sends_compressed: ClassVar[bool] = False
+    #: This process's global rank (named in errors) and whether what it sends or averages is first checked
+    #: for NaN/Inf (:func:`refuse_non_finite`); the transports between processes set both.
+    rank: int = 0
+    check_finite: bool = False
+    #: The strategy's bounded world collectives (``collective_timeout``, the roll call), for the transports
+    #: between processes that run world-wide averages; ``None``: plain collectives.
+    collectives: BoundedCollectives | None = None
+    #: The training step that errors name when the ``step`` given to ``mix`` is another count (the
+    #: local-steps family mixes its ``k``-th synchronisation with ``W(k)``); ``None``: they are the same.
+    reported_step: int | None = None
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -101,6 +128,13 @@ class Communicator(ABC):
         """True if mixing at ``step`` sends nothing and leaves this node's buffers unchanged (no
         neighbours and self weight 1), so callers may skip preparing a round."""
         return False
+
+    def step_name(self, step: int) -> str:
+        """How errors name the round mixed with ``W(step)``: ``"gossip step 5"``, or with :attr:`reported_step`
+        ``"gossip step 5 (synchronisation round 0)"``."""
+        if self.reported_step is None:
+            return f"gossip step {step}"
+        return f"gossip step {self.reported_step} (synchronisation round {step})"
 
     def close(self) -> None:
         """Release what the transport created (process groups); the communicator is not used afterwards."""

@@ -27,8 +27,12 @@ aborts the process instead of raising; the roll call still names missing ranks f
 
 from __future__ import annotations
 
+import math
+import numbers
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -39,7 +43,31 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 _ROLL_CALL_TAG = 7
+#: Once a rank is known dead (its connection closed), how long the roll call still waits for the others'
+#: answers: ranks stuck in a collective with the dead one answer only when their own operation fails.
+DEAD_RANK_GRACE_SECONDS = 3.0
 _NAME_BYTES = 48  # a roll-call message: rank and sequence (2 x int64), then the collective's name
+
+
+#: The longest timeout accepted: a year. Longer ones (and ``inf``) are refused rather than read as "no limit":
+#: a wait without a bound is what these timeouts exist to prevent.
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
+
+
+def check_timeout(name: str, seconds: float) -> timedelta:
+    """``seconds`` as a :class:`~datetime.timedelta`, or a :class:`ValueError` naming ``name`` and the fix.
+
+    Accepted: a finite real number in ``(0, MAX_TIMEOUT_SECONDS]``. Refused: zero, negative values, NaN,
+    ``inf`` (there is no "no limit": every wait for another rank must end) and booleans."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds (e.g. {name}=60); got {seconds!r}.")
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"{name} must be a positive number of seconds, finite and at most {MAX_TIMEOUT_SECONDS} (a year); got "
+            f"{seconds!r}. It bounds every wait for another rank (e.g. {name}=60); there is no unlimited setting, "
+            f"for a very slow rank pass a large value."
+        )
+    return timedelta(seconds=float(seconds))
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -53,6 +81,8 @@ class RollCall:
     dead: list[int] = field(default_factory=list)
     silent: list[int] = field(default_factory=list)
     elsewhere: dict[int, str] = field(default_factory=dict)
+    #: The wait for the silent ranks was cut to :data:`DEAD_RANK_GRACE_SECONDS` because a rank was dead.
+    cut_short: bool = False
 
 
 class BoundedCollectives:
@@ -86,11 +116,23 @@ class BoundedCollectives:
         With ``check_in`` the ranks first answer a roll call, so a rank that is missing is named before
         anything waits on it; otherwise (collectives that may run every step) the roll call only
         follows a failure. Raises :class:`CollectiveTimeoutError` naming who is missing."""
-        self.sequence += 1
+        self.start(what)
         if check_in:
             self._check_in(what)
-        try:
+        with self.diagnosed(what):
             return operation()
+
+    def start(self, what: str) -> None:
+        """Count one more collective (the roll call compares the counts): call it on every rank where a
+        collective named ``what`` starts, also one started asynchronously and completed later."""
+        self.sequence += 1
+
+    @contextmanager
+    def diagnosed(self, what: str) -> Iterator[None]:
+        """Run the body (a collective's operation, or the wait for one started earlier); if it fails, hold
+        the roll call and raise :class:`CollectiveTimeoutError` naming who is missing."""
+        try:
+            yield
         except RuntimeError as err:  # gloo's timeout / closed connection, torch's DistBackendError
             if isinstance(err, CollectiveTimeoutError):
                 raise
@@ -141,18 +183,19 @@ class BoundedCollectives:
         if roll.dead or roll.silent or roll.elsewhere:
             raise self._failure(what, roll)
 
+    def explain(self, what: str, timeout: timedelta) -> str:
+        """After a failed wait for another rank in ``what`` (a gossip round, a machine's collective): a roll
+        call of every rank bounded by ``timeout`` (the failed wait's own), and what it found, e.g. ``"rank 2
+        died (connection closed)"``; ``""`` if every rank answered. The ranks whose waits failed because of
+        the same rank hold it at about the same time, so each names that rank rather than the neighbour it
+        waited for."""
+        roll = self.roll_call(what, timeout=timeout)
+        roll.elsewhere.clear()  # they answered: alive, and stopped by the same failure somewhere else
+        return "; ".join(self._causes(what, roll, timeout))
+
     def _failure(self, what: str, roll: RollCall, err: RuntimeError | None = None) -> CollectiveTimeoutError:
         seconds = f"{self.timeout.total_seconds():g}s"
-        causes = []
-        if roll.silent:
-            causes.append(
-                f"{_ranks(roll.silent)} did not reach the {what} within timeout={seconds} (stopped, hung, or "
-                f"waiting elsewhere)"
-            )
-        if roll.dead:
-            causes.append(f"{_ranks(roll.dead)} died (connection closed)")
-        for rank, where in sorted(roll.elsewhere.items()):
-            causes.append(f"rank {rank} is at {where} instead of the {what}")
+        causes = self._causes(what, roll, self.timeout)
         if not causes:
             causes.append(f"the {what} failed although every rank answered afterwards: {err}")
         return CollectiveTimeoutError(
@@ -160,34 +203,96 @@ class BoundedCollectives:
             f"reach it; raise collective_timeout (now {seconds}) only if a rank is legitimately that slow."
         )
 
-    def roll_call(self, what: str) -> RollCall:
-        """Exchange (rank, sequence number, name of the failed collective) with every other rank."""
+    @staticmethod
+    def _causes(what: str, roll: RollCall, timeout: timedelta) -> list[str]:
+        seconds = f"{timeout.total_seconds():g}s"
+        causes = []
+        if roll.dead:
+            causes.append(f"{_ranks(roll.dead)} died (connection closed)")
+        if roll.silent and roll.cut_short and roll.dead:
+            causes.append(
+                f"{_ranks(roll.silent)} had not answered {DEAD_RANK_GRACE_SECONDS:g}s after that (not waited for "
+                f"longer: probably waiting on the dead rank)"
+            )
+        elif roll.silent:
+            causes.append(
+                f"{_ranks(roll.silent)} did not reach the {what} within timeout={seconds} (stopped, hung, or "
+                f"waiting elsewhere)"
+            )
+        for rank, where in sorted(roll.elsewhere.items()):
+            causes.append(f"rank {rank} is at {where} instead of the {what}")
+        return causes
+
+    def roll_call(self, what: str, timeout: timedelta | None = None) -> RollCall:
+        """Exchange (rank, sequence number, name of the failed collective) with every other rank, waiting up to
+        ``timeout`` (default: the collectives' own).
+
+        Every answer is awaited in its own thread until the deadline, so the answers that come are all
+        read before a wait times out (in gloo a timed-out wait closes every connection of its group, and
+        the ranks that answer late would then see this one as dead); once a rank is found dead, the others
+        get :data:`DEAD_RANK_GRACE_SECONDS` more."""
         roll = RollCall()
         if self._roll_group is None:
             return roll
         mine = _encode(self.rank, self.sequence, what)
         peers = [r for r in range(self.world_size) if r != self.rank]
         answers = {peer: torch.zeros_like(mine) for peer in peers}
-        receives, sends = {}, []
+        posted: dict[int, tuple[dist.Work, dist.Work]] = {}
         for peer in peers:
             try:
-                receives[peer] = dist.irecv(answers[peer], peer, group=self._roll_group, tag=_ROLL_CALL_TAG)
-                sends.append(dist.isend(mine, peer, group=self._roll_group, tag=_ROLL_CALL_TAG))
+                receive = dist.irecv(answers[peer], peer, group=self._roll_group, tag=_ROLL_CALL_TAG)
+                posted[peer] = (receive, dist.isend(mine, peer, group=self._roll_group, tag=_ROLL_CALL_TAG))
             except RuntimeError:
                 roll.dead.append(peer)
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        for peer, work in receives.items():
-            outcome = _wait(work, deadline)
-            if outcome != "done":
+        limit = (self.timeout if timeout is None else timeout).total_seconds()
+        outcomes = _await_answers(posted, time.monotonic() + limit, bool(roll.dead))
+        for peer in posted:
+            outcome = outcomes.get(peer, "late")
+            if outcome == "late":
+                roll.cut_short = True
+                roll.silent.append(peer)
+            elif outcome != "done":
                 (roll.dead if outcome == "closed" else roll.silent).append(peer)
-                continue
-            _, sequence, theirs = _decode(answers[peer])
-            if sequence != self.sequence or theirs != _decode(mine)[2]:  # both names as sent (truncated)
-                roll.elsewhere[peer] = f"the {theirs} (#{sequence})"
-        for work in sends:  # stay until late peers have read this rank's answer
-            _wait(work, deadline)
+            else:
+                _, sequence, theirs = _decode(answers[peer])
+                if sequence != self.sequence or theirs != _decode(mine)[2]:  # both names as sent (truncated)
+                    roll.elsewhere[peer] = f"the {theirs} (#{sequence})"
         roll.dead.sort()
         return roll
+
+
+def _await_answers(posted: dict[int, tuple[dist.Work, dist.Work]], deadline: float, dead: bool) -> dict[int, str]:
+    """Wait for every peer's answer (then for its receipt of this rank's) in a thread per peer until
+    ``deadline``; ``"done"``, ``"closed"`` or ``"silent"`` per peer whose wait ended, none for those still
+    waited for when a dead peer (``dead``: one found already) cut the wait short."""
+    outcomes: dict[int, str] = {}
+    finished = threading.Condition()
+
+    def wait_for(peer: int, receive: dist.Work, send: dist.Work) -> None:
+        outcome = _wait(receive, deadline)
+        if outcome == "done":  # it is in its roll call: it reads this rank's answer now
+            _wait(send, deadline)
+        with finished:
+            outcomes[peer] = outcome
+            finished.notify()
+
+    for peer, (receive, send) in posted.items():
+        threading.Thread(target=wait_for, args=(peer, receive, send), daemon=True).start()
+    cut = time.monotonic() + DEAD_RANK_GRACE_SECONDS if dead else deadline
+    with finished:
+        while len(outcomes) < len(posted):
+            if "closed" in outcomes.values():
+                cut = min(cut, time.monotonic() + DEAD_RANK_GRACE_SECONDS)
+            remaining = min(cut, deadline) - time.monotonic()
+            if remaining <= 0:
+                break
+            finished.wait(remaining)
+        return dict(outcomes)
+
+
+def diagnosed(collectives: BoundedCollectives | None, what: str) -> AbstractContextManager[None]:
+    """:meth:`BoundedCollectives.diagnosed` of ``collectives``, or nothing without them."""
+    return nullcontext() if collectives is None else collectives.diagnosed(what)
 
 
 def _wait(work: dist.Work, deadline: float) -> str:

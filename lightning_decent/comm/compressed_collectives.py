@@ -11,6 +11,9 @@ Two forms, both giving the same bits on every rank (each rank decodes the same p
   Sends ``2 (n - 1)`` shard payloads of ``~P/n``: ``~2 (n - 1)/n P`` per rank, the all-reduce's volume
   at the payload's size (int8: ``0.254 x`` float32's at any ``n``). The average is compressed twice.
 
+With the strategy's bounded collectives (``comm.collectives``) a failed exchange holds their roll call and
+names the rank that is missing (:class:`~lightning_decent.comm.collectives.CollectiveTimeoutError`).
+
 Byte counts report these ring volumes; gloo and NCCL may use other algorithms with the same order of traffic.
 """
 
@@ -23,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import CommStats, Communicator, PendingMix
+from lightning_decent.comm.base import CommStats, Communicator, PendingMix, refuse_non_finite
+from lightning_decent.comm.collectives import diagnosed
 from lightning_decent.comm.compression import Compressor, encode_and_decode
 
 #: ``all_gather_single`` (torch >= 2.10) replaces ``all_gather_into_tensor``; both take a flat output.
@@ -34,6 +38,23 @@ def shard_length(numel: int, parts: int, alignment: int) -> int:
     """Length of each of ``parts`` equal shards covering ``numel`` values (the last ones zero-padded),
     a multiple of ``alignment`` (a quantiser's block, so shards keep the whole-buffer blocks)."""
     return max(1, math.ceil(numel / (parts * alignment))) * alignment
+
+
+_GATHER = "compressed average (all-gather)"
+_TWO_STAGE = "compressed two-stage average"
+
+
+def _start(comm: Communicator, what: str) -> None:
+    """Count a collective of the communicator's bounded ones (their roll call compares the counts)."""
+    if comm.collectives is not None:
+        comm.collectives.start(what)
+
+
+def _refuse_non_finite(comm: Communicator, buffers: Sequence[torch.Tensor], step: int) -> None:
+    """With the communicator's ``check_finite``: no NaN/Inf goes into a compressed average (one sum per buffer)."""
+    if comm.check_finite:
+        for index, buf in enumerate(buffers):
+            refuse_non_finite(buf, comm.rank, f"buffer {index} about to be averaged (compressed) at step {step}")
 
 
 def _count(stats: CommStats, payload_bytes: int, messages: int) -> None:
@@ -54,6 +75,7 @@ def all_gather_average(
 ) -> None:
     """``x <- (1/n) sum_j C(x_j)`` exactly (sum in rank order), the payloads gathered by every rank."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _refuse_non_finite(comm, buffers, step)
     for index, buf in enumerate(buffers):
         key = (step, index)
         flat = buf.view(-1)
@@ -62,7 +84,8 @@ def all_gather_average(
         if world == 1:
             continue
         gathered = comm._workspace(("gathered", index), (world * payload.numel(),), torch.uint8, buf.device)
-        with record_function("gossip.all_gather"):
+        _start(comm, _GATHER)
+        with record_function("gossip.all_gather"), diagnosed(comm.collectives, _GATHER):
             _all_gather(gathered, payload, group=group)
         decoded = comm._scratch(("gather_decoded",), flat)
         total = comm._scratch(("gather_total",), flat).zero_()
@@ -119,12 +142,13 @@ class _TwoStageShards:
         self.received = self.comm._workspace(
             ("shards_received", self.index), tuple(sent.shape), torch.uint8, self.buffer.device
         )
-        with record_function("gossip.all_to_all"):
+        _start(self.comm, _TWO_STAGE)
+        with record_function("gossip.all_to_all"), diagnosed(self.comm.collectives, _TWO_STAGE):
             self.work = dist.all_to_all_single(self.received, sent, group=self.group, async_op=True)
 
     def wait(self) -> None:
         if self.work is not None:
-            with record_function("gossip.wait"):
+            with record_function("gossip.wait"), diagnosed(self.comm.collectives, _TWO_STAGE):
                 self.work.wait()
             self.work = None
             self.compressor.decode(self.received, self.shards, (self.step, self.index, 0))  # row j: rank j's copy
@@ -147,7 +171,8 @@ class _TwoStageShards:
         gathered = self.comm._workspace(
             ("shard_averages", self.index), (world * own.numel(),), torch.uint8, self.buffer.device
         )
-        with record_function("gossip.all_gather"):
+        _start(self.comm, _TWO_STAGE)
+        with record_function("gossip.all_gather"), diagnosed(self.comm.collectives, _TWO_STAGE):
             _all_gather(gathered, own.view(-1), group=self.group)
         self.compressor.decode(gathered.view(world, -1), shards, key)
         if residual is not None:
@@ -212,6 +237,7 @@ def start_two_stage_average(
 ) -> PendingMix:
     """:func:`two_stage_average` with its first stage started in the background for every buffer (see
     :class:`_PendingTwoStage`); the buffers are encoded and ``residuals`` written before it returns."""
+    _refuse_non_finite(comm, buffers, step)
     stages = [_TwoStageShards(comm, buf, index, compressor, step, group) for index, buf in enumerate(buffers)]
     for index, stage in enumerate(stages):
         stage.send(_residual(residuals, index))

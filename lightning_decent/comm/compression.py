@@ -174,8 +174,9 @@ class Cast(Compressor):
 class BlockQuantizer(Compressor):
     """Symmetric absmax quantisation per block of ``block`` consecutive values (the last block may be shorter).
 
-    A block with scale ``s = max_j |x_j| / L`` (``L = 127`` for 8 bits, ``7`` for 4 bits; ``s`` sent as
-    float32) sends ``q_j = round(x_j / s)`` in ``[-L, L]`` and is decoded as ``q_j s``. Each value is off
+    A block with scale ``s = max_j |x_j| / L`` (``L = 127`` for 8 bits, ``7`` for 4 bits; ``s`` computed and
+    sent in float32 whatever the buffer's dtype) sends ``q_j = round(x_j / s)`` in ``[-L, L]`` and is decoded
+    as ``q_j s``. Each value is off
     by at most ``s / 2`` (half a quantisation step), so per block ``||C(x) - x||^2 <= B s^2 / 4 <=
     B / (4 L^2) ||x||^2``: ``omega = 1 - B / (4 L^2)`` (int8, B = 256: 0.996; int4, B = 64: 0.67; the
     bound is void for int4 blocks of 196 or more). Deterministic rounding: biased. int4 stores ``q + 7``
@@ -229,10 +230,13 @@ class BlockQuantizer(Compressor):
         for part in self._blocks(x):
             count = part.shape[1]
             scale = scales[:, start : start + count]
-            scale.copy_(torch.amax(part.abs(), dim=-1).div_(self.levels))  # 11x faster than vector_norm(inf) on CPU
-            divisor = scale.to(part.dtype).unsqueeze(-1)
+            # The scale and the division in float32 whatever the buffer's dtype: in float16 a block whose
+            # maximum is below ~3.8e-6 would get a zero scale (amax / 127 underflows) and be sent as zeros.
+            wide = part if part.dtype in (torch.float32, torch.float64) else part.float()
+            scale.copy_(torch.amax(wide.abs(), dim=-1).div_(self.levels))  # 11x faster than vector_norm(inf) on CPU
+            divisor = scale.to(wide.dtype).unsqueeze(-1)
             divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
-            q = torch.div(part, divisor).round_().clamp_(-self.levels, self.levels)
+            q = torch.div(wide, divisor).round_().clamp_(-self.levels, self.levels)
             first, length = start * self.block, part.shape[1] * part.shape[2]
             if self.bits == 8:
                 codes.view(torch.int8)[:, first : first + length].view_as(q).copy_(q)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
@@ -32,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_decent.comm.base import CommStats, Communicator, PendingMix, nbytes
+from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.machine_collectives import MachineCollectives, ProcessGroupMachine, SharedMemoryMachine
-from lightning_decent.comm.p2p import P2PCommunicator
+from lightning_decent.comm.p2p import P2PCommunicator, PeerTimeoutError
 from lightning_decent.topology import HierarchicalTopology, Topology
 
 T = TypeVar("T")
@@ -58,10 +60,14 @@ class HierarchicalCommunicator(Communicator):
         topology: the two-level topology (its machine topology and ``local_world_size``).
         rank: this process's global rank (machine ``rank // L``, local rank ``rank % L``).
         timeout, check_finite: as for :class:`~lightning_decent.comm.P2PCommunicator` (the finite check
-            runs on the machine-averaged shard before it leaves the machine).
+            runs on the machine-averaged shard before it leaves the machine); ``timeout`` also bounds every
+            operation of the machine's process group (its reduce-scatter, all-gather and barriers).
         intra_machine: how steps 1 and 3 run (:mod:`~lightning_decent.comm.machine_collectives`):
             ``"shared_memory"`` (the default: CPU tensors through ``/dev/shm``, others through the process
             group) or ``"process_group"`` (the machine's NCCL or gloo group).
+        collectives: the strategy's bounded world collectives: global averages run on them, and a failed
+            wait inside the machine or between machines holds their roll call, so the error names the rank
+            that stopped or died rather than a healthy one that waited for it.
     """
 
     def __init__(
@@ -71,22 +77,38 @@ class HierarchicalCommunicator(Communicator):
         timeout: timedelta = timedelta(seconds=60),
         check_finite: bool = True,
         intra_machine: str = "shared_memory",
+        collectives: BoundedCollectives | None = None,
     ) -> None:
         if intra_machine not in INTRA_MACHINE:
             raise ValueError(f"intra_machine must be one of {', '.join(INTRA_MACHINE)}; got {intra_machine!r}.")
         super().__init__(topology)
         self.local_world_size = local = topology.local_world_size
         self.rank = rank
+        self.check_finite = check_finite
+        self.timeout = timeout
+        self.collectives = collectives
         _check_layout(rank, local, dist.get_world_size())
         machines = [list(range(m * local, (m + 1) * local)) for m in range(topology.num_machines)]
-        self.machine_group, _ = dist.new_subgroups_by_enumeration(machines)
+        self.machine_ranks = machines[rank // local]
+        self.machine_group, _ = dist.new_subgroups_by_enumeration(machines, timeout=timeout)
         self._machine: MachineCollectives = (
             ProcessGroupMachine(self.machine_group)
             if intra_machine == "process_group"
             else SharedMemoryMachine(self.machine_group, rank % local, local)
         )
         between = machine_gossip_topology(topology)
-        self._gossip = P2PCommunicator(between, rank, timeout=timeout, check_finite=check_finite)
+        self._gossip = P2PCommunicator(
+            between, rank, timeout=timeout, check_finite=check_finite, collectives=collectives
+        )
+
+    @property  # type: ignore[override]
+    def reported_step(self) -> int | None:
+        """The point-to-point communicator's (:attr:`Communicator.reported_step`): its errors name the step."""
+        return self._gossip.reported_step
+
+    @reported_step.setter
+    def reported_step(self, step: int | None) -> None:
+        self._gossip.reported_step = step
 
     @property
     def between_machines(self) -> CommStats:
@@ -117,7 +139,8 @@ class HierarchicalCommunicator(Communicator):
             source = self._flat_scratch(("padded", *key), padded_length, flat)
             source[: flat.numel()].copy_(flat)
             source[flat.numel() :].zero_()
-        self._machine.reduce_scatter(key, shard, source)
+        with self._inside_machine("reduce-scatter"):
+            self._machine.reduce_scatter(key, shard, source)
         shard.div_(self.local_world_size)
         self._count_intra(shard)
         return shard
@@ -132,7 +155,8 @@ class HierarchicalCommunicator(Communicator):
         target = flat
         if not in_place or padded_length != flat.numel():
             target = self._flat_scratch(("gathered", *key), padded_length, flat)
-        self._machine.all_gather(key, target, shard)
+        with self._inside_machine("all-gather"):
+            self._machine.all_gather(key, target, shard)
         self._count_intra(shard)
         return target[: flat.numel()]
 
@@ -141,6 +165,25 @@ class HierarchicalCommunicator(Communicator):
         gathered = self._all_gather(key, shard, buffer, in_place=True)
         if gathered.data_ptr() != buffer.data_ptr():
             buffer.view(-1).copy_(gathered)
+
+    @contextmanager
+    def _inside_machine(self, what: str) -> Iterator[None]:
+        """Turn a failed operation of the machine's group into a :class:`PeerTimeoutError` naming the machine's
+        ranks, the bound, and (with the strategy's collectives) who a roll call of every rank found missing."""
+        try:
+            yield
+        except RuntimeError as err:
+            if isinstance(err, PeerTimeoutError):
+                raise
+            name = f"machine {what} (ranks {self.machine_ranks})"
+            message = (
+                f"rank {self.rank}: the {name} failed: a rank of this machine died, hangs or its connection broke "
+                f"(gossip_timeout={self.timeout.total_seconds():g}s)."
+            )
+            if self.collectives is not None:
+                found = self.collectives.explain(name, self.timeout)
+                message += f" Roll call of every rank: {found or 'every rank answered'}."
+            raise PeerTimeoutError(f"{message} Underlying error: {err}") from err
 
     def _count_intra(self, shard: torch.Tensor) -> None:
         peers = self.local_world_size - 1

@@ -16,13 +16,18 @@ Two implementations of one small interface (:class:`MachineCollectives`):
 
 Segments live in ``/dev/shm``: the machine's first rank creates the file with its full size reserved
 (``posix_fallocate``, so a full ``/dev/shm`` is an error at set-up, not a crash on first touch), every
-rank maps it, and it is unlinked as soon as all have mapped it (nothing is left behind, even when a
-process dies). If ``/dev/shm`` cannot hold a segment, every rank of the machine falls back to the
-process group for that buffer, with one warning that says how much space was needed.
+rank maps it, and it is unlinked as soon as all have mapped it. Every rank of the machine knows each
+segment's name in advance (a prefix agreed when the collectives are built, and a count), so whichever
+rank's step of the set-up fails (a mate died, stopped or timed out) unlinks it: nothing is left behind
+unless every rank of the machine is killed at once. If ``/dev/shm`` cannot hold a segment, every rank of
+the machine falls back to the process group for that buffer, with one warning that says how much space
+was needed. The process group's operations (the barriers, the set-up broadcast) are bounded by its
+timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -77,14 +82,16 @@ class SharedMemoryMachine:
         local_world_size: ``L``.
     """
 
-    _names = itertools.count()
-
     def __init__(self, group: dist.ProcessGroup, local_rank: int, local_world_size: int) -> None:
         self.group = group
         self.local_rank = local_rank
         self.local_world_size = local_world_size
         self._fallback = ProcessGroupMachine(group)
         self._segments: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._names = itertools.count()
+        prefix = [f"{os.getpid()}_{uuid.uuid4().hex[:8]}" if local_rank == 0 else None]
+        dist.broadcast_object_list(prefix, src=dist.get_global_rank(group, 0), group=group)
+        self._prefix: str = prefix[0]
 
     def reduce_scatter(self, key: tuple, shard: torch.Tensor, source: torch.Tensor) -> None:
         if (segment := self._segment(key, shard)) is None:
@@ -125,38 +132,45 @@ class SharedMemoryMachine:
     def _map(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         numel = length * (self.local_world_size + 1)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        message = [self._create(nbytes) if self.local_rank == 0 else None]
-        source = dist.get_global_rank(self.group, 0)
-        dist.broadcast_object_list(message, src=source, group=self.group)
-        path, error = message[0]
-        if path is None:
-            if self.local_rank == 0:
-                warnings.warn(
-                    f"Hierarchical gossip: {SHM_DIR} cannot hold a {nbytes / 2**20:.0f} MiB segment ({error}); this "
-                    "buffer is averaged inside the machine through the process group (slower on CPU). Give "
-                    f"{SHM_DIR} more space (e.g. docker --shm-size) to average through shared memory.",
-                    stacklevel=4,
-                )
-            return None
-        flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-        dist.barrier(group=self.group)  # everyone has mapped it
-        if self.local_rank == 0:
-            os.unlink(path)
+        path = os.path.join(SHM_DIR, f"lightning_decent_{self._prefix}_{next(self._names)}")
+        try:
+            message = [self._create(path, nbytes) if self.local_rank == 0 else None]
+            dist.broadcast_object_list(message, src=dist.get_global_rank(self.group, 0), group=self.group)
+            error = message[0]
+            if error:
+                if self.local_rank == 0:
+                    warnings.warn(
+                        f"Hierarchical gossip: {SHM_DIR} cannot hold a {nbytes / 2**20:.0f} MiB segment ({error}); "
+                        "this buffer is averaged inside the machine through the process group (slower on CPU). Give "
+                        f"{SHM_DIR} more space (e.g. docker --shm-size) to average through shared memory.",
+                        stacklevel=4,
+                    )
+                return None
+            flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            dist.barrier(group=self.group)  # everyone has mapped it
+        finally:  # after the barrier, or when a step failed: every rank removes the name (the mappings stay)
+            _unlink(path)
         table = flat[: length * self.local_world_size].view(self.local_world_size, length)
         return table, flat[length * self.local_world_size :]
 
-    def _create(self, nbytes: int) -> tuple[str | None, str]:
-        """Create a segment file of ``nbytes`` with its space reserved: ``(path, "")`` or ``(None, why)``."""
-        path = os.path.join(SHM_DIR, f"lightning_decent_{os.getpid()}_{next(self._names)}_{uuid.uuid4().hex[:8]}")
+    @staticmethod
+    def _create(path: str, nbytes: int) -> str:
+        """Create the segment file ``path`` of ``nbytes`` with its space reserved: ``""``, or why it failed."""
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError as error:
-            return None, str(error)
+            return str(error)
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as error:
-            os.unlink(path)
-            return None, str(error)
+            _unlink(path)
+            return str(error)
         finally:
             os.close(fd)
-        return path, ""
+        return ""
+
+
+def _unlink(path: str) -> None:
+    """Remove ``path`` if it is there (another rank of the machine may have removed it first)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -10,8 +10,14 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from lightning_decent.comm.base import Communicator, PendingMix, count_all_reduce, nbytes
-from lightning_decent.comm.collectives import BoundedCollectives
+from lightning_decent.comm.base import (
+    Communicator,
+    PendingMix,
+    count_all_reduce,
+    nbytes,
+    refuse_non_finite,
+)
+from lightning_decent.comm.collectives import BoundedCollectives, diagnosed
 from lightning_decent.comm.compressed_collectives import start_two_stage_average, two_stage_average
 from lightning_decent.comm.compression import Compressor, encode_and_decode
 from lightning_decent.comm.headers import HEADER_TAG, RoundHeaders
@@ -24,10 +30,6 @@ _Headers = tuple[torch.Tensor | None, list[tuple[dist.Work, int, torch.Tensor | 
 
 class PeerTimeoutError(RuntimeError):
     """A neighbour did not complete its part of a gossip round in time (it died or hangs)."""
-
-
-class NonFiniteValueError(FloatingPointError):
-    """This rank is about to send NaN or Inf to its neighbours."""
 
 
 class _Phase:
@@ -349,27 +351,28 @@ class P2PCommunicator(Communicator):
 
     # ---- checks and bookkeeping --------------------------------------------------------------------
     def _refuse_non_finite(self, buf: torch.Tensor, index: int, step: int) -> None:
-        total = buf.sum(dtype=torch.float32) if buf.dtype == torch.float16 else buf.sum()
-        if not torch.isfinite(total):
-            raise NonFiniteValueError(
-                f"rank {self.rank}: NaN or Inf in buffer {index} about to be sent at gossip step {step}; "
-                f"stopping instead of spreading it to the neighbours. Lower the learning rate or clip "
-                f"gradients (check_finite=False disables this check)."
-            )
+        refuse_non_finite(buf, self.rank, f"buffer {index} about to be sent at {self.step_name(step)}")
 
     def _wait(self, work: dist.Work, peer: int, step: int) -> None:
+        seconds = f"gossip_timeout={self.timeout.total_seconds():g}s"
         try:
             completed = work.wait(self.timeout)
         except RuntimeError as err:
-            raise PeerTimeoutError(
-                f"rank {self.rank}: lost rank {peer} at gossip step {step}: it died, hangs or its connection "
-                f"broke (gossip_timeout={self.timeout.total_seconds():g}s). Underlying error: {err}"
-            ) from err
+            raise self._lost(peer, step, f"it died, hangs or its connection broke ({seconds})", err) from err
         if completed is False:
-            raise PeerTimeoutError(
-                f"rank {self.rank}: lost rank {peer} at gossip step {step}: no answer within "
-                f"gossip_timeout={self.timeout.total_seconds():g}s (it died or hangs)."
-            )
+            raise self._lost(peer, step, f"no answer within {seconds} (it died or hangs)")
+
+    def _lost(self, peer: int, step: int, why: str, err: RuntimeError | None = None) -> PeerTimeoutError:
+        """The error for a neighbour lost at ``step``; with the strategy's collectives, what a roll call of
+        every rank (bounded by ``gossip_timeout``) found: the neighbour may only be waiting on the rank
+        that failed."""
+        message = f"rank {self.rank}: lost rank {peer} at {self.step_name(step)}: {why}."
+        if self.collectives is not None:
+            found = self.collectives.explain(self.step_name(step), self.timeout)
+            message += f" Roll call of every rank: {found or 'every rank answered'}."
+        if err is not None:
+            message += f" Underlying error: {err}"
+        return PeerTimeoutError(message)
 
     def _count(self, buffers: Sequence[torch.Tensor], phase: _Phase) -> None:
         size = sum(nbytes(b) for b in buffers)
@@ -390,7 +393,7 @@ class P2PCommunicator(Communicator):
     def start_global_average(self, buffers: Sequence[torch.Tensor]) -> PendingMix:
         """An asynchronous all-reduce per buffer (it runs while the caller computes)."""
         count_all_reduce(self.stats, sum(nbytes(b) for b in buffers), dist.get_world_size(self.group))
-        return start_average_all_reduce(buffers, self._collective_group)
+        return start_average_all_reduce(buffers, self.group, self.collectives)
 
     def close(self) -> None:
         """Destroy the reverse-direction process group. Left alive until interpreter exit, gloo
@@ -536,12 +539,19 @@ def average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup
 
 
 class _AsyncAverage(PendingMix):
-    """All-reduces started with ``async_op=True``; ``finish(index)`` waits for buffer ``index`` and divides."""
+    """All-reduces started with ``async_op=True``; ``finish(index)`` waits for buffer ``index`` and divides.
+    With ``collectives`` (the strategy's bounded ones, whose group ``group`` is), a failed wait holds their
+    roll call and raises :class:`~lightning_decent.comm.collectives.CollectiveTimeoutError` naming who is missing."""
 
-    def __init__(self, buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self, buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None, collectives: BoundedCollectives | None
+    ) -> None:
         super().__init__(buffers, step=-1)
         self.world = dist.get_world_size(group)
-        with record_function("gossip.all_reduce_start"):
+        self.collectives = collectives
+        if collectives is not None:
+            collectives.start(_ASYNC_AVERAGE)
+        with record_function("gossip.all_reduce_start"), diagnosed(collectives, _ASYNC_AVERAGE):
             self.works: list[dist.Work | None] = [
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True) for buf in buffers
             ]
@@ -549,7 +559,7 @@ class _AsyncAverage(PendingMix):
     def _wait(self, index: int) -> None:
         work = self.works[index]
         if work is not None:
-            with record_function("gossip.wait"):
+            with record_function("gossip.wait"), diagnosed(self.collectives, _ASYNC_AVERAGE):
                 work.wait()
             self.works[index] = None
 
@@ -565,6 +575,14 @@ class _AsyncAverage(PendingMix):
         self.buffers[index].div_(self.world)
 
 
-def start_average_all_reduce(buffers: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> PendingMix:
-    """Start ``x <- mean over ranks of x`` for every buffer (one asynchronous all-reduce each)."""
-    return _AsyncAverage(buffers, group)
+_ASYNC_AVERAGE = "global average (in the background)"
+
+
+def start_average_all_reduce(
+    buffers: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    collectives: BoundedCollectives | None = None,
+) -> PendingMix:
+    """Start ``x <- mean over ranks of x`` for every buffer (one asynchronous all-reduce each); with
+    ``collectives``, on their bounded group and diagnosed by their roll call when it fails."""
+    return _AsyncAverage(buffers, group if collectives is None else collectives.group, collectives)
