@@ -13,18 +13,10 @@ from typing import Any
 import torch
 
 from lightning_decent.algorithms import DDP, Algorithm, all_reduce_baseline, get_algorithm
-from lightning_decent.comm import (
-    COMMUNICATORS,
-    AllReduceCommunicator,
-    Communicator,
-    Compressor,
-    HierarchicalCommunicator,
-    P2PCommunicator,
-    get_compressor,
-)
+from lightning_decent.comm import COMMUNICATOR_REGISTRY, Communicator, Compressor, P2PCommunicator, get_compressor
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.headers import RoundHeaders
-from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
+from lightning_decent.topology import Topology, get_topology
 from lightning_decent.topology.graphs import topology_options
 
 
@@ -53,9 +45,9 @@ def check_ranks_agree(collectives: BoundedCollectives, topology: Topology, algor
         )
 
 
-def check_communicator(name: str) -> None:
-    if name not in COMMUNICATORS:
-        raise ValueError(f"communicator={name!r} is not one of {', '.join(map(repr, COMMUNICATORS))}.")
+def check_communicator(name: str) -> str:
+    """The registered communicator ``name`` (``ValueError`` listing the valid names otherwise)."""
+    return COMMUNICATOR_REGISTRY.resolve(name)
 
 
 def build_algorithm(
@@ -71,7 +63,7 @@ def build_algorithm(
     """The algorithm a run executes: built by name with ``options``, given its compressor, switched to its
     overlapped form, and, with ``communicator="allreduce"``, turned into its exact-averaging baseline
     (D-SGD becomes :class:`~lightning_decent.algorithms.DDP`)."""
-    check_communicator(communicator)
+    communicator = check_communicator(communicator)
     built = get_algorithm(algorithm, **(options or {}))
     if compression is not None or compression_options:
         if compression is None:
@@ -140,21 +132,13 @@ def build_communicator(
     collectives: BoundedCollectives,
     headers: RoundHeaders,
 ) -> Communicator:
-    """The communicator ``name`` for ``topology``: ``"allreduce"`` averages exactly; ``"p2p"`` sends to the
-    neighbours, through :class:`~lightning_decent.comm.HierarchicalCommunicator` on a two-level topology
-    (machine average, then ``1/L`` of the model per rank between machines). Point-to-point rounds carry
+    """The registered communicator ``name`` for ``topology`` (:mod:`lightning_decent.comm.registry`), refused
+    before training when it cannot send the algorithm's compressed payloads. Point-to-point rounds carry
     ``headers`` (uneven inputs, steps out of line) when the algorithm gossips every step."""
-    check_communicator(name)
-    if name == "allreduce":
-        return AllReduceCommunicator(topology, rank=rank, check_finite=check_finite, collectives=collectives)
-    if isinstance(topology, HierarchicalTopology):  # W_M (x) 11^T/L: 1/L of the model across machines
-        refuse_compression_unsupported_by(algorithm, HierarchicalCommunicator)
-        return HierarchicalCommunicator(
-            topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
-        )
-    communicator = P2PCommunicator(
-        topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
+    communicator = COMMUNICATOR_REGISTRY.build(
+        name, topology, rank, timeout=gossip_timeout, check_finite=check_finite, collectives=collectives
     )
-    if algorithm.rounds_per_step > 0:
+    refuse_compression_unsupported_by(algorithm, type(communicator))
+    if isinstance(communicator, P2PCommunicator) and algorithm.rounds_per_step > 0:
         communicator.headers = headers
     return communicator

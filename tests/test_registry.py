@@ -89,3 +89,13 @@ def test_as_a_mapping_it_holds_canonical_names_only(registry: Registry) -> None:
     assert list(registry) == ["parent", "child", "cousin"] and len(registry) == 3
     assert registry["child"] is Child and "kid" not in registry and "child" in registry
     assert registry.aliases == {"kid": "child"}
+
+
+def test_communicators_are_chosen_by_name_through_their_registry() -> None:
+    from lightning_decent import DecentralizedStrategy
+    from lightning_decent.comm import COMMUNICATOR_REGISTRY, COMMUNICATORS
+
+    assert COMMUNICATORS == ("p2p", "allreduce") and COMMUNICATOR_REGISTRY.resolve("P2P") == "p2p"
+    assert COMMUNICATOR_REGISTRY.options("p2p") == ("timeout", "check_finite", "collectives")
+    with pytest.raises(ValueError, match=r"Unknown communicator 'gossip'; valid names: p2p, allreduce"):
+        DecentralizedStrategy(communicator="gossip")

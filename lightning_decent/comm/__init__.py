@@ -6,12 +6,12 @@ from lightning_decent.comm.base import CommStats, Communicator, NonFiniteValueEr
 from lightning_decent.comm.compression import COMPRESSORS, Compressor, get_compressor
 from lightning_decent.comm.hierarchical import HierarchicalCommunicator
 from lightning_decent.comm.p2p import P2PCommunicator, PeerTimeoutError
+from lightning_decent.comm.registry import COMMUNICATOR_REGISTRY, COMMUNICATORS
 from lightning_decent.comm.simulated import SimulatedCommunicator
-
-COMMUNICATORS = ("p2p", "allreduce")
 
 __all__ = [
     "COMMUNICATORS",
+    "COMMUNICATOR_REGISTRY",
     "COMPRESSORS",
     "AllReduceCommunicator",
     "CommStats",
