@@ -17,11 +17,20 @@ from lightning_decent.comm import COMMUNICATOR_REGISTRY, Communicator, Compresso
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.headers import RoundHeaders
 from lightning_decent.topology import Topology, get_topology
-from lightning_decent.topology.graphs import topology_options
+from lightning_decent.topology.graphs import check_topology_options, topology_options
 
 
-def check_strategy_options(eval_model: str, final_model: str, bucket_size_mb: float, log_consensus_every: int) -> None:
-    """Refuse, at construction, strategy options out of their range, naming the valid values."""
+def check_strategy_options(
+    eval_model: str,
+    final_model: str,
+    bucket_size_mb: float,
+    log_consensus_every: int,
+    topology: str | Topology,
+    topology_options: dict[str, Any] | None,
+) -> None:
+    """Refuse, at construction, strategy options out of their range or unknown, naming the valid values."""
+    if isinstance(topology, str):
+        check_topology_options(topology, topology_options or {})
     for name, value in (("eval_model", eval_model), ("final_model", final_model)):
         if value not in ("average", "local"):
             raise ValueError(f"{name}={value!r} is not one of 'average', 'local'.")
@@ -29,6 +38,16 @@ def check_strategy_options(eval_model: str, final_model: str, bucket_size_mb: fl
         raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}.")
     if log_consensus_every < 0:
         raise ValueError(f"log_consensus_every must be >= 0 (0 disables it), got {log_consensus_every}.")
+
+
+def refuse_sync_batchnorm(layer_sync: object | None) -> None:
+    """SyncBatchNorm all-reduces over every rank in each forward pass, which defeats decentralized training."""
+    if layer_sync is not None:
+        raise ValueError(
+            "sync_batchnorm=True is not supported by DecentralizedStrategy: SyncBatchNorm all-reduces "
+            "over every rank in each forward pass, which defeats decentralized training. Remove "
+            "sync_batchnorm=True (each rank keeps local BatchNorm statistics; evaluation averages them)."
+        )
 
 
 def check_ranks_agree(collectives: BoundedCollectives, topology: Topology, algorithm: str, communicator: str) -> None:
@@ -53,7 +72,6 @@ def check_communicator(name: str) -> str:
 def build_algorithm(
     algorithm: str | Algorithm,
     options: dict[str, Any] | None = None,
-    *,
     compression: str | Compressor | None = None,
     compression_options: dict[str, Any] | None = None,
     overlap: bool = False,
@@ -81,19 +99,6 @@ def build_algorithm(
     if isinstance(built, DDP):
         built.check_finite = check_finite
     return built
-
-
-def check_topology_options(name: str | Topology, options: dict[str, Any]) -> None:
-    """Fail at construction, before any process starts, on an unknown topology name or option (a built
-    topology is taken as it is)."""
-    if isinstance(name, Topology):
-        return
-    accepted = topology_options(name)  # raises for an unknown name, listing the valid ones
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"topology {name!r} does not take option(s) {unknown}; its options are: {', '.join(accepted) or 'none'}."
-        )
 
 
 def build_topology(

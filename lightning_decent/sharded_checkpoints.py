@@ -25,6 +25,7 @@ from lightning_decent._version import __version__
 from lightning_decent.algorithms import Algorithm, Bucket
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.evaluation import average_state_dict
+from lightning_decent.topology import Topology
 
 #: Key of a shard's own entry (gossip step, algorithm and bucket states, RNG states).
 DECENTRALIZED_KEY = "decentralized"
@@ -40,6 +41,17 @@ class RunIdentity:
     algorithm: str
     communicator: str
     uses_topology: bool = True  # whether the algorithm's mathematics depends on the graph (see CheckpointMeta)
+
+    @classmethod
+    def of(cls, world_size: int, topology: Topology, algorithm: Algorithm, communicator: str) -> RunIdentity:
+        return cls(
+            world_size=world_size,
+            topology_name=topology.name,
+            topology_fingerprint=topology.fingerprint(),
+            algorithm=algorithm.name,
+            communicator=communicator,
+            uses_topology=algorithm.uses_topology,
+        )
 
     def meta(self, gossip_step: int, token: str) -> ckpt.CheckpointMeta:
         return ckpt.CheckpointMeta(
@@ -98,7 +110,6 @@ def save(
     collectives: BoundedCollectives,
     identity: RunIdentity,
     own_state: dict[str, Any],
-    gossip_step: int,
     average_weight: float,
 ) -> None:
     """Write ``filepath`` with the network average and every rank's shard beside it (every rank calls this)."""
@@ -118,7 +129,7 @@ def save(
         top = ckpt.staging_path(final, token)
         record = ckpt.record(shards, token, collectives.world_size)
         io.save_checkpoint({**checkpoint, "state_dict": average, ckpt.RECORD_KEY: record}, top)
-        ckpt.write_meta(staging, identity.meta(gossip_step, token), hashes)
+        ckpt.write_meta(staging, identity.meta(own_state["gossip_step"], token), hashes)
         ckpt.commit(staging, shards)
         ckpt.commit(top, final)
         ckpt.remove_stale_staging(final.parent, token)

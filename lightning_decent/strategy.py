@@ -10,7 +10,6 @@ network-average model), :mod:`~lightning_decent.sharded_checkpoints` (saving and
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,10 +18,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -48,84 +45,60 @@ from lightning_decent.assembly import (
     build_topology,
     check_ranks_agree,
     check_strategy_options,
-    check_topology_options,
+    refuse_sync_batchnorm,
 )
-from lightning_decent.bounded_strategy import BoundedDDPStrategy
 from lightning_decent.buckets import ParamBucket, bucket_optimizers, with_gradient_transform
 from lightning_decent.comm import CommStats, Communicator, Compressor
 from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.comm.collectives import check_timeout
 from lightning_decent.evaluation import AveragedReplica, consensus_distance, replace_by_average
-from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options, is_membership_loss
-from lightning_decent.membership.handover import donor_of, receive_state, send_state
+from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options
+from lightning_decent.membership.elastic_strategy import ElasticDDPStrategy
+from lightning_decent.membership.handover import hand_over
 from lightning_decent.sharded_checkpoints import RunIdentity
 from lightning_decent.topology import Topology
 from lightning_decent.uneven import EpochAlignment, empty_step
-
-log = logging.getLogger(__name__)
 
 _CHILD_GRACE_SECONDS = 10.0
 
 EvalModel = Literal["average", "local"]
 
 
-class DecentralizedStrategy(BoundedDDPStrategy):
+class DecentralizedStrategy(ElasticDDPStrategy):
     """Data-parallel training where every rank keeps its own replica and gossips with its neighbours.
 
-    Process management (launchers, process group, samplers, ``sync_dist``) is Lightning's DDP; the
-    model is never wrapped in ``DistributedDataParallel`` and gradients are never all-reduced.
-    After every real optimizer step the algorithm mixes the parameters with the neighbours given by
-    the topology at the current gossip step.
-
-    With ``overlap=True`` that exchange runs during the next step's forward and backward instead (the
-    one-step-delayed form of :class:`~lightning_decent.algorithms.DSGD`); it is completed inside
-    :meth:`optimizer_step`, after the closure and the optimizer update, so clipping, AMP scaling and LR
-    schedulers behave as without overlap (docs/algorithms.md, "Overlap").
+    Process management (launchers, process group, samplers, ``sync_dist``) is Lightning's DDP; the model is
+    never wrapped in ``DistributedDataParallel`` and gradients are never all-reduced. After every real
+    optimizer step the algorithm mixes the parameters with the neighbours the topology gives at the current
+    gossip step. Every argument, with its default, is in the table of docs/strategy.md.
 
     Args:
-        topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology``;
-            a name is built for the world size at setup.
+        topology: a name from :data:`lightning_decent.topology.TOPOLOGIES` or a built ``Topology`` (a name is
+            built for the world size at set-up).
         algorithm: a name from :data:`lightning_decent.algorithms.ALGORITHMS` or an ``Algorithm``.
-        communicator: ``"p2p"`` (neighbour-only point-to-point messages) or ``"allreduce"`` (exact
-            averaging: with ``algorithm="dsgd"`` this is the DDP-equivalent baseline
-            :class:`~lightning_decent.algorithms.DDP`, gradients averaged before one optimizer step; any
-            other algorithm's ``mix`` becomes an exact average of what it mixes). With
-            ``topology="hierarchical"``, ``"p2p"`` runs :class:`~lightning_decent.comm.HierarchicalCommunicator`
-            (machine average, then ``1/L`` of the model per rank between machines).
-        topology_options: keyword arguments for the topology builder (e.g. ``{"p": 0.3}``).
-        algorithm_options: keyword arguments for the algorithm.
+        communicator: a name from :data:`lightning_decent.comm.COMMUNICATORS`: ``"p2p"`` (neighbours only;
+            machine average first on a two-level topology) or ``"allreduce"`` (exact averaging; with ``dsgd``
+            the DDP-equivalent baseline).
+        topology_options: keyword arguments of the topology builder (e.g. ``{"p": 0.3}``).
+        algorithm_options: keyword arguments of the algorithm.
         bucket_size_mb: parameters are packed into contiguous buckets of at most this size.
-        eval_model: ``"average"`` evaluates the network-average model (one all-reduce before
-            validation/test/predict, local replicas restored afterwards); ``"local"`` evaluates
-            each rank's own replica.
-        final_model: ``"average"`` replaces every replica by the network average when ``fit``
-            ends (one all-reduce), so the model ``fit`` leaves behind, on every rank and in the
-            process that called a spawn launcher, is the one validation reported on; ``"local"``
-            leaves each rank its own replica.
-        log_consensus_every: log the consensus distance every this many gossip steps (0 = never;
-            it costs a global all-reduce).
-        log_comm_stats: log ``gossip/bytes_sent``, the bytes this rank sent per optimizer step averaged since
-            the previous point, at the steps the trainer's loggers write (every ``log_every_n_steps``).
-        gossip_timeout: seconds to wait for a neighbour before failing with its rank named (positive).
-        collective_timeout: seconds a world-wide collective waits for the slowest rank before failing with
-            the missing ranks named (positive): the evaluation, consensus and final averages, checkpoint
-            saves, set-up, global averaging, and Lightning's barriers, broadcasts and ``sync_dist``
-            reductions all run through :class:`~lightning_decent.comm.collectives.BoundedCollectives`.
-        check_finite: stop with an error naming the rank when a value about to be sent is NaN/Inf,
-            instead of spreading it to the neighbours (one reduction per bucket and step).
-        resume_from_average: when resuming from a sharded checkpoint saved with another world size,
-            topology or algorithm, start every rank from its network-average model (fresh optimizer
-            and algorithm state) instead of refusing.
-        overlap: overlap each step's neighbour exchange with the next step's computation (one-step
-            delayed mixing; D-SGD with the ``"p2p"`` communicator; one extra model of memory).
-        compression: what goes on the wire: a name from :data:`lightning_decent.comm.COMPRESSORS`
-            (``"int8"``, ``"topk"``, ...) or a built ``Compressor``, handed to the algorithm. Per-step
-            gossip compresses through ``algorithm="choco"`` (CHOCO-SGD); ``local_sgd``, ``diloco`` and
-            ``gasloc`` compress their synchronisations with error feedback; other algorithms refuse a lossy
-            compressor with an error naming it. ``None`` keeps the algorithm's own setting.
-        compression_options: keyword arguments for the compressor (``block``, ``fraction``, ``seed``).
+        eval_model: ``"average"`` evaluates the network-average model, ``"local"`` each rank's replica.
+        final_model: ``"average"`` makes every replica the network average when ``fit`` ends; ``"local"`` not.
+        log_consensus_every: log the consensus distance every this many gossip steps (0: never; an all-reduce).
+        log_comm_stats: log ``gossip/bytes_sent`` per optimizer step at the steps the loggers write.
+        gossip_timeout: seconds to wait for a neighbour before failing with its rank named.
+        collective_timeout: seconds a world-wide collective (evaluation, checkpoints, set-up, global averaging,
+            Lightning's barriers and ``sync_dist``) waits before failing with the missing ranks named.
+        check_finite: stop with the rank named instead of sending NaN/Inf to the neighbours.
+        resume_from_average: resume a checkpoint saved with another world size, topology or algorithm from its
+            network average (fresh optimizer and algorithm state) instead of refusing.
+        overlap: run each step's exchange during the next step's forward and backward (the one-step-delayed
+            form of :class:`~lightning_decent.algorithms.DSGD`; completed inside :meth:`optimizer_step`).
+        compression: a name from :data:`lightning_decent.comm.COMPRESSORS` or a ``Compressor``, handed to the
+            algorithm (``choco`` and the local-steps family use it; the others refuse a lossy one).
+        compression_options: keyword arguments of the compressor (``block``, ``fraction``, ``seed``).
         elastic: ``True`` or :class:`~lightning_decent.membership.ElasticOptions` (a dict of them from Hydra):
-            a lost rank changes the membership and the survivors go on; a process started with
+            a lost rank changes the membership and the others go on; a process started with
             ``elastic.join=true`` joins the running job (docs/elastic.md). Off by default.
 
     The remaining arguments are Lightning's, as for ``DDPStrategy`` (``timeout`` bounds the start-up
@@ -142,9 +115,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     _resumed_from_average: bool = False
     #: Bytes of live state this rank received from a neighbour when it joined a running job (elastic).
     handover_bytes: int = 0
-    _joining: bool = False  # a joiner until its first training step (elastic); its Lightning collectives are local
     _joined_this_epoch: bool = False
-    _elastic: EpochGroup | None = None  # the membership epochs of an elastic run (set up with the process group)
 
     def __init__(
         self,
@@ -186,17 +157,10 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        check_strategy_options(eval_model, final_model, bucket_size_mb, log_consensus_every)
+        check_strategy_options(eval_model, final_model, bucket_size_mb, log_consensus_every, topology, topology_options)
         self.algorithm = build_algorithm(
-            algorithm,
-            algorithm_options,
-            compression=compression,
-            compression_options=compression_options,
-            overlap=overlap,
-            communicator=communicator,
-            check_finite=check_finite,
+            algorithm, algorithm_options, compression, compression_options, overlap, communicator, check_finite
         )
-        check_topology_options(topology, topology_options or {})
         self._topology_spec, self._topology_options = topology, dict(topology_options or {})
         self._communicator_name, self._bucket_bytes = communicator, int(bucket_size_mb * 2**20)
         self.eval_model, self.final_model = eval_model, final_model
@@ -229,7 +193,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     # ---- set-up ----------------------------------------------------------------------------------
     @override
     def setup_environment(self) -> None:
-        self._refuse_sync_batchnorm()
+        refuse_sync_batchnorm(self._layer_sync)
         if self.elastic is None:  # fail before any process-group traffic
             self.topology = self._build_topology(self.num_nodes * self.num_processes)
         super().setup_environment()  # the process group (elastic: the first membership epoch), bounded collectives
@@ -262,46 +226,28 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             if same_graph:
                 self.communicator.stats = previous.stats
 
-    def _refuse_sync_batchnorm(self) -> None:
-        if self._layer_sync is not None:
-            raise ValueError(
-                "sync_batchnorm=True is not supported by DecentralizedStrategy: SyncBatchNorm all-reduces "
-                "over every rank in each forward pass, which defeats decentralized training. Remove "
-                "sync_batchnorm=True (each rank keeps local BatchNorm statistics; evaluation averages them)."
-            )
-
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        self._refuse_sync_batchnorm()
+        refuse_sync_batchnorm(self._layer_sync)
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
-            if not self._joining:
-                self._broadcast_initial_state()
+            if not self._joining:  # replicas start identical: rank 0's parameters and buffers
+                self.collectives.broadcast_tensors(list(self.lightning_module.state_dict().values()), 0)
             self.setup_optimizers(trainer)
             _optimizers_to_device(self.optimizers, self.root_device)
             self._buckets = bucket_optimizers(self.optimizers, self.algorithm, self._bucket_bytes)
             self._prepared_step = None
             make_sigterm_check_local(trainer)
             if self._joining:  # a joiner resumes from its donor's live checkpoint, as from a checkpoint file
-                checkpoint = self._elastic_handover()
+                checkpoint = self._hand_over()
                 self.gossip_step = sharded_checkpoints.restore_rank_state(
                     checkpoint.pop(sharded_checkpoints.DECENTRALIZED_KEY), self.algorithm, self._bucket_groups
                 )
                 resume_from_checkpoint_in_memory(trainer, checkpoint)
         self.setup_precision_plugin()
-
-    @torch.no_grad()
-    def _broadcast_initial_state(self) -> None:
-        """Replicas start identical: rank 0's parameters and buffers, broadcast once."""
-        if self.world_size == 1:
-            return
-        tensors, group = list(self.lightning_module.state_dict().values()), self.collectives.group
-        self.collectives.run(
-            "initial broadcast of rank 0's model", lambda: [dist.broadcast(t, 0, group) for t in tensors]
-        )
 
     def _build_topology(self, world_size: int) -> Topology:
         """The graph for ``world_size`` ranks; a two-level topology's machines hold the ranks Lightning runs on one."""
@@ -315,90 +261,40 @@ class DecentralizedStrategy(BoundedDDPStrategy):
 
     # ---- elastic membership (see lightning_decent.membership) ---------------------------------------------
     @override
-    def setup_distributed(self) -> None:
-        """Elastic runs build the process group of their first membership epoch instead of Lightning's."""
-        if self.elastic is None:
-            return super().setup_distributed()
-        reset_seed()
-        self.set_world_ranks()
-        self._process_group_backend = self._get_process_group_backend()
-        launch_rank = None if self.elastic.joining else self.node_rank * self.num_processes + self.local_rank
-        world = self.num_nodes * self.num_processes
-        self._elastic = EpochGroup(self.elastic, launch_rank, world, self._process_group_backend, self._timeout)
-        self._elastic.next_epoch()
-        self._joining = self._local_collectives = self.elastic.joining
-        self.set_world_ranks()  # rank_zero_only follows the epoch's rank
-        log.warning(self._elastic.describe())
-
-    @property
-    @override
-    def global_rank(self) -> int:
-        epoch = self._elastic.epoch if self._elastic is not None else None
-        return epoch.rank if epoch is not None else super().global_rank
-
-    @property
-    @override
-    def world_size(self) -> int:
-        epoch = self._elastic.epoch if self._elastic is not None else None
-        return epoch.world_size if epoch is not None else super().world_size
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
-
-    def _gossip(self, run: Callable[[], Any]) -> Any:
-        """``run()``, a part of the step that communicates; in an elastic run a lost member changes the
-        membership instead of ending the run (the interrupted exchange is dropped, ``None`` returned)."""
-        if self._elastic is None:
-            return run()
-        try:
-            return run()
-        except Exception as error:
-            if not is_membership_loss(error):
-                raise
-            reason = f"{type(error).__name__}: {error}"
-        self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
-        return None
-
-    def _change_membership(self, reason: str) -> None:
-        """Continue in the next membership epoch: drop what is in flight, form the epoch (its process group),
-        rebuild topology and communicator for the new ``n``, agree on the gossip step, restore the algorithm's
-        invariants (``Algorithm.change_membership``) and the epoch lengths."""
-        assert self._elastic is not None and self._epochs is not None
+    def _leave_epoch(self) -> None:
         for buckets in self._bucket_groups:
             self.algorithm.cancel_pending(buckets)
-        self.communicator = self._collectives = None  # their groups end with the epoch's process group
-        log.warning(f"rank {self.global_rank}: membership change at gossip step {self.gossip_step} ({reason})")
-        self._elastic.next_epoch()
-        self.set_world_ranks()
+        self.communicator = None  # its groups end with the epoch's process group
+        super()._leave_epoch()
+
+    @override
+    def _enter_epoch(self) -> None:
+        """The new epoch's graph and communicator, the gossip step, the joiners' state, the algorithm's invariants
+        (``Algorithm.change_membership``) and the epoch lengths."""
+        assert self._elastic is not None and self._epochs is not None
         self._set_up_gossip()
         self.gossip_step = self._elastic.agree_on_step(self.gossip_step, self.collectives)
-        self._elastic_handover()
+        self._hand_over()
         self._restore_invariants()
         trainer = trainer_of(self.lightning_module)
         if trainer is not None and trainer.training:
             self._epochs.gather_lengths(trainer, self.collectives)
-        log.warning(self._elastic.describe())
         self._log("membership/world_size", self.world_size)
 
-    def _elastic_handover(self) -> dict[str, Any]:
-        """Donors send their live checkpoint to the joiners of this epoch; a joiner returns what it received."""
+    def _hand_over(self) -> dict[str, Any]:
+        """Donors send their live checkpoint to this epoch's joiners; a joiner returns what it received."""
         assert self._elastic is not None and self.topology is not None
-        joined, step, received = self._elastic.joined, self.gossip_step, {}
-        for joiner in joined:
-            donor = donor_of(joiner, joined, self.topology, step)
-            if self.global_rank == donor:
-                trainer = self.lightning_module.trainer
-                state = sharded_checkpoints.rank_state(step, self.algorithm, self._bucket_groups)
-                send_state({**live_checkpoint(trainer), sharded_checkpoints.DECENTRALIZED_KEY: state}, joiner)
-            elif self.global_rank == joiner:
-                received, self.handover_bytes = receive_state(donor)
-                log.warning(f"rank {joiner}: received {self.handover_bytes} bytes of state from rank {donor}")
+        step, algorithm, groups = self.gossip_step, self.algorithm, self._bucket_groups
+
+        def live_state() -> dict[str, Any]:
+            state = sharded_checkpoints.rank_state(step, algorithm, groups)
+            return {**live_checkpoint(self.lightning_module.trainer), sharded_checkpoints.DECENTRALIZED_KEY: state}
+
+        received, size = hand_over(self._elastic.joined, self.topology, self.global_rank, step, live_state)
+        self.handover_bytes = size or self.handover_bytes
         return received
 
     def _restore_invariants(self) -> None:
-        """Every member's ``Algorithm.change_membership`` for the new member set (joiners marked)."""
         assert self._elastic is not None
         joined = torch.tensor([self.global_rank in self._elastic.joined])
         for buckets in self._bucket_groups:
@@ -425,21 +321,21 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         step, trainer = self.gossip_step, trainer_of(self.lightning_module)
         last_real = self._epochs.begin_real_step(trainer, step) if self._epochs is not None else False
         if self._prepared_step != step:
-            self._gossip(lambda: self.algorithm.before_step(buckets, self._comm, step))
+            self._survive(lambda: self.algorithm.before_step(buckets, self._comm, step))
         self._prepared_step = None
         if self.algorithm.transforms_gradients:
             closure = with_gradient_transform(closure, self.algorithm, self._comm, param_buckets, buckets, step)
         local_step = super().optimizer_step  # the closure (forward, backward, clipping) and the optimizer update
-        output = self._gossip(lambda: local_step(optimizer, closure, model, **kwargs))
+        output = self._survive(lambda: local_step(optimizer, closure, model, **kwargs))
         if isinstance(output, torch.Tensor):  # the training loss, for adaptive global averaging
             self.algorithm.observe_loss(output.detach())
-        self._gossip(lambda: self.algorithm.after_step(buckets, self._comm, step))
+        self._survive(lambda: self.algorithm.after_step(buckets, self._comm, step))
         self.gossip_step += 1
         if self._epochs is not None:
             self.gossip_step = self._epochs.end_real_step(
                 last_real,
                 self.gossip_step,
-                lambda k: self._gossip(lambda: empty_step(self.algorithm, buckets, self._comm, k)),
+                lambda k: self._survive(lambda: empty_step(self.algorithm, buckets, self._comm, k)),
             )
         self._log_gossip_metrics(trainer, self._comm)
         return output
@@ -456,15 +352,10 @@ class DecentralizedStrategy(BoundedDDPStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Run the algorithm's ``before_step`` before the first forward of an optimizer step.
-
-        With gradient accumulation, Lightning runs the first ``k - 1`` micro-batches outside
-        ``optimizer_step``; an algorithm that moves the parameters in ``before_step`` (GUT places them
-        at the gossiped model ``M^t``) must do so before their forward passes too, or their gradients are
-        taken at the wrong point. The same holds for manual optimization, whose forward runs before
-        ``optimizer.step()``. Done for the single optimizer of automatic optimization, or when only one
-        optimizer has parameters; with several, ``before_step`` stays inside ``optimizer_step``.
-        """
+        """Admit joiners at an epoch's start (elastic); run the algorithm's ``before_step`` before the first
+        forward of an optimizer step, also of gradient-accumulation micro-batches and manual optimization
+        (GUT moves the parameters there). Done when one optimizer has parameters; with several, ``before_step``
+        stays inside ``optimizer_step``."""
         trainer = self.lightning_module.trainer
         new_epoch = self._epochs is not None and self._epochs.start_epoch_if_new(trainer, self.collectives)
         joins_here = new_epoch and self._elastic is not None and not self._joined_this_epoch  # an epoch's start
@@ -476,7 +367,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
         (buckets,) = self._bucket_groups
         if self._epochs is not None:
             self._epochs.begin_real_step(trainer, self.gossip_step)
-        self._gossip(lambda: self.algorithm.before_step(buckets, self._comm, self.gossip_step))
+        self._survive(lambda: self.algorithm.before_step(buckets, self._comm, self.gossip_step))
         self._prepared_step = self.gossip_step
 
     @override
@@ -530,29 +421,12 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             self.communicator.close()
         super().teardown()
 
-    @override
-    def on_validation_start(self) -> None:
-        self._evaluate_the_average()
-
-    @override
-    def on_validation_end(self) -> None:
+    def _restore_local_replica(self) -> None:
         self._averaged_replica.restore()
 
-    @override
-    def on_test_start(self) -> None:
-        self._evaluate_the_average()
-
-    @override
-    def on_test_end(self) -> None:
-        self._averaged_replica.restore()
-
-    @override
-    def on_predict_start(self) -> None:
-        self._evaluate_the_average()
-
-    @override
-    def on_predict_end(self) -> None:
-        self._averaged_replica.restore()
+    # Validation, test and predict see the network average; the local replicas come back afterwards.
+    on_validation_start = on_test_start = on_predict_start = _evaluate_the_average
+    on_validation_end = on_test_end = on_predict_end = _restore_local_replica
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -569,14 +443,7 @@ class DecentralizedStrategy(BoundedDDPStrategy):
 
     def _identity(self) -> RunIdentity:
         assert self.topology is not None
-        return RunIdentity(
-            world_size=self.world_size,
-            topology_name=self.topology.name,
-            topology_fingerprint=self.topology.fingerprint(),
-            algorithm=self.algorithm.name,
-            communicator=self._communicator_name,
-            uses_topology=self.algorithm.uses_topology,
-        )
+        return RunIdentity.of(self.world_size, self.topology, self.algorithm, self._communicator_name)
 
     @override
     def save_checkpoint(
@@ -594,7 +461,6 @@ class DecentralizedStrategy(BoundedDDPStrategy):
             collectives=self.collectives,
             identity=self._identity(),
             own_state=sharded_checkpoints.rank_state(self.gossip_step, self.algorithm, self._bucket_groups),
-            gossip_step=self.gossip_step,
             average_weight=self._average_weight(),
         )
 
@@ -630,15 +496,9 @@ class DecentralizedStrategy(BoundedDDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            "decentralized", cls, description="Decentralized (gossip) data parallel", start_method="popen"
-        )
-        strategy_registry.register(
-            "decentralized_spawn",
-            cls,
-            description="Decentralized (gossip) data parallel, spawn launcher",
-            start_method="spawn",
-        )
+        for name, launcher in (("decentralized", "popen"), ("decentralized_spawn", "spawn")):
+            description = f"Decentralized (gossip) data parallel, {launcher} launcher"
+            strategy_registry.register(name, cls, description=description, start_method=launcher)
 
 
 if "decentralized" not in StrategyRegistry:

@@ -157,6 +157,14 @@ class BoundedCollectives:
 
         self.run(what, reduce_all, check_in=check_in)
 
+    @torch.no_grad()
+    def broadcast_tensors(
+        self, tensors: list[torch.Tensor], src: int, what: str = "initial broadcast of the model"
+    ) -> None:
+        """Every rank's ``tensors`` become rank ``src``'s, in place."""
+        if self.world_size > 1:
+            self.run(what, lambda: [dist.broadcast(t, src, self.group) for t in tensors])
+
     def broadcast_object(self, obj: T, src: int, what: str) -> T:
         if self.world_size == 1:
             return obj

@@ -14,12 +14,32 @@ the model and of the optimizer state, and the average of the optimizer states is
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lightning_decent.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+def hand_over(
+    joined: list[int], topology: Topology, rank: int, step: int, live_state: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], int]:
+    """Every donor sends ``live_state()`` to its joiners of this epoch; a joiner returns (what it received, its
+    bytes), every other member ``({}, 0)``."""
+    received: tuple[dict[str, Any], int] = ({}, 0)
+    for joiner in joined:
+        donor = donor_of(joiner, joined, topology, step)
+        if rank == donor:
+            send_state(live_state(), joiner)
+        elif rank == joiner:
+            received = receive_state(donor)
+            log.warning(f"rank {joiner}: received {received[1]} bytes of state from rank {donor}")
+    return received
 
 
 def donor_of(joiner: int, joined: list[int], topology: Topology, step: int) -> int:

@@ -1,0 +1,94 @@
+"""``ElasticDDPStrategy``: Lightning's DDP process management whose world is the current membership epoch.
+
+With ``elastic`` options set, the process group is not Lightning's but the one of the first membership epoch
+(:class:`~lightning_decent.membership.EpochGroup`), ``global_rank``/``world_size`` (and so ``trainer.global_rank``,
+``rank_zero_only`` and the data sampler) follow the epoch, and a part of a step wrapped in :meth:`_survive`
+turns the loss of a member into a change of epoch. What a change rebuilds (topology, communicator, algorithm
+state) is the subclass's: :meth:`_leave_epoch` and :meth:`_enter_epoch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from lightning.fabric.utilities.seed import reset_seed
+from typing_extensions import override
+
+from lightning_decent.bounded_strategy import BoundedDDPStrategy
+from lightning_decent.membership import ElasticOptions, EpochGroup, is_membership_loss
+
+log = logging.getLogger(__name__)
+
+
+class ElasticDDPStrategy(BoundedDDPStrategy):
+    """A ``BoundedDDPStrategy`` whose world can change while it trains (when :attr:`elastic` is set)."""
+
+    elastic: ElasticOptions | None = None
+    _elastic: EpochGroup | None = None  # the membership epochs (set up with the process group)
+    _joining: bool = False  # a joiner until its first training step; its Lightning collectives are local
+
+    @override
+    def setup_distributed(self) -> None:
+        """Elastic runs build the process group of their first membership epoch instead of Lightning's."""
+        if self.elastic is None:
+            return super().setup_distributed()
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        launch_rank = None if self.elastic.joining else self.node_rank * self.num_processes + self.local_rank
+        world = self.num_nodes * self.num_processes
+        self._elastic = EpochGroup(self.elastic, launch_rank, world, self._process_group_backend, self._timeout)
+        self._elastic.next_epoch()
+        self._joining = self._local_collectives = self.elastic.joining
+        self.set_world_ranks()  # rank_zero_only follows the epoch's rank
+        log.warning(self._elastic.describe())
+
+    @property
+    @override
+    def global_rank(self) -> int:
+        epoch = self._elastic.epoch if self._elastic is not None else None
+        return epoch.rank if epoch is not None else super().global_rank
+
+    @property
+    @override
+    def world_size(self) -> int:
+        epoch = self._elastic.epoch if self._elastic is not None else None
+        return epoch.world_size if epoch is not None else super().world_size
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def _survive(self, run: Callable[[], Any]) -> Any:
+        """``run()``, a part of a step that communicates; in an elastic run a lost member changes the membership
+        instead of ending the run (the interrupted exchange is dropped and ``None`` returned)."""
+        if self._elastic is None:
+            return run()
+        try:
+            return run()
+        except Exception as error:
+            if not is_membership_loss(error):
+                raise
+            reason = f"{type(error).__name__}: {error}"
+        self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
+        return None
+
+    def _change_membership(self, reason: str) -> None:
+        """Leave this epoch, form the next one (its process group) and enter it."""
+        assert self._elastic is not None
+        self._leave_epoch()
+        log.warning(f"rank {self.global_rank}: membership change ({reason})")
+        self._elastic.next_epoch()
+        self.set_world_ranks()
+        self._enter_epoch()
+        log.warning(self._elastic.describe())
+
+    def _leave_epoch(self) -> None:
+        """Drop what belongs to the epoch being left (exchanges in flight, its groups)."""
+        self._collectives = None
+
+    def _enter_epoch(self) -> None:
+        """Rebuild what the new epoch needs, with the same collectives in the same order on every member."""
