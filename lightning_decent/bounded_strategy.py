@@ -30,18 +30,22 @@ class BoundedDDPStrategy(DDPStrategy):
     collective_timeout: timedelta = timedelta(seconds=300)
     _collectives: BoundedCollectives | None = None
     _local_collectives: bool = False
+    _explain_losses: bool = True  # roll call after a lost neighbour (BoundedCollectives.explain)
 
     @property
     def collectives(self) -> BoundedCollectives:
         """The bounded world-wide collectives (built by :meth:`setup_environment`)."""
         if self._collectives is None:
-            self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
+            self._collectives = BoundedCollectives(
+                self.global_rank, self.world_size, self.collective_timeout, self._explain_losses
+            )
         return self._collectives
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._collectives = BoundedCollectives(self.global_rank, self.world_size, self.collective_timeout)
+        self._collectives = None
+        self._collectives = self.collectives
 
     @override
     def teardown(self) -> None:

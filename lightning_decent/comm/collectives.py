@@ -95,12 +95,15 @@ class BoundedCollectives:
         rank: this process's global rank.
         world_size: the number of ranks.
         timeout: how long one operation, and the roll call after a failure, may wait.
+        explain_losses: hold a roll call when a neighbour is lost (:meth:`explain`); an elastic run does not,
+            it changes its membership at once instead.
     """
 
-    def __init__(self, rank: int, world_size: int, timeout: timedelta) -> None:
+    def __init__(self, rank: int, world_size: int, timeout: timedelta, explain_losses: bool = True) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
+        self.explain_losses = explain_losses
         self.sequence = 0
         self.group: dist.ProcessGroup | None = None
         self._roll_group: dist.ProcessGroup | None = None
@@ -196,7 +199,9 @@ class BoundedCollectives:
         call of every rank bounded by ``timeout`` (the failed wait's own), and what it found, e.g. ``"rank 2
         died (connection closed)"``; ``""`` if every rank answered. The ranks whose waits failed because of
         the same rank hold it at about the same time, so each names that rank rather than the neighbour it
-        waited for."""
+        waited for. ``""`` at once without ``explain_losses``."""
+        if not self.explain_losses:
+            return ""
         roll = self.roll_call(what, timeout=timeout)
         roll.elsewhere.clear()  # they answered: alive, and stopped by the same failure somewhere else
         return "; ".join(self._causes(what, roll, timeout))

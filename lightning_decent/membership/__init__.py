@@ -64,7 +64,7 @@ class ElasticOptions:
             serve``; ``None`` starts one beside the rank launched as rank 0 (``MASTER_ADDR:MASTER_PORT+1``), in
             its own process so that it survives that rank.
         run_id: names the run in the store (two runs sharing a store need different ids).
-        heartbeat: seconds between a member's keep-alives; a member silent for two of them is dropped.
+        heartbeat: seconds between a member's keep-alives; a member silent for 5 of them is dropped.
         last_call: seconds a new epoch waits for more members once ``min_ranks`` have joined.
         join_timeout: seconds a change (or a joiner) waits for the next epoch before failing.
         accept_joiners: take processes waiting to join in at the start of every epoch (one read of the store
@@ -155,6 +155,9 @@ class EpochGroup:
         if options.store is None and launch_rank == 0:
             start_detached(host, port, options.run_id, idle_seconds=max(120.0, 2 * options.join_timeout))
         store = connect(host, port, timedelta(seconds=options.join_timeout))
+        # The process groups rendezvous on a connection of their own: a store client serves one call at a time,
+        # and the heartbeats must not wait behind a group's creation.
+        self._groups_store = connect(host, port, timedelta(seconds=options.join_timeout))
         key = launch_key(launch_rank) if launch_rank is not None else joiner_key()
         self.membership = Membership(
             store,
@@ -198,9 +201,10 @@ class EpochGroup:
                     f"job runs, with the job's store address and run id."
                 )
             try:
+                prefix = f"lightning_decent/{self.options.run_id}/epoch_{self.epoch.number}/process_group"
                 dist.init_process_group(
                     self.backend,
-                    store=dist.PrefixStore("process_group", self.epoch.store),
+                    store=dist.PrefixStore(prefix, self._groups_store),
                     rank=self.epoch.rank,
                     world_size=self.epoch.world_size,
                     timeout=min(self.timeout, timedelta(seconds=self.options.join_timeout)),

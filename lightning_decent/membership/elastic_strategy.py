@@ -29,6 +29,10 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
     _elastic: EpochGroup | None = None  # the membership epochs (set up with the process group)
     _joining: bool = False  # a joiner until its first training step; its Lightning collectives are local
 
+    @property
+    def _explain_losses(self) -> bool:  # type: ignore[override]
+        return self.elastic is None  # an elastic run changes its membership instead of holding a roll call
+
     @override
     def setup_distributed(self) -> None:
         """Elastic runs build the process group of their first membership epoch instead of Lightning's."""

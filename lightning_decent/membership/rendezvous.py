@@ -33,6 +33,10 @@ from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler, RendezvousTimeout
 
+#: A member whose heartbeats stop for this many intervals is dropped (a busy process on a shared core can miss a
+#: few; a lost one then costs about ``HEARTBEATS x heartbeat + last_call`` seconds).
+HEARTBEATS = 5
+
 
 class MembershipError(RuntimeError):
     """The members could not form a new epoch (fewer than ``min_ranks`` left, or the store is gone)."""
@@ -72,7 +76,7 @@ class Membership:
         key: this process's member key (:func:`launch_key` or :func:`joiner_key`).
         min_ranks: the fewest members an epoch may have.
         max_ranks: the most members an epoch may have (a round with this many completes at once).
-        heartbeat: the keep-alive interval; a member silent for two of them is dropped.
+        heartbeat: the keep-alive interval; a member silent for :data:`HEARTBEATS` of them is dropped.
         last_call: how long a round waits for more members once ``min_ranks`` have joined.
         join_timeout: how long :meth:`next_epoch` waits for a round to complete.
         joining: this process joins a running job (its first epoch marks it as joined).
@@ -103,9 +107,9 @@ class Membership:
             backend=self._backend,
             min_nodes=min_ranks,
             max_nodes=max_ranks,
-            timeout=RendezvousTimeout(join=join_timeout, last_call=last_call, heartbeat=heartbeat * 2),
+            timeout=RendezvousTimeout(join=join_timeout, last_call=last_call, heartbeat=heartbeat * HEARTBEATS),
             keep_alive_interval=max(1, round(heartbeat.total_seconds())),
-            keep_alive_max_attempt=2,
+            keep_alive_max_attempt=HEARTBEATS,
         )
         self.epoch: Epoch | None = None
 
