@@ -157,6 +157,32 @@ def test_gut_restarts_its_tracking_with_zero_sums_and_keeps_its_momentum(problem
         assert torch.equal(after["momentum"], record["before"]["momentum"])
 
 
+@pytest.mark.parametrize("topology", ["ring", "one_peer_exponential"])
+def test_gut_first_step_after_a_change_is_a_dsgd_step_at_the_gossiped_model(problem, topology) -> None:
+    """``Y^t = D^t``: ``x^{t+1} = W'x^t - lr g(W'x^t)``, GUT's own first step, on either mixing form."""
+    algo = get_algorithm("gut", mu=0.3)
+    seen: dict[str, Any] = {}
+    change, after_step = algo.change_membership, algo.after_step
+
+    def changed(buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        change(buckets, comm, step, joined)
+        seen.update(x=buckets[0].params.clone(), comm=comm, step=step)
+
+    def stepped(buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        after_step(buckets, comm, step)
+        if step == seen.get("step"):
+            seen["next"] = buckets[0].params.clone()
+
+    algo.change_membership, algo.after_step = changed, stepped  # type: ignore[method-assign]
+    simulate(problem, algo, topology, steps=8, lr=0.1, membership=[(5, {"leave": [3]})])
+    gossiped = seen["x"].clone()
+    seen["comm"].mix([gossiped], seen["step"])
+    gossiped.requires_grad_(True)
+    losses = problem.local_losses(gossiped, nodes=torch.tensor([0, 1, 2, 4, 5, 6, 7]))
+    (gradient,) = torch.autograd.grad(losses.sum(), gossiped)
+    assert (seen["next"] - (gossiped - 0.1 * gradient)).abs().max().item() < 1e-14
+
+
 # ---- push-sum: the mass restarts from the de-biased models -------------------------------------------
 @pytest.mark.parametrize("name", ["push_sum", "push_diging"])
 def test_push_sum_restarts_with_total_weight_n_and_unchanged_models(problem, name) -> None:
