@@ -335,7 +335,8 @@ class LocalSteps(Algorithm):
         """A joiner starts its local steps from its anchor (``x_j <- a_j``); error-feedback residuals restart
         at zero (the compressed average's shard residual belongs to the old ``n``'s shards)."""
         for bucket in buckets:
-            bucket.params.copy_(torch.where(joined, bucket.state[ANCHOR], bucket.params))
+            joiner = joined.to(bucket.params.device)
+            bucket.params.copy_(torch.where(joiner, bucket.state[ANCHOR], bucket.params))
             for key in (RESIDUAL, SHARD_RESIDUAL):
                 if key in bucket.state:
                     bucket.state[key].zero_()
