@@ -52,7 +52,7 @@ from lightning_decent.comm import CommStats, Communicator, Compressor
 from lightning_decent.comm.base import MeanPerStep
 from lightning_decent.comm.collectives import check_timeout
 from lightning_decent.evaluation import AveragedReplica, consensus_distance, replace_by_average
-from lightning_decent.membership import ElasticOptions, EpochGroup, elastic_options
+from lightning_decent.membership import ElasticOptions, elastic_options
 from lightning_decent.membership.elastic_strategy import ElasticDDPStrategy
 from lightning_decent.membership.handover import hand_over
 from lightning_decent.sharded_checkpoints import RunIdentity
@@ -201,8 +201,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
             self._epochs = EpochAlignment(self.global_rank)
         self._epochs.agreement.reset()
         self._set_up_gossip()
-        if self._joining:  # the members agree on the gossip step at this point of their change
-            self.gossip_step = EpochGroup.agree_on_step(self.gossip_step, self.collectives)
+        if self._joining:  # the members realign their gossip steps at this point of their change
+            self._epochs.realign(self.gossip_step, self.collectives, joining=True)
 
     def _set_up_gossip(self) -> None:
         """The topology for this world, the ranks' agreement on it, and its communicator (kept when the graph
@@ -273,7 +273,7 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         (``Algorithm.change_membership``) and the epoch lengths."""
         assert self._elastic is not None and self._epochs is not None
         self._set_up_gossip()
-        self.gossip_step = self._elastic.agree_on_step(self.gossip_step, self.collectives)
+        self.gossip_step = self._epochs.realign(self.gossip_step, self.collectives)
         self._hand_over()
         self._restore_invariants()
         trainer = trainer_of(self.lightning_module)

@@ -70,6 +70,7 @@ class EpochAgreement(RoundHeaders):
         self.last_real = False
         self.steps_taken = 0  # steps (real and empty) of this epoch so far
         self.real_steps = 0
+        self.realigned = False  # a membership change inside this epoch put neighbours one batch apart
 
     @property
     def unknown(self) -> bool:
@@ -82,6 +83,7 @@ class EpochAgreement(RoundHeaders):
         self.epoch, self.lengths = epoch, list(lengths)
         self.steps_taken = self.real_steps = steps_done
         self.last_real = False
+        self.realigned = False
 
     def begin_step(self, gossip_step: int, *, real: bool, last_real: bool = False, batch: int = -1) -> None:
         """Before a step's gossip: its gossip step, whether it is a real step (of ``batch``, counted from 1
@@ -116,7 +118,7 @@ class EpochAgreement(RoundHeaders):
             )
         if epoch != my_epoch:
             return
-        if batch != my_batch and batch >= 0 and my_batch >= 0:
+        if batch != my_batch and batch >= 0 and my_batch >= 0 and not self.realigned:
             raise StepMismatchError(
                 f"rank {self.rank}: at gossip step {gossip_step} rank {peer} is at batch {batch} of epoch {epoch} "
                 f"and this rank at batch {my_batch}: one of them skipped or repeated an optimizer step. Every rank "
@@ -176,6 +178,26 @@ class EpochAlignment:
         last_real = epoch_ends_after_this_batch(trainer)
         self.agreement.begin_step(gossip_step, real=True, last_real=last_real, batch=batch_in_epoch(trainer))
         return last_real
+
+    def realign(self, gossip_step: int, collectives: BoundedCollectives, joining: bool = False) -> int:
+        """After a membership change inside an epoch: the gossip step every member continues from.
+
+        Members notice a loss up to one step apart (a neighbour of the lost rank inside step ``k``, the others
+        in step ``k + 1``), so some have taken one step more of this epoch than others. All of them continue
+        from the fewest, ``s_min``, at gossip step ``base + s_min`` (``base``: the gossip step the epoch started
+        at), so that they gossip in lockstep again; one that is a batch ahead takes one empty step more at the
+        epoch's end, and the neighbours' batches may differ by one until then. A joiner (``joining``) takes no
+        part in the minimum: it resumes from its donor's state."""
+        taken = self.agreement.steps_taken
+        mine = None if joining else (taken, gossip_step - taken)
+        found = [e for e in collectives.all_gather_object(mine, "realignment after a membership change") if e]
+        if joining or not found:
+            return gossip_step
+        fewest, base = min(t for t, _ in found), max(b for _, b in found)
+        self.agreement.steps_taken = fewest
+        self.agreement.real_steps = min(self.agreement.real_steps, fewest)
+        self.agreement.realigned = True
+        return base + fewest
 
     def end_real_step(self, last_real: bool, gossip_step: int, empty_step: Callable[[int], None]) -> int:
         """After a real step (``gossip_step`` counts it already): if it was this rank's last of the epoch,

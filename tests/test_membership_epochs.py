@@ -152,3 +152,32 @@ def test_a_collective_whose_name_is_longer_than_the_roll_call_field_runs() -> No
     # The roll call sends 48 bytes of the name; it compared them with the whole name and so reported every rank
     # "elsewhere" for a long one.
     assert run_gloo_world(_long_named_collective, 2, messages=2) == [[0, 1], [0, 1]]
+
+
+class _Gathered:
+    """Collectives whose all-gather returns this rank's entry and the others' given ones."""
+
+    world_size = 3
+
+    def __init__(self, others: list) -> None:
+        self.others = others
+
+    def all_gather_object(self, obj: object, what: str) -> list:
+        return [obj, *self.others]
+
+
+def test_after_a_change_the_members_continue_from_the_fewest_steps_of_the_epoch_and_pad_it() -> None:
+    from lightning_decent.uneven import EpochAlignment
+
+    ahead = EpochAlignment(0)
+    ahead.agreement.start_epoch(1, [10, 10, 10])
+    ahead.agreement.steps_taken = ahead.agreement.real_steps = 7  # it noticed the loss one step later
+    assert ahead.realign(gossip_step=27, collectives=_Gathered([(6, 20), None])) == 26  # base 20 + 6
+    assert (ahead.agreement.steps_taken, ahead.agreement.realigned) == (6, True)
+    for _ in range(3):  # its 3 remaining real steps, then one empty step ends the epoch with the others
+        ahead.agreement.end_step(real=True)
+    assert ahead.agreement.wants_empty_step()
+    ahead.agreement.end_step(real=False)
+    assert not ahead.agreement.wants_empty_step()
+    joiner = EpochAlignment(3)
+    assert joiner.realign(gossip_step=0, collectives=_Gathered([(6, 20)]), joining=True) == 0

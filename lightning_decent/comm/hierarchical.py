@@ -180,7 +180,7 @@ class HierarchicalCommunicator(Communicator):
                 f"rank {self.rank}: the {name} failed: a rank of this machine died, hangs or its connection broke "
                 f"(gossip_timeout={self.timeout.total_seconds():g}s)."
             )
-            if self.collectives is not None:
+            if self.collectives is not None and self.collectives.explain_losses:
                 found = self.collectives.explain(name, self.timeout)
                 message += f" Roll call of every rank: {found or 'every rank answered'}."
             raise PeerTimeoutError(f"{message} Underlying error: {err}") from err

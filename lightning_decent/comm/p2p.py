@@ -367,7 +367,7 @@ class P2PCommunicator(Communicator):
         every rank (bounded by ``gossip_timeout``) found: the neighbour may only be waiting on the rank
         that failed."""
         message = f"rank {self.rank}: lost rank {peer} at {self.step_name(step)}: {why}."
-        if self.collectives is not None:
+        if self.collectives is not None and self.collectives.explain_losses:
             found = self.collectives.explain(self.step_name(step), self.timeout)
             message += f" Roll call of every rank: {found or 'every rank answered'}."
         if err is not None:

@@ -246,14 +246,6 @@ class EpochGroup:
             self.membership.admit(admitted, requested)
         return True
 
-    @staticmethod
-    def agree_on_step(step: int, collectives: BoundedCollectives) -> int:
-        """The gossip step the new epoch continues from: the furthest member's (a change can interrupt some
-        members one step earlier than others)."""
-        if collectives.world_size == 1:
-            return step
-        return max(collectives.all_gather_object(step, "agreement on the gossip step after a membership change"))
-
     def describe(self) -> str:
         assert self.epoch is not None
         epoch = self.epoch
