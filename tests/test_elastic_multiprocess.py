@@ -37,14 +37,18 @@ def run_job(out: Path, world: int, *args: str, stopped: tuple[int, ...] = (), jo
     return {"codes": codes, "results": results(out, list(procs)), "logs": logs(out)}
 
 
+#: The accuracy comparison trains until the digits plateau (about 180 steps per rank).
+CONVERGED = ("--epochs", "12", "--batch-size", "16")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_job(tmp_path_factory.mktemp("uninterrupted"), 6)
+    return run_job(tmp_path_factory.mktemp("uninterrupted"), 6, *CONVERGED)
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_job(tmp_path_factory.mktemp("killed"), 6, "--victim", "3", "--at-epoch", "1")
+    return run_job(tmp_path_factory.mktemp("killed"), 6, *CONVERGED, "--victim", "3", "--at-epoch", "1")
 
 
 def accuracy(job: dict) -> float:
@@ -61,8 +65,8 @@ def test_a_killed_rank_costs_a_membership_change_and_the_others_finish_every_epo
     assert all(killed["codes"][r] == 0 for r in survivors), killed["logs"]
     for r in survivors:
         run = killed["results"][r]
-        assert [e["epoch"] for e in run["epochs"]] == list(range(int(EPOCHS)))  # no restart, no epoch lost
-        assert [e["world_size"] for e in run["epochs"]][1:] == [5] * (int(EPOCHS) - 1)
+        assert [e["epoch"] for e in run["epochs"]] == list(range(12))  # no restart, no epoch lost
+        assert [e["world_size"] for e in run["epochs"]][1:] == [5] * 11
         assert all(e["loss"] is not None for e in run["epochs"])  # each rank logs its loss
     assert len(re.findall(r"membership epoch 1: rank \d of 5 .*lost a00000003", killed["logs"])) == 5
     assert abs(accuracy(killed) - accuracy(uninterrupted)) <= 0.01, (accuracy(killed), accuracy(uninterrupted))

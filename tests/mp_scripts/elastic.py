@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--min-ranks", type=int, default=1)
     parser.add_argument("--join-timeout", type=float, default=90.0)
     parser.add_argument("--algorithm", default="dsgd")
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     elastic = {"store": args.store, "join": args.join, "join_timeout": args.join_timeout, "min_ranks": args.min_ranks}
     strategy = DecentralizedStrategy(
@@ -102,7 +103,7 @@ def main() -> None:
     module = DigitsClassifier()
     while args.join_after is not None and not args.join_after.exists():  # imports done: join as soon as told
         time.sleep(0.2)
-    trainer.fit(module, DigitsDataModule(batch_size=32))
+    trainer.fit(module, DigitsDataModule(batch_size=args.batch_size))
     accuracy = trainer.callback_metrics.get("val/acc")
     result = {
         "rank": trainer.global_rank,
