@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from lightning_decent.app.report import read_metrics_csv
 from lightning_decent.recipes.digits import DigitsClassifier
 from lightning_decent.recipes.language_model import LanguageModel
-from lightning_decent.train import build_model, fit_and_validate, instantiate_named, with_run_label
+from lightning_decent.app.run import build_model, fit_and_validate, instantiate_named, with_run_label
 
 
 def _files(root: Path, pattern: str) -> list[Path]:

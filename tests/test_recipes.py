@@ -24,7 +24,7 @@ from lightning_decent.recipes.common import DataRootError
 from lightning_decent.recipes.detection import WeightsUnavailableError, detection_model
 from lightning_decent.recipes.grouping import GroupedSampler, aspect_ratio_groups
 from lightning_decent.recipes.language_model import TextDataModule
-from lightning_decent.train import build_model  # also registers the config resolvers
+from lightning_decent.app.run import build_model
 
 #: recipe case -> (data generator, overrides that make it tiny; "{root}" is the generated data root)
 CASES: dict[str, tuple[Callable[[Path], Path] | None, list[str]]] = {
