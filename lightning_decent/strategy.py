@@ -730,7 +730,8 @@ class DecentralizedStrategy(DDPStrategy):
         if [len(b) for b in saved] != [len(b) for b in current]:
             raise ValueError(
                 "The checkpoint's parameter buckets do not match this run's (different model, optimizers or "
-                "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True."
+                "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True "
+                "(training application: strategy.resume_from_average=true)."
             )
         for saved_group, buckets in zip(saved, current):
             for saved_state, bucket in zip(saved_group, buckets):
@@ -788,7 +789,7 @@ class DecentralizedStrategy(DDPStrategy):
             raise ValueError(
                 f"Cannot resume {path} exactly: {'; '.join(problems)}. Resume with the same configuration, or pass "
                 f"DecentralizedStrategy(resume_from_average=True) to start every rank from the checkpoint's "
-                f"network-average model."
+                f"network-average model (training application: strategy.resume_from_average=true)."
             )
         rank_zero_warn(f"Resuming every rank from the network-average model of {path} (fresh optimizer state).")
         average.pop(ckpt.RECORD_KEY, None)

@@ -29,6 +29,7 @@ from lightning_decent.app.run_log import send_lightning_logs_to_root
 register_resolvers()
 log = logging.getLogger(__name__)
 
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     check_added_keys(cfg, HydraConfig.get().overrides.task)

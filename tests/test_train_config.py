@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import ALGORITHMS, algorithm_options
 from lightning_decent.app.resolvers import RUN_ID_ENV, linear_scaled_lr, new_run_id, run_id
-from lightning_decent.topology import get_topology
 from lightning_decent.app.run import instantiate_named
+from lightning_decent.topology import get_topology
 
 GROUPS = ("recipe", "topology", "algorithm", "optimizer", "trainer", "logger", "strategy")
 RECIPES = ("digits", "imagenet", "detection", "language_model")
@@ -85,7 +85,9 @@ def test_overrides_read_like_the_docs(hydra_context, tmp_path) -> None:
     assert (cfg.trainer.devices, cfg.optimizer.lr) == (8, 0.2)
     pga = make(hydra_context, tmp_path, "algorithm=dsgd_pga", "algorithm.global_average_every=32")
     assert pga.strategy.algorithm_options == {
-        "global_average_every": 32, "adaptive_global_average": False, "gossip_rounds": 1
+        "global_average_every": 32,
+        "adaptive_global_average": False,
+        "gossip_rounds": 1,
     }
 
 

@@ -316,7 +316,8 @@ class LocalSteps(Algorithm):
             raise ValueError(
                 f"The checkpoint's {self.name} was saved with {described}: the synchronisation schedule and outer "
                 f"optimizer would not continue exactly. Resume with the same options, or pass "
-                f"DecentralizedStrategy(resume_from_average=True)."
+                f"DecentralizedStrategy(resume_from_average=True) (training application: "
+                f"strategy.resume_from_average=true)."
             )
 
     def bucket_state_dict(self, bucket: Bucket) -> dict[str, Any]:

@@ -103,7 +103,8 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         if accepted is None or name.startswith("_") or name in accepted:
             continue
         suggestion = nearest_key(key, cfg)
-        hint = f" Did you mean {suggestion}? ({suggestion}={override.value()})" if suggestion else ""
+        value = override.input_line.partition("=")[2]
+        hint = f" Did you mean {suggestion}? ({suggestion}={value})" if suggestion else ""
         where = f"'{parent}' does not take" if parent else "the application does not read"
         raise UnknownKeyError(
             f"{override.input_line}: {where} the key {name!r}, so it would be ignored.{hint} "

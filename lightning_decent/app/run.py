@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_decent.app.callbacks import throughput_monitor
-from lightning_decent.app.report import RunResult, plot_results, write_summary
 from lightning_decent.algorithms import Algorithm, LocalSteps
+from lightning_decent.app.callbacks import throughput_monitor
 from lightning_decent.app.loggers import instantiate_loggers
+from lightning_decent.app.report import RunResult, plot_results, write_summary
 from lightning_decent.strategy import DecentralizedStrategy
 
 log = logging.getLogger(__name__)
