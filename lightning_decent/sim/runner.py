@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lightning_decent.algorithms import Algorithm, Bucket, get_algorithm
+from lightning_decent.algorithms import Algorithm, Bucket, LocalSteps, get_algorithm
 from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.optim import AccumAdam
 from lightning_decent.sim.problems import Problem
@@ -160,6 +160,8 @@ class SimResult:
     extra_memory: float
     bytes_sent_per_node_step: float
     transient: int | None = None
+    #: Steps between two communications: ``H`` for the local-steps algorithms, else 1.
+    sync_period: int = 1
     push_weights: torch.Tensor | None = None
 
     def final(self, metric: str) -> float:
@@ -175,6 +177,7 @@ class SimResult:
             "seconds": self.seconds,
             "rounds_per_step": self.rounds_per_step,
             "buffers_per_round": self.buffers_per_round,
+            "sync_period": self.sync_period,
             "extra_memory": self.extra_memory,
             "bytes_sent_per_node_step": self.bytes_sent_per_node_step,
         }
@@ -314,6 +317,7 @@ def simulate(
         extra_memory=algo.extra_memory,
         bytes_sent_per_node_step=comm.stats.bytes_sent / max(steps, 1) / problem.n,
         push_weights=None if push_weights is None else push_weights.detach().clone(),
+        sync_period=algo.schedule.period if isinstance(algo, LocalSteps) else 1,
     )
 
 
