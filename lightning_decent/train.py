@@ -30,21 +30,26 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    check_added_keys(cfg, HydraConfig.get().overrides.task)
+def run_job(cfg: DictConfig, overrides: list[str]) -> float | None:
+    """Check the command line's added keys, train, and return the value of ``optimized_metric`` (default the
+    recipe's monitor) of the decentralized run: what a sweeper (Optuna, Ax) optimises."""
+    check_added_keys(cfg, overrides)
     from lightning_decent.app.run import train  # torch and Lightning load only when a run starts
 
     send_lightning_logs_to_root()  # after Lightning's import, which adds its console handlers
     # ThroughputMonitor asks for a FLOPs estimate that the recipes do not provide; samples/s is what it is for here.
     warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
-
     runs = train(cfg)
     metric = cfg.get("optimized_metric") or cfg.recipe.monitor
     value = runs[0].metrics.get(metric)
     if value is None:
         log.warning(f"optimized_metric {metric!r} is not among the run's metrics {sorted(runs[0].metrics)}.")
     return value
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return run_job(cfg, list(HydraConfig.get().overrides.task))
 
 
 def main() -> None:

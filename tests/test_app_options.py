@@ -198,3 +198,17 @@ def test_printing_the_job_config_does_not_load_torch() -> None:
     assert "  H: 8\n" in proc.stdout
     imported = _imported(proc)
     assert "hydra" in imported and "torch" not in imported and "lightning" not in imported
+
+
+def test_the_job_returns_the_optimized_metric_for_sweepers(hydra_context, tmp_path, monkeypatch) -> None:
+    from lightning_decent import train as entry
+    from lightning_decent.app import run
+    from lightning_decent.app.report import RunResult
+
+    result = RunResult(name="gossip", metrics={"val/acc": 0.75, "val/loss": 0.5, "test/acc": 0.7}, steps=3)
+    monkeypatch.setattr(run, "train", lambda cfg: [result])
+    monkeypatch.setattr(entry, "send_lightning_logs_to_root", lambda: None)  # leave this process's logging alone
+    assert entry.run_job(make(tmp_path), []) == 0.75  # the recipe's monitor
+    assert entry.run_job(make(tmp_path, "optimized_metric=test/acc"), []) == 0.7
+    with pytest.raises(UnknownKeyError):
+        entry.run_job(make(tmp_path, "+compression=int8"), ["+compression=int8"])
