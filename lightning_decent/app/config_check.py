@@ -13,6 +13,7 @@ import difflib
 import inspect
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
@@ -37,20 +38,20 @@ class UnknownKeyError(KeyError):
         return str(self.args[0])
 
 
-def _leaf_paths(node: DictConfig, prefix: str = "") -> Iterable[str]:
-    for key in node:
-        path = f"{prefix}{key}"
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            yield from _leaf_paths(child, f"{path}.")
+def _leaf_paths(node: Any, prefix: str = "") -> Iterable[str]:
+    """The dotted path of every leaf of a plain (unresolved) config container."""
+    for key, child in node.items():
+        if isinstance(child, dict) and child:
+            yield from _leaf_paths(child, f"{prefix}{key}.")
         else:
-            yield path
+            yield f"{prefix}{key}"
 
 
 def nearest_key(key: str, cfg: DictConfig) -> str | None:
     """The existing key whose last part (then whole path) is closest to ``key``'s, or None if none is close."""
     leaf = key.rpartition(".")[2]
-    paths = [p for p in _leaf_paths(cfg) if p != key and not p.startswith("hydra.")]
+    container = OmegaConf.to_container(cfg, resolve=False)
+    paths = [p for p in _leaf_paths(container) if p != key and not p.startswith("hydra.")]
     scored = [
         (
             difflib.SequenceMatcher(None, leaf, p.rpartition(".")[2]).ratio(),
