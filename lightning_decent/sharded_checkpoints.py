@@ -93,7 +93,8 @@ def restore_rank_state(state: dict[str, Any], algorithm: Algorithm, bucket_group
     if [len(b) for b in saved] != [len(b) for b in bucket_groups]:
         raise ValueError(
             "The checkpoint's parameter buckets do not match this run's (different model, optimizers or "
-            "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True."
+            "bucket_size_mb). Resume with the same bucket_size_mb, or use resume_from_average=True "
+            "(training application: strategy.resume_from_average=true)."
         )
     for saved_group, buckets in zip(saved, bucket_groups):
         for saved_state, bucket in zip(saved_group, buckets):
@@ -188,7 +189,7 @@ def _resume_from_average(path: Path, average: dict[str, Any], problems: list[str
         raise ValueError(
             f"Cannot resume {path} exactly: {'; '.join(problems)}. Resume with the same configuration, or pass "
             f"DecentralizedStrategy(resume_from_average=True) to start every rank from the checkpoint's "
-            f"network-average model."
+            f"network-average model (training application: strategy.resume_from_average=true)."
         )
     rank_zero_warn(f"Resuming every rank from the network-average model of {path} (fresh optimizer state).")
     average.pop(ckpt.RECORD_KEY, None)

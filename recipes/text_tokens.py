@@ -3,8 +3,8 @@
 ``python -m lightning_decent.recipes.text_tokens --root /data/books --pattern '**/*.txt' --out /data/books_tokens``
 reads the files one at a time (a corpus larger than memory works) and writes, into ``--out``:
 
-- ``train.bin``, ``val.bin``: the files' raw bytes (token ids 0-255, ``uint8``) one after the other,
-  every file either in training or in validation (seeded; about ``--val-fraction`` of the bytes);
+- ``train.bin``, ``val.bin``: the files' raw bytes (token ids 0-255, ``uint8``) one after the other in a
+  seeded order, the first ``--val-fraction`` of the bytes in validation (one file is split if needed);
 - ``meta.json``: the vocabulary size, the byte count of each split, and where each training file
   starts with its top-level folder (the label of a non-iid partition).
 
@@ -56,9 +56,12 @@ def prepare(
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` into ``out`` from the files under ``root``.
 
     Files matching ``pattern`` (none inside ``exclude_dirs``) are taken in a seeded random order until
-    ``max_bytes`` are read (the last one truncated); the first files of that order go to validation until
-    it holds ``val_fraction`` of the bytes (at least one file). Returns the metadata.
+    ``max_bytes`` are read (the last one truncated). The first ``round(val_fraction * total)`` bytes of that
+    stream (at least 1) are the validation split: whole files, then the head of the file that crosses the
+    boundary, whose rest starts the training split. One file works too. Returns the metadata.
     """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r} (e.g. 0.05).")
     files = sorted(
         p for p in root.glob(pattern) if p.is_file() and not set(p.relative_to(root).parts[:-1]) & set(exclude_dirs)
     )
@@ -70,24 +73,26 @@ def prepare(
             break
         sizes.append(int(min(path.stat().st_size, budget)))
         budget -= sizes[-1]
-    if len(sizes) < 2:
-        raise ValueError(f"found {len(sizes)} file(s) matching {pattern!r} under {root}; need at least 2 (train, val)")
-    # The first files go to validation until it holds val_fraction of the bytes; at least one file each.
-    val_files = int(np.searchsorted(np.cumsum(sizes), val_fraction * sum(sizes))) + 1
-    val_files = min(val_files, len(sizes) - 1)
+    total = sum(sizes)
+    if total < 2:
+        raise ValueError(
+            f"found {len(sizes)} file(s) matching {pattern!r} under {root} with {total} byte(s); a training and a "
+            f"validation split need at least 2 bytes: point data.root (--root) and data.pattern (--pattern) at text."
+        )
+    val_target = min(max(1, round(val_fraction * total)), total - 1)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"vocab_size": VOCAB_SIZE, "source": str(root), "pattern": pattern, "train_files": []}
     written = {"train": 0, "val": 0}
     with (out / "train.bin").open("wb") as train, (out / "val.bin").open("wb") as val:
-        for index, (path, size) in enumerate(zip(order, sizes)):
+        for path, size in zip(order, sizes):
             data = path.read_bytes()[:size]
-            if index < val_files:
-                val.write(data)
-                written["val"] += len(data)
-            else:
+            head = min(len(data), val_target - written["val"])
+            val.write(data[:head])
+            written["val"] += head
+            if head < len(data):
                 meta["train_files"].append({"offset": written["train"], "group": _group(path, root)})
-                train.write(data)
-                written["train"] += len(data)
+                train.write(data[head:])
+                written["train"] += len(data) - head
     meta.update(train_bytes=written["train"], val_bytes=written["val"])
     (out / "meta.json").write_text(json.dumps(meta))
     return meta

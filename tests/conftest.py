@@ -29,6 +29,9 @@ _restore_environment_per_test = pytest.fixture(autouse=True)(_restored)
 @pytest.fixture(scope="module")
 def hydra_context() -> Iterator[None]:
     """Hydra initialised with the repository's ``conf/`` for ``hydra.compose`` in a test module."""
+    from lightning_decent.app.resolvers import register_resolvers
+
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         yield

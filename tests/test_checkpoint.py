@@ -205,7 +205,9 @@ def test_resuming_with_another_configuration_is_refused_by_default(saved: Path, 
         meta = json.loads(original)
         meta["world_size"] = 8
         meta_path.write_text(json.dumps(meta))
-        with pytest.raises(ValueError, match=r"world size 8 \(now 1\).*resume_from_average=True"):
+        with pytest.raises(
+            ValueError, match=r"world size 8 \(now 1\).*resume_from_average=True.*application: strategy.resume"
+        ):
             trainer.fit(DigitsClassifier(), DigitsDataModule(), ckpt_path=saved / "last.ckpt")
         averaged = make_trainer(tmp_path, 3, resume_from_average=True)
         model = DigitsClassifier()

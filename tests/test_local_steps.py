@@ -230,7 +230,7 @@ def _roundtrip(obj: object) -> io.BytesIO:
 
 def test_resuming_with_another_schedule_is_refused() -> None:
     state = get_algorithm("diloco", H=16).state_dict()
-    with pytest.raises(ValueError, match=r"H=16 \(now 32\).*resume_from_average=True"):
+    with pytest.raises(ValueError, match=r"H=16 \(now 32\).*resume_from_average=True.*application: strategy.resume"):
         get_algorithm("diloco", H=32).load_state_dict(state)
 
 

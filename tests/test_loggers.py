@@ -3,6 +3,8 @@ the application logs it and the throughput; a recipe module loads back from a ch
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,20 +14,34 @@ from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lightning_decent._extras import MissingExtraError
+from lightning_decent.app.loggers import instantiate_loggers
 from lightning_decent.app.report import read_metrics_csv
+from lightning_decent.app.run import build_model, fit_and_validate, with_run_label
 from lightning_decent.recipes.digits import DigitsClassifier
 from lightning_decent.recipes.language_model import LanguageModel
-from lightning_decent.train import build_model, fit_and_validate, instantiate_named, with_run_label
 
 
 def _files(root: Path, pattern: str) -> list[Path]:
     return [p for p in root.rglob(pattern) if p.is_file()]
 
 
+@pytest.mark.parametrize(
+    ("option", "module"), [("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")]
+)
+def test_a_missing_logger_package_names_the_extra_that_installs_it(
+    hydra_context, tmp_path: Path, monkeypatch, option: str, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as when the package is not installed
+    cfg = compose("train", overrides=[f"logger={option}", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(MissingExtraError, match=re.escape(f"pip install 'lightning-decent[{option}]'")):
+        instantiate_loggers(cfg.logger)
+
+
 @pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb", "mlflow"])
 def test_logger_option_writes_metrics_and_the_config(hydra_context, tmp_path: Path, option: str) -> None:
     cfg = with_run_label(compose("train", overrides=[f"logger={option}", f"paths.output_dir={tmp_path}"]), "ddp")
-    loggers = instantiate_named(cfg.logger)
+    loggers = instantiate_loggers(cfg.logger)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)

@@ -18,13 +18,13 @@ from recipe_data import make_coco, make_image_folder, make_text_corpus, make_voc
 from torch.utils.data import DistributedSampler
 from train_cli import failure_message, run_dirs, run_train, summary
 
+from lightning_decent.app.run import build_model
 from lightning_decent.recipes import text_tokens
 from lightning_decent.recipes.classification import ImageClassifier
 from lightning_decent.recipes.common import DataRootError
 from lightning_decent.recipes.detection import WeightsUnavailableError, detection_model
 from lightning_decent.recipes.grouping import GroupedSampler, aspect_ratio_groups
 from lightning_decent.recipes.language_model import TextDataModule
-from lightning_decent.train import build_model  # also registers the config resolvers
 
 #: recipe case -> (data generator, overrides that make it tiny; "{root}" is the generated data root)
 CASES: dict[str, tuple[Callable[[Path], Path] | None, list[str]]] = {
@@ -205,13 +205,29 @@ def test_channels_last_and_compile_keep_the_checkpoint_keys() -> None:
     assert sorted(model.state_dict()) == keys and model.net is net
 
 
+@pytest.mark.parametrize("files", [1, 3])
+def test_the_validation_split_holds_val_fraction_of_the_bytes_from_any_number_of_files(
+    tmp_path: Path, files: int
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(files):
+        (corpus / f"part{index}.txt").write_bytes(bytes(range(256)) * 4)  # 1,024 bytes each
+    meta = text_tokens.prepare(corpus, tmp_path / "tokens", pattern="*.txt", val_fraction=0.05)
+    assert (meta["val_bytes"], meta["train_bytes"]) == (round(0.05 * 1024 * files), 1024 * files - round(51.2 * files))
+    train = (tmp_path / "tokens" / "train.bin").read_bytes()
+    assert len(train) == meta["train_bytes"] and meta["train_files"][0]["offset"] == 0
+    with pytest.raises(ValueError, match=r"found 0 file\(s\) matching '\*\.md'.*data.root"):
+        text_tokens.prepare(corpus, tmp_path / "none", pattern="*.md")
+
+
 def test_language_model_reads_token_files_prepared_once(tmp_path: Path) -> None:
     corpus = make_text_corpus(tmp_path / "corpus")
     tokens = tmp_path / "tokens"
     text_tokens.main(["--root", str(corpus), "--pattern", "**/*.txt", "--out", str(tokens), "--val-fraction", "0.2"])
     meta = json.loads((tokens / "meta.json").read_text())
     total = sum(p.stat().st_size for p in corpus.rglob("*.txt"))
-    assert meta["train_bytes"] + meta["val_bytes"] == total and meta["val_bytes"] >= 0.2 * total
+    assert meta["train_bytes"] + meta["val_bytes"] == total and meta["val_bytes"] == round(0.2 * total)
     assert (tokens / "train.bin").stat().st_size == meta["train_bytes"]
     # Training finds the prepared files (no corpus needed any more) and memory-maps them.
     datamodule = TextDataModule(tokens_dir=str(tokens), root=str(tmp_path / "gone"), block_size=16, batch_size=4)

@@ -154,6 +154,15 @@ def test_cli_runs_in_float32(capsys: pytest.CaptureFixture[str]) -> None:
     assert "exact_diffusion" in capsys.readouterr().out
 
 
+def test_the_communication_column_gives_local_steps_their_period(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = "--problem least_squares --n 4 --dim 3 --algorithms dsgd,local_sgd:H=8,diloco:H=4 --steps 8"
+    assert main(argv.split()) == 0
+    lines = [line.split("|") for line in capsys.readouterr().out.splitlines() if "|" in line]
+    rows = {cells[0].strip(): cells[1].strip() for cells in lines}
+    assert rows["dsgd"] == "1 x 1"
+    assert rows["local_sgd:H=8"] == "1 x 1 / 8 steps" and rows["diloco:H=4"] == "1 x 1 / 4 steps"
+
+
 def test_cli_digits_reports_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "digits.json"
     argv = f"--problem digits --alpha 0.1 --n 4 --algorithms gut --steps 20 --lr 0.1 --json {out_json}"

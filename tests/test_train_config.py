@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import ALGORITHMS, algorithm_options
 from lightning_decent.app.resolvers import RUN_ID_ENV, linear_scaled_lr, new_run_id, run_id
+from lightning_decent.app.run import instantiate_named
 from lightning_decent.topology import get_topology
-from lightning_decent.train import instantiate_named  # also registers the resolvers
 
 GROUPS = ("recipe", "topology", "algorithm", "optimizer", "trainer", "logger", "strategy")
 RECIPES = ("digits", "imagenet", "detection", "language_model")
@@ -83,8 +83,12 @@ def test_overrides_read_like_the_docs(hydra_context, tmp_path) -> None:
     cfg = make(hydra_context, tmp_path, *overrides)
     assert (cfg.strategy.topology, cfg.strategy.algorithm) == ("ring", "gradient_tracking")
     assert (cfg.trainer.devices, cfg.optimizer.lr) == (8, 0.2)
-    pga = make(hydra_context, tmp_path, "algorithm=dsgd_pga", "algorithm.options.global_average_every=32")
-    assert pga.strategy.algorithm_options == {"global_average_every": 32}
+    pga = make(hydra_context, tmp_path, "algorithm=dsgd_pga", "algorithm.global_average_every=32")
+    assert pga.strategy.algorithm_options == {
+        "global_average_every": 32,
+        "adaptive_global_average": False,
+        "gossip_rounds": 1,
+    }
 
 
 def test_algorithms_with_their_own_momentum_select_plain_sgd(hydra_context, tmp_path) -> None:
@@ -157,8 +161,8 @@ def _algorithm_available(name: str, options: dict) -> bool:
 @pytest.mark.parametrize("option", OPTIONS["algorithm"])
 def test_every_available_algorithm_instantiates_inside_the_strategy(hydra_context, tmp_path, option: str) -> None:
     cfg = make(hydra_context, tmp_path, f"algorithm={option}", "topology=ring")
-    if not _algorithm_available(cfg.algorithm.name, cfg.algorithm.options):
-        pytest.skip(f"algorithm {cfg.algorithm.name!r} with {dict(cfg.algorithm.options)} is not registered yet")
+    if not _algorithm_available(cfg.algorithm.name, cfg.strategy.algorithm_options):
+        pytest.skip(f"algorithm {cfg.algorithm.name!r} with {cfg.strategy.algorithm_options} is not registered yet")
     strategy = instantiate(cfg.strategy)
     assert isinstance(strategy, DecentralizedStrategy)
     assert strategy.algorithm.name.startswith(cfg.algorithm.name)

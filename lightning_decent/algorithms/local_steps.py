@@ -9,10 +9,15 @@ gradient of the anchor, and the synchronisation ends with ``x_i <- a_i``.
 * :class:`DiLoCo` and :class:`LocalSGD` average ``Delta`` exactly over all ranks (one all-reduce per
   synchronisation, whatever the topology), so the anchors stay identical.
 * :class:`GASLoC` mixes with the topology's neighbours only: each rank keeps its own anchor and gossips
-  the anchor after its outer step, which brings the anchors to consensus as D-SGD's models.
+  the anchor after its outer step. With outer SGD at lr 1 (and ``gossip_momentum=0``) the anchors follow
+  D-SGD's recursion and reach consensus as its models do; with a stateful outer optimizer (the default
+  Nesterov) each rank's momentum is its own and the anchors need not agree.
 
 Streaming (Douillard et al. 2025): the flat buffer of every bucket is cut into ``F`` contiguous
-fragments (the paper's "sequential" fragments: consecutive parameters), synchronised at staggered
+slices, and fragment ``f`` is the ``f``-th slice of every bucket. With one bucket (a model below
+``bucket_size_mb``) a fragment is a run of consecutive parameters, the paper's "sequential" pattern;
+with several buckets it takes a slice of each, so it spans the whole depth of the model (neither of the
+paper's patterns: its "strided" pattern picks whole layers). The fragments are synchronised at staggered
 offsets (:class:`~lightning_decent.algorithms.sync_schedule.SyncSchedule`); a fragment's exchange
 can run during the next ``tau`` inner steps and is then merged into the model that kept training,
 ``x_i <- mix x_i + (1 - mix) a_i`` (the paper's ``alpha``; default 0: ``x_i <- a_i``). The one place
@@ -370,7 +375,8 @@ class LocalSteps(Algorithm):
             raise ValueError(
                 f"The checkpoint's {self.name} was saved with {described}: the synchronisation schedule and outer "
                 f"optimizer would not continue exactly. Resume with the same options, or pass "
-                f"DecentralizedStrategy(resume_from_average=True)."
+                f"DecentralizedStrategy(resume_from_average=True) (training application: "
+                f"strategy.resume_from_average=true)."
             )
 
     def bucket_state_dict(self, bucket: Bucket) -> dict[str, Any]:
@@ -501,7 +507,9 @@ class GASLoC(LocalSteps):
         x_{i,p} <- alpha x_{i,p} + (1 - alpha) a_{i,p}            (as in :class:`DiLoCo`; tau steps later with delay)
 
     With outer SGD and ``gamma = 0`` this is D-SGD on the anchors with the pseudo-gradient as gradient,
-    so the anchors reach consensus as D-SGD's models (exactly, on a problem with a common optimum). On
+    so with outer lr 1 the anchors reach consensus as D-SGD's models (exactly, on a problem with a common
+    optimum). A stateful outer optimizer (Nesterov, Adam) keeps each rank's state apart, and the anchors
+    then need not agree. On
     the complete graph (or ``communicator="allreduce"``) and a linear outer optimizer (SGD, Nesterov) it
     is DiLoCo: the average of the ranks' momentum buffers follows DiLoCo's momentum.
 

@@ -106,6 +106,16 @@ def _seconds_at(series: Series, steps: list[float]) -> np.ndarray | None:
     return np.interp(steps, time_steps, seconds)
 
 
+def plotted(series: Series, name: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of ``name`` that a plot can show: the consensus distance (log scale) only where it is
+    positive; a local-steps run logs 0 right after each synchronisation and while every replica is equal."""
+    steps, values = series.get(name, ([], []))
+    if name != CONSENSUS:
+        return steps, values
+    kept = [(step, value) for step, value in zip(steps, values) if value > 0]
+    return [step for step, _ in kept], [value for _, value in kept]
+
+
 def plot_runs(runs: Sequence[tuple[str, Series]], monitor: str, out_png: Path) -> Path | None:
     """The validation metric ``monitor``, the training loss and (log scale) the consensus distance of every
     run on shared axes, against the optimizer step (left) and the training time in seconds (right).
@@ -116,9 +126,9 @@ def plot_runs(runs: Sequence[tuple[str, Series]], monitor: str, out_png: Path) -
         out_png: where to write the figure.
 
     Returns:
-        ``out_png``, or ``None`` when no run logged any of these metrics.
+        ``out_png``, or ``None`` when no run logged any of these metrics (see :func:`plotted`).
     """
-    rows = [name for name in (monitor, TRAIN_LOSS, CONSENSUS) if any(name in series for _, series in runs)]
+    rows = [name for name in (monitor, TRAIN_LOSS, CONSENSUS) if any(plotted(series, name)[0] for _, series in runs)]
     if not rows:
         return None
     require("matplotlib", "app", "the run's plot")
@@ -130,9 +140,9 @@ def plot_runs(runs: Sequence[tuple[str, Series]], monitor: str, out_png: Path) -
     axes = fig.subplots(len(rows), 2, squeeze=False)
     for row, name in zip(axes, rows):
         for index, (label, series) in enumerate(runs):
-            if name not in series:
+            steps, values = plotted(series, name)
+            if not steps:
                 continue
-            steps, values = series[name]
             style = {"color": f"C{index % 10}", "label": label, "marker": "o" if len(steps) < 30 else None}
             row[0].plot(steps, values, markersize=3, **style)
             seconds = _seconds_at(series, steps)

@@ -29,6 +29,12 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.4f}"
 
 
+def communication(result: SimResult) -> str:
+    """``rounds x buffers`` per step, or per synchronisation with its period (``1 x 1 / 16 steps``)."""
+    cost = f"{result.rounds_per_step} x {result.buffers_per_round}"
+    return cost if result.sync_period == 1 else f"{cost} / {result.sync_period} steps"
+
+
 def format_table(results: Mapping[str, SimResult]) -> str:
     """One row per run: cost per step, final metrics, transient step and wall time."""
     first = next(iter(results.values()))
@@ -40,7 +46,7 @@ def format_table(results: Mapping[str, SimResult]) -> str:
         rows.append(
             [
                 label,
-                f"{r.rounds_per_step} x {r.buffers_per_round}",
+                communication(r),
                 f"{r.extra_memory:g}",
                 *(_fmt(r.final(m)) for m in metrics),
                 transient,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lightning_decent.algorithms import Algorithm, get_algorithm
+from lightning_decent.algorithms import Algorithm, LocalSteps, get_algorithm
 from lightning_decent.optim import AccumAdam
 from lightning_decent.sim.membership import Members, Schedule, build_members, change_members, membership_schedule
 from lightning_decent.sim.problems import Problem
@@ -168,6 +168,8 @@ class SimResult:
     extra_memory: float
     bytes_sent_per_node_step: float
     transient: int | None = None
+    #: Steps between two communications: ``H`` for the local-steps algorithms, else 1.
+    sync_period: int = 1
     push_weights: torch.Tensor | None = None
     members: list[int] | None = None
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -197,6 +199,7 @@ class SimResult:
             "seconds": self.seconds,
             "rounds_per_step": self.rounds_per_step,
             "buffers_per_round": self.buffers_per_round,
+            "sync_period": self.sync_period,
             "extra_memory": self.extra_memory,
             "bytes_sent_per_node_step": self.bytes_sent_per_node_step,
             **({"members": self.members, "membership_changes": self.changes} if self.changes else {}),
@@ -373,6 +376,7 @@ def simulate(
         push_weights=None if push_weights is None else push_weights.detach().clone(),
         members=None if members.shards is None else members.shards.tolist(),
         changes=change_log,
+        sync_period=algo.schedule.period if isinstance(algo, LocalSteps) else 1,
     )
 
 
