@@ -27,6 +27,7 @@ aborts the process instead of raising; the roll call still names missing ranks f
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import threading
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 _ROLL_CALL_TAG = 7
 #: Once a rank is known dead (its connection closed), how long the roll call still waits for the others'
@@ -139,6 +141,7 @@ class BoundedCollectives:
         except RuntimeError as err:  # gloo's timeout / closed connection, torch's DistBackendError
             if isinstance(err, CollectiveTimeoutError):
                 raise
+            _log.error("rank %d: the %s failed; asking every rank who is missing (roll call).", self.rank, what)
             raise self._failure(what, self.roll_call(what), err) from err
 
     def barrier(self, what: str) -> None:
@@ -194,14 +197,17 @@ class BoundedCollectives:
         if roll.dead or roll.silent or roll.elsewhere:
             raise self._failure(what, roll)
 
-    def explain(self, what: str, timeout: timedelta) -> str:
+    def explain(self, what: str, timeout: timedelta, failure: str) -> str:
         """After a failed wait for another rank in ``what`` (a gossip round, a machine's collective): a roll
         call of every rank bounded by ``timeout`` (the failed wait's own), and what it found, e.g. ``"rank 2
         died (connection closed)"``; ``""`` if every rank answered. The ranks whose waits failed because of
         the same rank hold it at about the same time, so each names that rank rather than the neighbour it
-        waited for. ``""`` at once without ``explain_losses``."""
+        waited for. ``failure`` (the error so far) is logged first: a launcher that stops the other
+        processes as soon as one dies may not leave time for the roll call. ``""`` at once without
+        ``explain_losses``."""
         if not self.explain_losses:
             return ""
+        _log.error("%s Asking every rank who is missing (roll call, up to %gs).", failure, timeout.total_seconds())
         roll = self.roll_call(what, timeout=timeout)
         roll.elsewhere.clear()  # they answered: alive, and stopped by the same failure somewhere else
         return "; ".join(self._causes(what, roll, timeout))

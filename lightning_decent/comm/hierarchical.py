@@ -181,7 +181,7 @@ class HierarchicalCommunicator(Communicator):
                 f"(gossip_timeout={self.timeout.total_seconds():g}s)."
             )
             if self.collectives is not None and self.collectives.explain_losses:
-                found = self.collectives.explain(name, self.timeout)
+                found = self.collectives.explain(name, self.timeout, failure=message)
                 message += f" Roll call of every rank: {found or 'every rank answered'}."
             raise PeerTimeoutError(f"{message} Underlying error: {err}") from err
 

@@ -368,7 +368,7 @@ class P2PCommunicator(Communicator):
         that failed."""
         message = f"rank {self.rank}: lost rank {peer} at {self.step_name(step)}: {why}."
         if self.collectives is not None and self.collectives.explain_losses:
-            found = self.collectives.explain(self.step_name(step), self.timeout)
+            found = self.collectives.explain(self.step_name(step), self.timeout, failure=message)
             message += f" Roll call of every rank: {found or 'every rank answered'}."
         if err is not None:
             message += f" Underlying error: {err}"
