@@ -181,3 +181,10 @@ def test_after_a_change_the_members_continue_from_the_fewest_steps_of_the_epoch_
     assert not ahead.agreement.wants_empty_step()
     joiner = EpochAlignment(3)
     assert joiner.realign(gossip_step=0, collectives=_Gathered([(6, 20)]), joining=True) == 0
+
+
+def test_elastic_with_lightnings_own_launcher_is_refused_naming_how_to_launch() -> None:
+    import lightning.pytorch as pl
+
+    with pytest.raises(ValueError, match=r"needs every rank started as its own process.*devices=1, num_nodes=N"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=DecentralizedStrategy(elastic=True), logger=False)

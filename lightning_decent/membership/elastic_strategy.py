@@ -34,6 +34,18 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
         return self.elastic is None  # an elastic run changes its membership instead of holding a roll call
 
     @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        environment = self.cluster_environment
+        if self.elastic is not None and self.num_processes > 1 and not environment.creates_processes_externally:
+            raise ValueError(
+                f"elastic training needs every rank started as its own process, but Lightning would start "
+                f"{self.num_processes} ranks on this machine itself, and its launcher stops all of them when one "
+                f"dies. Start one process per rank (Trainer(devices=1, num_nodes=N) with NODE_RANK and LOCAL_RANK=0 "
+                f"set for each, SLURM's srun, or torchrun --nproc-per-node 1), or drop elastic (docs/elastic.md)."
+            )
+
+    @override
     def setup_distributed(self) -> None:
         """Elastic runs build the process group of their first membership epoch instead of Lightning's."""
         if self.elastic is None:
