@@ -23,7 +23,7 @@ import gc
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
@@ -96,9 +96,6 @@ class ElasticOptions:
     @property
     def joining(self) -> bool:
         return self.join or os.environ.get(JOIN_ENV, "0") not in ("", "0", "false", "False")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def elastic_options(value: bool | dict[str, Any] | ElasticOptions | None) -> ElasticOptions | None:
