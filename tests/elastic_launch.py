@@ -30,8 +30,9 @@ def free_port() -> int:
                 continue
 
 
-def start_rank(out: Path, rank: int, world: int, port: int, *args: str) -> subprocess.Popen:
-    """Rank ``rank`` of ``world`` as its own process (``rank`` only labels the output of a ``--join`` process)."""
+def start_rank(out: Path, rank: int, world: int, port: int, *args: str, script: Path = SCRIPT) -> subprocess.Popen:
+    """Rank ``rank`` of ``world`` as its own process running ``script`` (``rank`` only labels the output of a
+    ``--join`` process)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -43,7 +44,7 @@ def start_rank(out: Path, rank: int, world: int, port: int, *args: str) -> subpr
     }
     log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), "--rank", str(rank), "--world", str(world), *args],
+        [sys.executable, str(script), str(out), "--rank", str(rank), "--world", str(world), *args],
         env=env,
         cwd=out,
         stdout=log,

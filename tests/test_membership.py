@@ -22,6 +22,7 @@ from lightning_decent.comm import Communicator
 from lightning_decent.sim import get_problem, simulate, stacked_average
 from lightning_decent.sim.cli import main as sim_main
 from lightning_decent.sim.membership import MembershipChange, parse_membership
+from lightning_decent.topology import get_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAVE_AND_JOIN = [(6, {"leave": [3]}), (12, {"join_from": [0]})]  # n: 8 -> 7 -> 8
@@ -397,11 +398,57 @@ def test_node_params_returns_the_row_of_the_member_holding_a_shard(problem) -> N
         ([(2, {"leave": [1]}), (2, {"leave": [2]})], "two membership changes at step 2"),
         ([(2, {"go": [1]})], r"unknown key\(s\) \['go'\]"),
         ("2:leave", "write STEP:leave=ROWS:join_from=ROWS"),
+        ([(0, {"leave": [1], "during_exchange": True})], "during_exchange needs a step before it"),
     ],
 )
 def test_a_schedule_that_cannot_run_is_refused_naming_the_fix(problem, schedule, match) -> None:
     with pytest.raises(ValueError, match=match):
         simulate(problem, "dsgd", "ring", steps=4, lr=0.1, membership=schedule)
+
+
+def test_a_change_during_an_exchange_drops_that_steps_mixing_and_nothing_else(problem) -> None:
+    """D-SGD, x <- W (x - lr grad): with the exchange of step 2 lost, step 2 is the local update alone."""
+    steps, lr, dropped = 5, 0.1, 2
+    result = simulate(
+        problem,
+        "dsgd",
+        "ring",
+        steps=steps,
+        lr=lr,
+        eval_every=steps,
+        membership=[(dropped + 1, {"during_exchange": True})],
+    )
+    w = get_topology("ring", problem.n).weights(0).to(torch.float64)
+    x = problem.initial_params().to(torch.float64).expand(problem.n, -1).clone()
+    for k in range(steps):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(problem.local_losses(x).sum(), x)
+        x = (x - lr * grad).detach()
+        if k != dropped:
+            x = w @ x
+    assert (result.params - x).abs().max().item() < 1e-12
+    uninterrupted = simulate(problem, "dsgd", "ring", steps=steps, lr=lr, eval_every=steps)
+    assert (result.params - uninterrupted.params).abs().max().item() > 1e-4
+
+
+def test_gradient_tracking_restores_its_sum_after_a_change_during_an_exchange(problem) -> None:
+    """The lost exchange leaves the trackers updated but unmixed; the rule restores sum z = sum g^prev over the
+    survivors, and it runs with the interrupted step's index."""
+    algo = get_algorithm("gradient_tracking")
+    steps: list[int] = []
+    original = algo.change_membership
+
+    def change(buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
+        steps.append(step)
+        original(buckets, comm, step, joined)
+
+    algo.change_membership = change  # type: ignore[method-assign]
+    records = around_change(
+        algo, lambda b, c: {"gap": (b.state["tracker"].sum(0) - b.state["previous_grad"].sum(0)).abs().max().item()}
+    )
+    simulate(problem, algo, "ring", steps=8, lr=0.1, membership=[(5, {"leave": [3], "during_exchange": True})])
+    assert steps == [4]
+    assert records[0]["before"]["gap"] > 1e-3 and records[0]["after"]["gap"] < 1e-12
 
 
 def test_membership_needs_the_topology_by_name(problem) -> None:
@@ -412,9 +459,10 @@ def test_membership_needs_the_topology_by_name(problem) -> None:
 
 
 def test_the_command_line_text_parses_into_changes() -> None:
-    assert parse_membership("100:leave=3; 200:join_from=0+1:shards=3+5") == [
+    assert parse_membership("100:leave=3; 200:join_from=0+1:shards=3+5; 300:leave=1:during_exchange=1") == [
         MembershipChange(step=100, leave=(3,)),
         MembershipChange(step=200, join_from=(0, 1), shards=(3, 5)),
+        MembershipChange(step=300, leave=(1,), during_exchange=True),
     ]
 
 

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--membership",
         help="membership changes, e.g. '500:leave=3;1000:join_from=0' (before step 500 row 3 leaves; before step "
-        "1000 a joiner receives row 0's state and takes a free data shard); rows joined by '+'",
+        "1000 a joiner receives row 0's state and takes a free data shard); rows joined by '+'; "
+        "':during_exchange=1' drops the previous step's exchange, as a rank killed in a step does",
     )
     linear = p.add_argument_group("least_squares / logistic")
     linear.add_argument("--dim", type=int, default=100)

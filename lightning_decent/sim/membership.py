@@ -11,6 +11,12 @@ A change before step ``k`` runs what an elastic run does on its ranks:
    algorithm's ``prepare_topology``, and a new communicator on it;
 4. ``algorithm.change_membership`` on every member, with ``joined`` marking the new rows.
 
+A change ``during_exchange`` models a rank killed in the middle of a step, as a real run meets it: the
+members have taken step ``step - 1``'s local update, its exchange (``after_step``) fails on every one of them
+(:class:`LostExchange`, as a real exchange fails when a neighbour's connection closes) and is dropped, and the
+change runs inside that step, with that step's index (the strategy's ``_survive``). Without it, a change
+happens cleanly between two steps, as joins at an epoch's start do.
+
 Data: the problem's ``n`` local objectives are data shards. A survivor keeps its shard, a lost node's
 shard is no longer trained on, and a joiner takes the shard it is given (default: the lowest one no
 member holds), so a problem built for ``n`` nodes holds at most ``n`` members at a time.
@@ -29,7 +35,7 @@ from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.topology import Topology, get_topology
 
 #: Keys of a change given as ``(step, {...})``.
-CHANGE_KEYS = ("leave", "join_from", "shards")
+CHANGE_KEYS = ("leave", "join_from", "shards", "during_exchange")
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,20 @@ class MembershipChange:
         leave: rows (members ``0..n-1`` in their order before the change) that leave.
         join_from: for every joiner, the row of the surviving member whose state it receives.
         shards: the data shard of every joiner (default: the lowest shards no member holds).
+        during_exchange: the members were in step ``step - 1``'s exchange when the change came (a member
+            was lost in it): that exchange is dropped and the change runs with the index ``step - 1``.
     """
 
     step: int
     leave: tuple[int, ...] = ()
     join_from: tuple[int, ...] = ()
     shards: tuple[int, ...] | None = None
+    during_exchange: bool = False
+
+    @property
+    def algorithm_step(self) -> int:
+        """The step index the algorithm's ``change_membership`` sees (the strategy's gossip step then)."""
+        return self.step - 1 if self.during_exchange else self.step
 
     def rows(self, n: int) -> list[int]:
         """The old row each new row is a copy of: the survivors in their order, then every joiner's source.
@@ -143,18 +157,23 @@ def _from_mapping(step: int, change: Mapping[str, Any]) -> MembershipChange:
     if unknown:
         valid = ", ".join(CHANGE_KEYS)
         raise ValueError(f"membership change at step {step}: unknown key(s) {unknown}; valid: {valid}.")
-    shards = change.get("shards")
+    shards, during = change.get("shards"), change.get("during_exchange", False)
+    if isinstance(during, list | tuple):  # the command line's ``during_exchange=1``
+        during = bool(during and during[0])
+    if during and step < 1:
+        raise ValueError(f"membership change at step {step}: during_exchange needs a step before it; use step >= 1.")
     return MembershipChange(
         step=int(step),
         leave=tuple(int(i) for i in change.get("leave", ())),
         join_from=tuple(int(i) for i in change.get("join_from", ())),
         shards=None if shards is None else tuple(int(s) for s in shards),
+        during_exchange=bool(during),
     )
 
 
 def parse_membership(text: str) -> list[MembershipChange]:
     """Changes separated by ``;``, each ``STEP:key=rows`` with rows joined by ``+``, e.g.
-    ``"100:leave=3;200:join_from=0"`` or ``"50:leave=1+2:join_from=0"``.
+    ``"100:leave=3;200:join_from=0"``, ``"50:leave=1+2:join_from=0"`` or ``"50:leave=3:during_exchange=1"``.
 
     Raises:
         ValueError: naming the format, for text that does not parse.
@@ -260,5 +279,27 @@ def change_members(
                 new.bucket.workspace[key].copy_(buffer[rows])
     new.comm.stats = members.comm.stats  # one count of the whole run's traffic
     joined = change.joined(n).to(new.params.device)
-    algorithm.change_membership([new.bucket], new.comm, change.step, joined)
+    algorithm.change_membership([new.bucket], new.comm, change.algorithm_step, joined)
     return new
+
+
+class MemberLostError(RuntimeError):
+    """A simulated exchange that a lost member interrupted."""
+
+
+class LostExchange:
+    """The communicator of a step whose exchange a lost member interrupts: every call raises
+    :class:`MemberLostError`; attributes (``n``, ``stats``) read through to ``comm``."""
+
+    def __init__(self, comm: SimulatedCommunicator, step: int) -> None:
+        self._comm, self._step = comm, step
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._comm, name)
+        if not callable(value):
+            return value
+
+        def lost(*args: Any, **kwargs: Any) -> Any:
+            raise MemberLostError(f"a member was lost during the exchange of step {self._step} ({name})")
+
+        return lost

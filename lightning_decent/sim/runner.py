@@ -14,13 +14,15 @@ de-biased models ``z_i = x_i / v_i``; the metrics' network average is ``xbar = (
 ``(1/n) sum_i ||z_i - xbar||^2``. :attr:`SimResult.push_weights` keeps the final ``v``.
 
 Membership changes (``membership=``, :mod:`~lightning_decent.sim.membership`): members leave and join
-between steps, through the algorithm's ``cancel_pending`` and ``change_membership``. Such a run (or one
+between steps (or in a step's exchange, ``during_exchange``), through the algorithm's ``cancel_pending`` and
+``change_membership``. Such a run (or one
 that starts with a subset of the problem's data shards, ``nodes=``) reports the loss of the members'
 own objective, ``(1/n) sum_{i in members} f_i(xbar)``, without ``excess_loss``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,15 @@ import torch
 
 from lightning_decent.algorithms import Algorithm, LocalSteps, get_algorithm
 from lightning_decent.optim import AccumAdam
-from lightning_decent.sim.membership import Members, Schedule, build_members, change_members, membership_schedule
+from lightning_decent.sim.membership import (
+    LostExchange,
+    MemberLostError,
+    Members,
+    Schedule,
+    build_members,
+    change_members,
+    membership_schedule,
+)
 from lightning_decent.sim.problems import Problem
 from lightning_decent.topology import Topology
 
@@ -354,7 +364,12 @@ def simulate(
             algo.transform_gradients([bucket], comm, k)
         members.optimizer.step()
         algo.observe_loss(losses.detach())
-        algo.after_step([bucket], comm, k)
+        coming = changes.get(k + 1)
+        if coming is not None and coming.during_exchange:
+            with contextlib.suppress(MemberLostError):  # the exchange a lost member interrupts: dropped
+                algo.after_step([bucket], LostExchange(comm, k), k)  # type: ignore[arg-type]
+        else:
+            algo.after_step([bucket], comm, k)
         if finish_in_flight and k + 1 == steps:  # as the strategy's on_train_end
             algo.finish_pending([bucket])
         if (k + 1) % eval_every == 0 or k + 1 == steps:
