@@ -116,6 +116,7 @@ class DecentralizedStrategy(ElasticDDPStrategy):
     #: Bytes of live state this rank received from a neighbour when it joined a running job (elastic).
     handover_bytes: int = 0
     _joined_this_epoch: bool = False
+    _new_world_size: bool = False  # a membership change to log as ``membership/world_size``
 
     def __init__(
         self,
@@ -233,6 +234,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.elastic is not None:
+            self._route_metric_synchronisation(self.lightning_module)
         if trainer.state.fn == TrainerFn.FITTING:
             if not self._joining:  # replicas start identical: rank 0's parameters and buffers
                 self.collectives.broadcast_tensors(list(self.lightning_module.state_dict().values()), 0)
@@ -277,9 +280,9 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         self._hand_over()
         self._restore_invariants()
         trainer = trainer_of(self.lightning_module)
-        if trainer is not None and trainer.training:
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # also in fit's validation
             self._epochs.gather_lengths(trainer, self.collectives)
-        self._log("membership/world_size", self.world_size)
+        self._new_world_size = True  # logged at the next step (a change may come in a hook that cannot log)
 
     def _hand_over(self) -> dict[str, Any]:
         """Donors send their live checkpoint to this epoch's joiners; a joiner returns what it received."""
@@ -343,6 +346,9 @@ class DecentralizedStrategy(ElasticDDPStrategy):
     def _log_gossip_metrics(self, trainer: pl.Trainer | None, comm: Communicator) -> None:
         """Bytes sent per step at the steps the loggers write; the consensus distance every
         ``log_consensus_every`` steps."""
+        if self._new_world_size:
+            self._log("membership/world_size", self.world_size)
+            self._new_world_size = False
         if self.log_comm_stats and trainer is not None and loggers_write_this_step(trainer):
             self._log("gossip/bytes_sent", self._bytes_per_step.report(self.gossip_step, comm.stats.bytes_sent))
         if self.log_consensus_every and self.gossip_step % self.log_consensus_every == 0:
@@ -390,8 +396,9 @@ class DecentralizedStrategy(ElasticDDPStrategy):
 
     def consensus_distance(self) -> tuple[float, float]:
         """``(1/n) sum_i ||x_i - x_bar||^2`` and its ratio to ``||x_bar||^2`` (a global collective)."""
-        self.algorithm.wait_pending()
-        return consensus_distance([b.params for group in self._bucket_groups for b in group], self.collectives)
+        self._survive(self.algorithm.wait_pending)
+        flats = [b.params for group in self._bucket_groups for b in group]
+        return self._retry_after_loss(lambda: consensus_distance(flats, self.collectives))
 
     # ---- evaluation and the final model on the network average (see lightning_decent.evaluation) ----------
     def _average_weight(self) -> float:
@@ -399,8 +406,12 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         return self.algorithm.average_weight([b for group in self._bucket_groups for b in group])
 
     def _evaluate_the_average(self) -> None:
-        self.algorithm.wait_pending()
-        if self.world_size > 1 and self.eval_model == "average":
+        self._survive(self.algorithm.wait_pending)
+        if self.eval_model == "average":
+            self._retry_after_loss(self._swap_in_the_average)
+
+    def _swap_in_the_average(self) -> None:
+        if self.world_size > 1:
             self._averaged_replica.swap_in(self.lightning_module, self._average_weight(), self.collectives)
 
     @override
@@ -409,9 +420,13 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         closer; then, with ``final_model="average"``, make every replica the network average."""
         for buckets in self._bucket_groups:
             self.algorithm.finish_pending(buckets)
-        if self.final_model == "average" and self.world_size > 1:
-            replace_by_average(self.lightning_module, self._average_weight(), self.collectives)
+        if self.final_model == "average":
+            self._retry_after_loss(self._replace_by_the_average)
         super().on_train_end()
+
+    def _replace_by_the_average(self) -> None:
+        if self.world_size > 1:
+            replace_by_average(self.lightning_module, self._average_weight(), self.collectives)
 
     @override
     def teardown(self) -> None:
@@ -453,15 +468,17 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         this; see :mod:`lightning_decent.checkpoint`)."""
         if storage_options is not None:
             raise TypeError("DecentralizedStrategy.save_checkpoint does not accept storage_options.")
-        self.algorithm.wait_pending()
-        sharded_checkpoints.save(
-            checkpoint,
-            filepath,
-            io=self.checkpoint_io,
-            collectives=self.collectives,
-            identity=self._identity(),
-            own_state=sharded_checkpoints.rank_state(self.gossip_step, self.algorithm, self._bucket_groups),
-            average_weight=self._average_weight(),
+        self._survive(self.algorithm.wait_pending)
+        self._retry_after_loss(  # elastic: a save a loss interrupted is staged only; the survivors save anew
+            lambda: sharded_checkpoints.save(
+                checkpoint,
+                filepath,
+                io=self.checkpoint_io,
+                collectives=self.collectives,
+                identity=self._identity(),
+                own_state=sharded_checkpoints.rank_state(self.gossip_step, self.algorithm, self._bucket_groups),
+                average_weight=self._average_weight(),
+            )
         )
 
     @override

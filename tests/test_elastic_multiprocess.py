@@ -91,6 +91,27 @@ def test_losing_rank_0_moves_logging_and_checkpoints_to_the_lowest_survivor(tmp_
     assert sorted(p.name for p in ckpt.shard_dir(last).glob("rank_*.ckpt")) == [f"rank_{r}.ckpt" for r in range(3)]
 
 
+@pytest.mark.parametrize("during", ["validation", "save"])
+def test_a_rank_lost_in_an_evaluation_or_a_checkpoint_save_costs_a_membership_change(tmp_path: Path, during) -> None:
+    """The survivors take the interrupted step again on the new group: the evaluation's average and metric
+    reductions, or the whole save, whose checkpoint then holds the survivors' shards only."""
+    victim = ("--victim", "2", "--at-epoch", "1", "--at-batch", "0", "--during", during)  # 1 eval batch
+    job = run_job(tmp_path, 4, *victim, "--checkpoints")
+    assert job["codes"][2] == -9
+    assert all(job["codes"][r] == 0 for r in (0, 1, 3)), job["logs"]
+    for r in (0, 1, 3):
+        run = job["results"][r]
+        assert [e["epoch"] for e in run["epochs"]] == list(range(int(EPOCHS)))
+        assert run["world_size"] == 3
+    assert len(re.findall(r"membership epoch 1: rank \d of 3 .*lost a00000002", job["logs"])) == 3
+    assert accuracy(job) >= 0.9
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.read_meta(ckpt.shard_dir(last)).world_size == 3
+    assert sorted(p.name for p in ckpt.shard_dir(last).glob("rank_*.ckpt")) == [f"rank_{r}.ckpt" for r in range(3)]
+    leftovers = [p.name for p in (tmp_path / "checkpoints").glob(".*") if p.name not in (".", "..")]
+    assert not leftovers, f"a save the loss interrupted left {leftovers} behind"
+
+
 def test_a_new_process_joins_with_a_neighbours_state_and_the_job_ends_with_4_members(tmp_path: Path) -> None:
     job = run_job(tmp_path, 4, "--victim", "1", "--at-epoch", "1", joiner=True)
     assert all(job["codes"][r] == 0 for r in (0, 2, 3, 4)), job["logs"]

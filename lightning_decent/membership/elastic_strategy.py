@@ -3,23 +3,31 @@
 With ``elastic`` options set, the process group is not Lightning's but the one of the first membership epoch
 (:class:`~lightning_decent.membership.EpochGroup`), ``global_rank``/``world_size`` (and so ``trainer.global_rank``,
 ``rank_zero_only`` and the data sampler) follow the epoch, and a part of a step wrapped in :meth:`_survive`
-turns the loss of a member into a change of epoch. What a change rebuilds (topology, communicator, algorithm
-state) is the subclass's: :meth:`_leave_epoch` and :meth:`_enter_epoch`.
+turns the loss of a member into a change of epoch. Steps that every member takes at the same point outside
+the gossip step (Lightning's barriers, broadcasts and metric reductions, torchmetrics' synchronisation, the
+evaluation average, a checkpoint save) go through :meth:`_retry_after_loss`: after a loss the survivors change
+the epoch and take that step again on the new group. What a change rebuilds (topology, communicator,
+algorithm state) is the subclass's: :meth:`_leave_epoch` and :meth:`_enter_epoch`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from lightning_decent.bounded_strategy import BoundedDDPStrategy
 from lightning_decent.membership import ElasticOptions, EpochGroup, is_membership_loss
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ElasticDDPStrategy(BoundedDDPStrategy):
@@ -91,6 +99,72 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
             reason = f"{type(error).__name__}: {error}"
         self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
         return None
+
+    def _retry_after_loss(self, run: Callable[[], T]) -> T:
+        """``run()``, a step that every member takes at the same point and that reads the current group when it
+        runs (a barrier, a reduction, the evaluation average, a checkpoint save); in an elastic run a lost member
+        changes the membership and the survivors take it again on the new epoch's group. Each change has one
+        member fewer or fails (``min_ranks``, ``join_timeout``), so this ends."""
+        while True:
+            if self._elastic is None or self._local_collectives:
+                return run()
+            try:
+                return run()
+            except Exception as error:
+                if not is_membership_loss(error):
+                    raise
+                reason = f"{type(error).__name__}: {error}"
+            self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        barrier = super().barrier
+        self._retry_after_loss(lambda: barrier(name))
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        broadcast = super().broadcast
+        return self._retry_after_loss(lambda: broadcast(obj, src))
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        reduce = super().reduce
+        if self._elastic is None or not isinstance(tensor, torch.Tensor):
+            return self._retry_after_loss(lambda: reduce(tensor, group, reduce_op))
+        original = tensor.detach().clone()
+
+        def attempt() -> Any:
+            with torch.no_grad():
+                tensor.copy_(original)  # a failed all-reduce may have changed it in place
+            return reduce(tensor, group, reduce_op)
+
+        return self._retry_after_loss(attempt)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        all_gather = super().all_gather
+        return self._retry_after_loss(lambda: all_gather(tensor, group, sync_grads))
+
+    def _gather_metric_state(self, tensor: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+        """torchmetrics' ``dist_sync_fn`` in an elastic run: its all-gather on the current epoch's group, taken
+        again after a loss. A loss between two of one metric's gathers leaves that evaluation's value computed
+        from states of two member sets: said in the log."""
+        assert self._elastic is not None
+        before = self._elastic.epoch
+        gathered = self._retry_after_loss(lambda: gather_all_tensors(tensor, group=group))
+        if self._elastic.epoch is not before:
+            log.warning(
+                f"rank {self.global_rank}: the membership changed while a metric synchronised its states; this "
+                f"evaluation's value of that metric may combine states of the old and the new members"
+            )
+        return gathered
+
+    def _route_metric_synchronisation(self, module: torch.nn.Module) -> None:
+        """Point every torchmetrics metric of ``module`` without a ``dist_sync_fn`` of its own at
+        :meth:`_gather_metric_state` (elastic runs: their all-gathers would otherwise fail on a lost member)."""
+        for metric in module.modules():
+            if isinstance(metric, Metric) and metric.dist_sync_fn is None:
+                metric.dist_sync_fn = self._gather_metric_state
 
     def _change_membership(self, reason: str) -> None:
         """Leave this epoch, form the next one (its process group) and enter it."""

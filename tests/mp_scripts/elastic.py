@@ -1,11 +1,13 @@
 """One rank of an elastic D-SGD run on the digits, launched as its own process (as torchrun or SLURM do).
 
-``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B] [--join]
+``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B
+[--during training|validation|save]] [--join]
 [--join-after FILE] [--store HOST:PORT] [--min-ranks M] [--checkpoints] [--algorithm NAME]``
 
 The environment names the rank as a cluster scheduler would (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``,
 ``LOCAL_RANK=0``): every process is a one-device "node". The victim signals itself (SIGKILL or SIGSTOP) after
-batch ``B`` of epoch ``E`` and writes ``OUT/victim_time`` first. Every rank that finishes writes
+training batch ``B`` of epoch ``E`` (``--during validation``: before validation batch ``B``; ``save``: while
+its checkpoint of epoch ``E`` is being built) and writes ``OUT/victim_time`` first. Every rank that finishes writes
 ``OUT/rank<R>.json``: its last world size and rank, the epochs it completed, its training loss per epoch and the
 validation accuracy of the network-average model; a joiner (``--join``, rank label R) also its first step.
 """
@@ -42,8 +44,20 @@ class Record(pl.Callback):
             self.first_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, i: int):
+        if self.args.during == "training":
+            self._signal_if_victim(trainer, i)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *rest: Any) -> None:
+        if self.args.during == "validation" and not trainer.sanity_checking:
+            self._signal_if_victim(trainer, rest[1])
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.args.during == "save":
+            self._signal_if_victim(trainer, self.args.at_batch)
+
+    def _signal_if_victim(self, trainer: pl.Trainer, batch: int) -> None:
         a = self.args
-        if a.rank == a.victim and trainer.current_epoch == a.at_epoch and i == a.at_batch:
+        if a.rank == a.victim and trainer.current_epoch == a.at_epoch and batch == a.at_batch:
             (a.out / "victim_time").write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL if a.mode == "kill" else signal.SIGSTOP)
 
@@ -63,6 +77,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["kill", "hang"], default="kill")
     parser.add_argument("--at-epoch", type=int, default=1)
     parser.add_argument("--at-batch", type=int, default=3)
+    parser.add_argument("--during", choices=["training", "validation", "save"], default="training")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--gossip-timeout", type=float, default=10.0)
     parser.add_argument("--store", default=None)
