@@ -7,6 +7,8 @@ once the world size is known; :func:`build_communicator` once the process group 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Hashable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -16,8 +18,10 @@ from lightning_decent.algorithms import DDP, Algorithm, all_reduce_baseline, get
 from lightning_decent.comm import COMMUNICATOR_REGISTRY, Communicator, Compressor, P2PCommunicator, get_compressor
 from lightning_decent.comm.collectives import BoundedCollectives
 from lightning_decent.comm.headers import RoundHeaders
-from lightning_decent.topology import Topology, get_topology
-from lightning_decent.topology.graphs import check_topology_options, topology_options
+from lightning_decent.topology import HierarchicalTopology, Topology, get_topology
+from lightning_decent.topology.graphs import TOPOLOGIES, check_topology_options, topology_options
+
+log = logging.getLogger(__name__)
 
 
 def check_strategy_options(
@@ -102,17 +106,62 @@ def build_algorithm(
 
 
 def build_topology(
-    spec: str | Topology, world_size: int, options: dict[str, Any], algorithm: Algorithm, ranks_per_machine: int
+    spec: str | Topology,
+    world_size: int,
+    options: dict[str, Any],
+    algorithm: Algorithm,
+    ranks_per_machine: int,
+    machines: Sequence[Hashable] | None = None,
 ) -> Topology:
     """The graph ``algorithm`` gossips on for ``world_size`` ranks. A two-level topology's ``local_world_size``
-    defaults to ``ranks_per_machine`` (the ranks the launcher runs on each machine)."""
+    defaults to ``ranks_per_machine`` (the ranks the launcher runs on each machine).
+
+    ``machines`` (elastic runs: the machine of every member, in rank order) decides whether a two-level topology
+    can run: its machine ``m`` is ranks ``mL .. mL + L - 1``, which must be ``L`` members of one machine, each
+    machine once. When a membership change broke that (a machine lost some of its ranks, a joiner started on
+    another machine) the members gossip on the family's flat form over the ranks (:func:`flat_form`) until the
+    machines are whole again; every member takes the same decision from the same list."""
     if world_size == 1:
         return Topology([torch.ones(1, 1, dtype=torch.float64)], name="single")
     options = dict(options)
     two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
     if two_level and not options.get("local_world_size"):
         options["local_world_size"] = ranks_per_machine
-    return algorithm.prepare_topology(get_topology(spec, world_size, **options))
+    if not two_level or machines is None:
+        return algorithm.prepare_topology(get_topology(spec, world_size, **options))
+    assert isinstance(spec, str)
+    local = int(options["local_world_size"])
+    try:
+        if not machines_are_whole(machines, local):
+            raise ValueError(f"the members' machines are {list(machines)}")
+        topology = algorithm.prepare_topology(get_topology(spec, world_size, **options))
+    except ValueError as error:
+        name, flat_options = flat_form(spec, options)
+        log.warning(
+            f"{spec} needs whole machines of {local} ranks, which the {world_size} members are not ({error}); the "
+            f"members gossip on {name} over the ranks until the machines are whole again"
+        )
+        return algorithm.prepare_topology(get_topology(name, world_size, **flat_options))
+    if isinstance(topology, HierarchicalTopology):
+        topology.layout_checked = True  # by the members' machines: each rank's LOCAL_RANK does not apply
+    return topology
+
+
+def machines_are_whole(machines: Sequence[Hashable], local_world_size: int) -> bool:
+    """Whether ranks ``mL .. mL + L - 1`` are ``L`` members of one machine for every ``m``, each machine once."""
+    if len(machines) % local_world_size:
+        return False
+    groups = [machines[m : m + local_world_size] for m in range(0, len(machines), local_world_size)]
+    return all(len(set(group)) == 1 for group in groups) and len({group[0] for group in groups}) == len(groups)
+
+
+def flat_form(spec: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The flat topology a two-level one stands in for while its machines are not whole: ``hierarchical``'s
+    machine family (with its ``machine_options``) over the ranks; otherwise the one-peer exponential graph (the
+    flat form of decent-dp's alternating exponential ring), which exists for every ``n``."""
+    if TOPOLOGIES.resolve(spec) == "hierarchical":
+        return str(options.get("machines", "one_peer_exponential")), dict(options.get("machine_options") or {})
+    return "one_peer_exponential", {}
 
 
 def refuse_compression_unsupported_by(algorithm: Algorithm, communicator: type[Communicator]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -57,6 +58,7 @@ from lightning_decent.membership.elastic_strategy import ElasticDDPStrategy
 from lightning_decent.membership.handover import hand_over
 from lightning_decent.sharded_checkpoints import RunIdentity
 from lightning_decent.topology import Topology
+from lightning_decent.topology.graphs import topology_options
 from lightning_decent.uneven import EpochAlignment, empty_step
 
 _CHILD_GRACE_SECONDS = 10.0
@@ -255,7 +257,11 @@ class DecentralizedStrategy(ElasticDDPStrategy):
     def _build_topology(self, world_size: int) -> Topology:
         """The graph for ``world_size`` ranks; a two-level topology's machines hold the ranks Lightning runs on one."""
         options, spec = self._topology_options, self._topology_spec
-        return build_topology(spec, world_size, options, self.algorithm, ranks_per_machine=self.num_processes)
+        machines = None
+        if self._elastic is not None and isinstance(spec, str) and "local_world_size" in topology_options(spec):
+            here = (socket.gethostname(), self.node_rank)  # a joiner: the NODE_RANK of the machine it runs on
+            machines = self.collectives.all_gather_object(here, "the members' machines (two-level topology)")
+        return build_topology(spec, world_size, options, self.algorithm, self.num_processes, machines)
 
     @property
     def _bucket_groups(self) -> list[list[Bucket]]:

@@ -29,7 +29,7 @@ def run_job(out: Path, world: int, *args: str, stopped: tuple[int, ...] = (), jo
     try:
         procs = {r: start_rank(out, r, world, port, "--epochs", EPOCHS, *args) for r in range(world)}
         if joiner:
-            joining = ("--join", "--join-after", str(out / "victim_time"), "--epochs", EPOCHS)
+            joining = ("--epochs", EPOCHS, *args, "--join", "--join-after", str(out / "victim_time"))
             procs[world] = start_rank(out, world, world, port, *joining)
         codes = finish(procs, timeout=600, stopped=stopped)
     finally:
@@ -120,6 +120,20 @@ def test_a_new_process_joins_with_a_neighbours_state_and_the_job_ends_with_4_mem
     assert joiner["handover_bytes"] > 100_000  # the model, optimizer and loop state of a neighbour
     assert joiner["first_step"] > 0  # it continued the job's steps, it did not start over
     assert re.search(r"received \d+ bytes of state from rank \d", job["logs"])
+    assert accuracy(job) >= 0.9
+
+
+def test_a_two_level_run_gossips_flat_while_a_machine_misses_a_rank_and_two_level_again_once_it_is_whole(
+    tmp_path: Path,
+) -> None:
+    """Two machines of 2 ranks, each rank its own process (as srun starts them): losing rank 3 leaves 3 members
+    (flat ring over the ranks); the joiner, started on the machine that lost it, makes 2 whole machines again,
+    and the run ends on the two-level graph."""
+    job = run_job(tmp_path, 4, "--machines-of", "2", "--victim", "3", "--at-epoch", "1", joiner=True)
+    assert all(job["codes"][r] == 0 for r in (0, 1, 2, 4)), job["logs"]
+    assert len(re.findall(r"the members gossip on ring over the ranks", job["logs"])) == 3
+    assert {job["results"][r]["communicator"] for r in (0, 1, 2, 4)} == {"HierarchicalCommunicator"}
+    assert all(job["results"][r]["world_size"] == 4 for r in (0, 1, 2, 4))
     assert accuracy(job) >= 0.9
 
 

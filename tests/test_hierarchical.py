@@ -166,3 +166,39 @@ def test_the_strategy_takes_the_ranks_per_machine_from_its_devices() -> None:
     explicit = DecentralizedStrategy(topology="hierarchical", topology_options={"local_world_size": 2})
     explicit.parallel_devices = [torch.device("cpu")] * 3
     assert explicit._build_topology(6).local_world_size == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "flat"),
+    [
+        ("hierarchical", {"machines": "ring"}, "ring"),
+        ("hierarchical", {}, "one_peer_exponential"),
+        ("alternating_exponential_ring", {}, "one_peer_exponential"),
+    ],
+)
+def test_an_elastic_two_level_topology_gossips_flat_while_its_members_do_not_fill_whole_machines(
+    spec: str, options: dict, flat: str
+) -> None:
+    """Machines of 2 ranks. Whole machines (a lost machine, or the replacement started on the machine that lost
+    a rank) keep the two-level graph; a machine that lost one of its ranks, or a joiner on another machine, makes
+    the members gossip on the family's flat form over the ranks (doubly stochastic: the average is kept). Without
+    the members' machines (not elastic) a mismatch stays an error naming the fix."""
+    from lightning_decent.algorithms import get_algorithm
+    from lightning_decent.assembly import build_topology
+
+    options = {**options, "local_world_size": 2}
+    dsgd = get_algorithm("dsgd")
+    lost_a_rank = build_topology(spec, 7, options, dsgd, 1, machines=list("AABBCCD"))
+    assert not isinstance(lost_a_rank, HierarchicalTopology) and lost_a_rank.name == get_topology(flat, 7).name
+    assert lost_a_rank.doubly_stochastic and lost_a_rank.n == 7
+    joined_elsewhere = build_topology(spec, 8, options, dsgd, 1, machines=list("AABBCCDA"))
+    assert joined_elsewhere.name == get_topology(flat, 8).name
+    whole = build_topology(spec, 8, options, dsgd, 1, machines=list("AABBCCDD"))
+    assert whole.name == get_topology(spec, 8, **options).name != joined_elsewhere.name
+    if spec == "hierarchical":
+        assert (
+            isinstance(whole, HierarchicalTopology) and whole.layout_checked
+        )  # a lost machine: 3 machines (the alternating ring needs a power of two of them)
+        assert isinstance(build_topology(spec, 6, options, dsgd, 1, machines=list("AACCDD")), HierarchicalTopology)
+    with pytest.raises(ValueError, match="local_world_size"):
+        build_topology(spec, 7, options, dsgd, 1)

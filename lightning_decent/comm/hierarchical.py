@@ -87,7 +87,8 @@ class HierarchicalCommunicator(Communicator):
         self.check_finite = check_finite
         self.timeout = timeout
         self.collectives = collectives
-        _check_layout(rank, local, dist.get_world_size())
+        if not topology.layout_checked:
+            _check_layout(rank, local, dist.get_world_size())
         machines = [list(range(m * local, (m + 1) * local)) for m in range(topology.num_machines)]
         self.machine_ranks = machines[rank // local]
         self.machine_group, _ = dist.new_subgroups_by_enumeration(machines, timeout=timeout)

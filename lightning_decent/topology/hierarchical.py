@@ -39,6 +39,9 @@ class HierarchicalTopology(Topology):
         super().__init__(phases, name="hierarchical")
         self.machines = machines
         self.local_world_size = int(local_world_size)
+        #: Whether the caller checked that ranks ``mL .. mL + L - 1`` share a machine (elastic runs compare the
+        #: members' machines); otherwise the communicator checks the launcher's ``LOCAL_RANK`` layout.
+        self.layout_checked = False
 
     @property
     def num_machines(self) -> int:

@@ -2,7 +2,7 @@
 
 ``python elastic.py OUT --rank R --world N [--victim V --mode kill|hang --at-epoch E --at-batch B
 [--during training|validation|save]] [--join]
-[--join-after FILE] [--store HOST:PORT] [--min-ranks M] [--checkpoints] [--algorithm NAME]``
+[--join-after FILE] [--store HOST:PORT] [--min-ranks M] [--checkpoints] [--algorithm NAME] [--machines-of L]``
 
 The environment names the rank as a cluster scheduler would (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``,
 ``LOCAL_RANK=0``): every process is a one-device "node". The victim signals itself (SIGKILL or SIGSTOP) after
@@ -88,10 +88,22 @@ def main() -> None:
     parser.add_argument("--join-timeout", type=float, default=90.0)
     parser.add_argument("--algorithm", default="dsgd")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--machines-of",
+        type=int,
+        default=0,
+        help="a two-level topology on machines of this many ranks, each rank its own process on its machine (as "
+        "SLURM's srun starts them: NODE_RANK, LOCAL_RANK); a joiner starts on the victim's machine",
+    )
     args = parser.parse_args()
+    if args.machines_of:
+        slot = args.victim if args.join else args.rank
+        os.environ["NODE_RANK"], os.environ["LOCAL_RANK"] = str(slot // args.machines_of), str(slot % args.machines_of)
     elastic = {"store": args.store, "join": args.join, "join_timeout": args.join_timeout, "min_ranks": args.min_ranks}
+    two_level = {"local_world_size": args.machines_of, "machines": "ring"} if args.machines_of else None
     strategy = DecentralizedStrategy(
-        topology="ring",
+        topology="hierarchical" if two_level else "ring",
+        topology_options=two_level,
         algorithm=args.algorithm,
         gossip_timeout=args.gossip_timeout,
         collective_timeout=30,
@@ -103,8 +115,8 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True))
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
-        num_nodes=args.world,
+        devices=args.machines_of or 1,
+        num_nodes=args.world // (args.machines_of or 1),
         strategy=strategy,
         max_epochs=args.epochs,
         logger=CSVLogger(args.out / "logs", name="elastic", version=0),
@@ -127,6 +139,7 @@ def main() -> None:
         "val_acc": float(accuracy) if accuracy is not None else None,
         "first_step": record.first_step,
         "handover_bytes": strategy.handover_bytes,
+        "communicator": type(strategy.communicator).__name__,
     }
     (args.out / f"rank{args.rank}.json").write_text(json.dumps(result))
 
