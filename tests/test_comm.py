@@ -7,12 +7,16 @@ mixing, and the message/byte counts of the neighbour sets.
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from mp_launch import run_gloo_world
 
 from lightning_decent.comm import AllReduceCommunicator, P2PCommunicator, SimulatedCommunicator
 from lightning_decent.comm.base import MeanPerStep
+from lightning_decent.comm.p2p import PeerTimeoutError
 from lightning_decent.evaluation import network_average
 from lightning_decent.topology import get_topology
 
@@ -144,3 +148,27 @@ def test_mean_per_step_is_the_increase_since_the_previous_report() -> None:
     assert mean.report(6, 100) == 0.0  # no sync in steps 5-6
     assert mean.report(8, 500) == 200.0  # one 400-byte sync in steps 7-8
     assert mean.report(8, 500) == 0.0  # the same step again: nothing new, no division by zero
+
+
+def _neighbour_gone_before_the_round(rank: int, queue) -> None:
+    """Rank 1 dies after one round; rank 0 posts the next round's messages once its connection has closed."""
+    comm = P2PCommunicator(get_topology("ring", 2), rank)
+    x = torch.ones(3)
+    comm.mix([x], 0)
+    if rank == 1:
+        os._exit(0)
+    time.sleep(2)  # rank 0 was computing while its neighbour died
+    try:
+        comm.mix([x], 1)
+    except Exception as err:  # the test reports what was raised
+        queue.put((type(err).__name__, str(err)))
+    else:
+        queue.put(("nothing", ""))
+
+
+def test_a_neighbour_that_died_before_a_round_is_posted_is_named() -> None:
+    # Before: gloo's own RuntimeError from irecv ("Connection closed by peer [127.0.0.1]:60315"), naming neither
+    # the rank nor the step; a restarted torchrun job showed only that.
+    [(kind, message)] = run_gloo_world(_neighbour_gone_before_the_round, 2, messages=1, timeout=60)
+    assert kind == PeerTimeoutError.__name__, message
+    assert "rank 0: lost rank 1 at gossip step 1: its connection closed before" in message

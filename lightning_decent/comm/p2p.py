@@ -127,19 +127,30 @@ class P2PCommunicator(Communicator):
         """The process group carrying ``src -> dst``: the reverse one when ``src > dst`` (if any)."""
         return self._reverse if src > dst and self._reverse is not None else self.group
 
-    def _post_receives(self, phase: _Phase, received: list[list[torch.Tensor]]) -> list[list[tuple[dist.Work, int]]]:
+    def _post(self, send: bool, tensor: torch.Tensor, peer: int, step: int, tag: int = 0) -> dist.Work:
+        """Post one message to (``send``) or from ``peer``. A neighbour whose connection closed before this rank
+        posted (it died while this rank computed) is named as lost, as :meth:`_wait` names one lost later."""
+        try:
+            if send:
+                return dist.isend(tensor, peer, self._channel(self.rank, peer), tag=tag)
+            return dist.irecv(tensor, peer, self._channel(peer, self.rank), tag=tag)
+        except RuntimeError as err:
+            raise self._lost(peer, step, "its connection closed before this rank's message was posted", err) from err
+
+    def _post_receives(
+        self, phase: _Phase, received: list[list[torch.Tensor]], step: int
+    ) -> list[list[tuple[dist.Work, int]]]:
         """Post every receive of the round: ``(work, peer)`` per buffer, in round order."""
         return [
-            [(dist.irecv(r, peer, self._channel(peer, self.rank)), peer) for (peer, _), r in zip(phase.in_peers, recv)]
+            [(self._post(False, r, peer, step), peer) for (peer, _), r in zip(phase.in_peers, recv)]
             for recv in received
         ]
 
-    def _post_sends(self, phase: _Phase, buffers: Sequence[torch.Tensor]) -> list[list[tuple[dist.Work, int]]]:
+    def _post_sends(
+        self, phase: _Phase, buffers: Sequence[torch.Tensor], step: int
+    ) -> list[list[tuple[dist.Work, int]]]:
         """Post every send of the round at once: ``(work, peer)`` per buffer, in round order."""
-        return [
-            [(dist.isend(buf, peer, self._channel(self.rank, peer)), peer) for peer in phase.out_peers]
-            for buf in buffers
-        ]
+        return [[(self._post(True, buf, peer, step), peer) for peer in phase.out_peers] for buf in buffers]
 
     def _receive_buffers(self, key: tuple, like: torch.Tensor) -> list[torch.Tensor]:
         full_key = (*key, like.shape, like.dtype, like.device)
@@ -170,7 +181,7 @@ class P2PCommunicator(Communicator):
         ``combine(index, received)`` for each as soon as its messages from the in-neighbours are in."""
         received = [self._receive_buffers((index,), wire)[: len(phase.in_peers)] for index, wire in enumerate(wires)]
         with record_function("gossip.post_receives"):
-            receives = self._post_receives(phase, received)
+            receives = self._post_receives(phase, received, step)
             headers = self._post_headers(phase, step)
         last_sends: list[tuple[dist.Work, int]] = []
         for position, peer in enumerate(phase.out_peers):  # one round after the other: one stream per link
@@ -179,7 +190,7 @@ class P2PCommunicator(Communicator):
                 if position == 0 and check_finite and self.check_finite:  # checked while the previous one travels
                     self._refuse_non_finite(wire, index, step)
                 with record_function("gossip.send"):
-                    sends.append((dist.isend(wire, peer, self._channel(self.rank, peer)), peer))
+                    sends.append((self._post(True, wire, peer, step), peer))
             if position == len(phase.out_peers) - 1:
                 last_sends = sends
                 break
@@ -317,9 +328,9 @@ class P2PCommunicator(Communicator):
         self._pending_keys.update(keys)
         received = [self._receive_buffers(key, wire)[: len(phase.in_peers)] for key, wire in zip(keys, wires)]
         with record_function("gossip.start"):
-            receives = self._post_receives(phase, received)
+            receives = self._post_receives(phase, received, step)
             headers = self._post_headers(phase, step)
-            sends = self._post_sends(phase, wires)
+            sends = self._post_sends(phase, wires, step)
         self._count(wires, phase)
         works = [r + s for r, s in zip(receives, sends)]
         return _P2PPendingMix(self, phase, buffers, step, received, works, keys, decoded, headers)
@@ -333,9 +344,9 @@ class P2PCommunicator(Communicator):
         posted: list[tuple[dist.Work, int, torch.Tensor | None]] = []
         for peer, _ in phase.in_peers:
             theirs = torch.empty_like(mine)
-            posted.append((dist.irecv(theirs, peer, self._channel(peer, self.rank), tag=HEADER_TAG), peer, theirs))
+            posted.append((self._post(False, theirs, peer, step, HEADER_TAG), peer, theirs))
         for peer in phase.out_peers:
-            posted.append((dist.isend(mine, peer, self._channel(self.rank, peer), tag=HEADER_TAG), peer, None))
+            posted.append((self._post(True, mine, peer, step, HEADER_TAG), peer, None))
         return mine, posted
 
     def _check_headers(self, headers: _Headers, step: int) -> None:
