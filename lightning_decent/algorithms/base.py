@@ -193,8 +193,10 @@ class Algorithm(ABC):
         )
 
     def wait_pending(self) -> None:  # noqa: B027
-        """Complete every transfer in flight without changing parameters or state (the strategy calls
-        it before evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any."""
+        """Complete every transfer in flight without changing parameters (the strategy calls it before
+        evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any; those whose
+        round's buffer is state (overlapped CHOCO-SGD, streaming local steps) complete the round into it, to be
+        applied at its step as if it had just arrived; the others leave the state as it is."""
 
     def finish_pending(self, buckets: list[Bucket]) -> None:  # noqa: B027
         """Complete and apply the rounds in flight for ``buckets`` (end of training); the next
