@@ -46,9 +46,10 @@ class ExactDiffusion(Algorithm):
 
     With the lazy ``Wbar = (W + I)/2`` this is EXTRA (Shi, Ling, Wu & Yin, SIAM J. Optim. 2015) with
     ``W~ = (I + W)/2``: ``x^{k+1} = (I + W) x^k - W~ x^{k-1} - lr (g^k - g^{k-1})``, which converges for
-    ``lr < 2 lambda_min(W~) / L`` (the ring's ``W~`` has ``lambda_min = 1/3``: a third of Exact-Diffusion's
-    range). It needs only ``Wbar x^k``, one exchange of ``x^k`` that runs during step ``k``'s forward and
-    backward; written with the state ``c`` and the round's correction ``m^k = Wbar x^k - x^k``::
+    ``lr < 2 lambda_min(W~) / L`` (the ring's ``W~`` has ``lambda_min = 1/3``; measured in the simulator:
+    converges up to about two thirds of the blocking form's step size, docs/algorithms.md). It needs
+    only ``Wbar x^k``, one exchange of ``x^k`` that runs during step ``k``'s forward and backward; written
+    with the state ``c`` and the round's correction ``m^k = Wbar x^k - x^k``::
 
         c^{k+1}   = c^k + m^k                                (c^0 = 0)
         x^{k+1}   = x^{k+1/2} + m^k + c^{k+1}                (x^{k+1/2} = x^k - lr d^k, the optimizer step)
