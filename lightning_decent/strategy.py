@@ -95,7 +95,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         resume_from_average: resume a checkpoint saved with another world size, topology or algorithm from its
             network average (fresh optimizer and algorithm state) instead of refusing.
         overlap: run each step's exchange during the next step's forward and backward (the one-step-delayed
-            form of :class:`~lightning_decent.algorithms.DSGD`; completed inside :meth:`optimizer_step`).
+            form of ``dsgd``, ``choco``, ``gradient_tracking`` or ``exact_diffusion``; completed inside
+            :meth:`optimizer_step`; the other algorithms refuse it).
         compression: a name from :data:`lightning_decent.comm.COMPRESSORS` or a ``Compressor``, handed to the
             algorithm (``choco`` and the local-steps family use it; the others refuse a lossy one).
         compression_options: keyword arguments of the compressor (``block``, ``fraction``, ``seed``).

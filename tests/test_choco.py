@@ -121,9 +121,9 @@ def test_modifiers_are_refused(modifier: dict) -> None:
         get_algorithm("choco", **modifier)
 
 
-def test_overlap_and_bad_gamma_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"cannot overlap its gossip.*overlap=False"):
-        DecentralizedStrategy(algorithm="choco", overlap=True)
+def test_bad_gamma_is_refused_and_overlap_accepted_with_the_compressor() -> None:
+    strategy = DecentralizedStrategy(algorithm="choco", compression="int4", overlap=True)
+    assert strategy.overlap and strategy.algorithm.name == "choco[int4(block=64)]"
     for gamma in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
             Choco(gamma=gamma)

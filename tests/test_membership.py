@@ -78,7 +78,9 @@ def spread(t: torch.Tensor) -> float:
         ("dsgd", "one_peer_exponential", {"global_average_every": 4}),
         ("qg_dsgdm", "ring", {}),
         ("gradient_tracking", "ring", {"momentum": 0.5}),
+        ("gradient_tracking", "ring", {"momentum": 0.5, "overlap": True}),  # the round in flight is sent again
         ("exact_diffusion", "ring", {}),
+        ("exact_diffusion", "ring", {"overlap": True}),
         ("push_sum", "ring", {}),
         ("push_diging", "ring", {}),
         ("diloco", "ring", {"H": 4}),
@@ -113,8 +115,9 @@ def test_survivors_keep_their_rows_and_a_joiner_copies_its_source(problem) -> No
 
 
 # ---- trackers and corrections: their network sums hold exactly again ---------------------------------
-def test_gradient_tracking_restores_sum_of_trackers_equal_to_sum_of_previous_gradients(problem) -> None:
-    algo = get_algorithm("gradient_tracking")
+@pytest.mark.parametrize("overlap", [False, True])  # overlapped: the tracker holds y^{k-1} between steps
+def test_gradient_tracking_restores_sum_of_trackers_equal_to_sum_of_previous_gradients(problem, overlap) -> None:
+    algo = get_algorithm("gradient_tracking", overlap=overlap)
     records = around_change(
         algo, lambda b, c: {"gap": (b.state["tracker"].sum(0) - b.state["previous_grad"].sum(0)).abs().max().item()}
     )
@@ -124,8 +127,9 @@ def test_gradient_tracking_restores_sum_of_trackers_equal_to_sum_of_previous_gra
         assert record["after"]["gap"] < 1e-12
 
 
-def test_exact_diffusion_restores_corrections_summing_to_zero(problem) -> None:
-    algo = get_algorithm("exact_diffusion")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_exact_diffusion_restores_corrections_summing_to_zero(problem, overlap) -> None:
+    algo = get_algorithm("exact_diffusion", overlap=overlap)
     records = around_change(algo, lambda b, c: {"sum": b.state["correction"].sum(0).abs().max().item()})
     run(problem, algo)
     for record in records:
@@ -208,19 +212,44 @@ def test_push_sum_restarts_with_total_weight_n_and_unchanged_models(problem, nam
 
 
 # ---- CHOCO: public copies and neighbour sums on the new graph -----------------------------------------
-def test_choco_neighbour_sums_equal_the_new_graphs_weighted_public_copies(problem) -> None:
-    algo = get_algorithm("choco", compression="int8", compression_options={"block": 4})
+@pytest.mark.parametrize("overlap", [False, True])
+def test_choco_neighbour_sums_equal_the_new_graphs_weighted_public_copies(problem, overlap) -> None:
+    algo = get_algorithm("choco", compression="int8", compression_options={"block": 4}, overlap=overlap)
 
     def extract(b: Bucket, comm: Communicator) -> dict[str, Any]:
         w = torch.tensor(comm.topology.matrix(0), dtype=b.params.dtype)
         public, sums = b.state["public"], b.state["neighbour_sum"]
-        return {"sums": (sums - w @ public).abs().max().item(), "copies": (public - b.params).abs().max().item()}
+        return {
+            "sums": (sums - w @ public).abs().max().item(),
+            "copies": (public - b.params).abs().max().item(),
+            "in_flight": int(b.state["in_flight"]) if overlap else -1,
+        }
 
     records = around_change(algo, extract)
     run(problem, algo)
     for record in records:
         assert record["before"]["sums"] > 1e-3
         assert record["after"]["sums"] < 1e-12 and record["after"]["copies"] == 0.0
+        # overlapped: the round sent after the last step was dropped; no one adds its q's to the rebuilt sums
+        assert record["before"]["in_flight"] == record["after"]["in_flight"] == -1
+
+
+def test_overlapped_choco_applies_no_dropped_round_after_a_change(problem) -> None:
+    # Right after the change the sums are W' x_hat exactly; the first step after it receives nothing, so its
+    # consensus step uses exactly the rebuilt sums: s_i - x_hat_i = (W' x - x)_i.
+    algo = get_algorithm("choco", compression="int8", compression_options={"block": 4}, overlap=True)
+    gaps: list[float] = []
+    original = algo._receive
+
+    def receive(buckets: list[Bucket]) -> None:
+        before = buckets[0].state["neighbour_sum"].clone()
+        original(buckets)
+        gaps.append((buckets[0].state["neighbour_sum"] - before).abs().max().item())
+
+    algo._receive = receive  # type: ignore[method-assign]
+    run(problem, algo)
+    assert gaps[6] == 0.0 and gaps[12] == 0.0  # the first steps after the leave and the join
+    assert min(gaps[1:6] + gaps[7:12] + gaps[13:]) > 0.0  # every other step adds its round
 
 
 # ---- local steps: anchors, outer state, fragments in flight, residuals ------------------------------
@@ -342,6 +371,9 @@ RULES_THAT_MATTER = {"gradient_tracking", "exact_diffusion", "push_sum", "push_d
         ("push_sum", "challenging_digraph", {}),
         ("push_diging", "challenging_digraph", {"lr": 0.15, "steps": 1200}),  # lr 0.3 does not converge here
         ("choco", "ring", {"compression": "int8"}),
+        ("gradient_tracking", "ring", {"overlap": True}),
+        ("exact_diffusion", "ring", {"overlap": True}),
+        ("choco", "ring", {"compression": "int8", "overlap": True}),
         ("diloco", "ring", {"H": 4, "fragments": 2, "delay": 1, "steps": 1200}),
         ("gasloc", "ring", {"H": 4, "steps": 1500}),
         ("ddp", "ring", {}),

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from lightning_decent import DecentralizedStrategy
 from lightning_decent.algorithms import ALGORITHMS, DSGD, Bucket, LocalSteps, get_algorithm
+from lightning_decent.algorithms.base import OVERLAPPED
 from lightning_decent.comm import SimulatedCommunicator
 from lightning_decent.recipes.digits import DigitsClassifier, DigitsDataModule
 from lightning_decent.topology import get_topology
@@ -100,11 +101,17 @@ def test_the_simulator_accepts_the_overlapped_form_by_name() -> None:
 LOCAL_STEPS = {name for name, cls in ALGORITHMS.items() if issubclass(cls, LocalSteps)}
 
 
-@pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - {"dsgd"} - LOCAL_STEPS))
-def test_algorithms_without_an_overlapped_form_refuse_it(name: str) -> None:
-    # choco's name carries its compressor: choco[int8(block=256)]
-    with pytest.raises(ValueError, match=rf"algorithm='{name}(\[[^']*\])?' cannot overlap.*overlap=False"):
+@pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - set(OVERLAPPED) - LOCAL_STEPS))
+def test_algorithms_without_an_overlapped_form_refuse_it_naming_those_with_one(name: str) -> None:
+    listed = "dsgd, choco, gradient_tracking, exact_diffusion"
+    with pytest.raises(ValueError, match=rf"algorithm='{name}' cannot overlap.*overlap=False.*form: {listed} "):
         DecentralizedStrategy(algorithm=name, overlap=True)
+
+
+@pytest.mark.parametrize("name", OVERLAPPED)
+def test_algorithms_with_an_overlapped_form_accept_it(name: str) -> None:
+    assert DecentralizedStrategy(algorithm=name, overlap=True).overlap
+    assert get_algorithm(name, overlap=True).overlap and not get_algorithm(name).overlap
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL_STEPS))

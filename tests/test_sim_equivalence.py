@@ -44,3 +44,18 @@ def test_real_choco_with_the_identity_compressor_and_gamma_one_is_real_dsgd(rank
     for r in ranks:
         assert max(abs(a - b) for a, b in zip(r["choco_identity"]["params"], r["dsgd"]["params"])) < 1e-12
         assert r["choco_int8"]["params"] != r["dsgd"]["params"]  # int8 is lossy: not the same run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in CASES if c[0].startswith("overlap_")])
+def test_real_overlapped_training_matches_the_simulator_to_1e_6(ranks: list[dict], case: str) -> None:
+    # The exchange of step k in flight during step k + 1's forward and backward, the last one applied when fit
+    # ends (on_train_end), against the simulator's same code with finish_in_flight.
+    assert max(r[case]["max_abs_diff"] for r in ranks) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in CASES if c[3] == "choco"])
+def test_real_choco_public_copies_agree_across_ranks(ranks: list[dict], case: str) -> None:
+    # s_i = sum_j w_ij x_hat_j with every x_hat_j as rank j holds it: the copies on senders and receivers agree
+    assert max(r[case]["neighbour_sum_gap"] for r in ranks) < 1e-12

@@ -75,6 +75,10 @@ def save_previous(buckets: list[Bucket]) -> None:
         b.workspace[PREVIOUS].copy_(b.params)
 
 
+#: The algorithms with an overlapped (one-step-delayed) form, which accept ``overlap=True``.
+OVERLAPPED = ("dsgd", "choco", "gradient_tracking", "exact_diffusion")
+
+
 class Algorithm(ABC):
     """Base class of decentralized algorithms.
 
@@ -158,15 +162,16 @@ class Algorithm(ABC):
         ``after_step``. Only adaptive modifiers use it (the adaptive global-averaging period)."""
 
     def enable_overlap(self) -> None:
-        """Switch to the overlapped (one-step-delayed) form; algorithms without one refuse.
+        """Switch to the overlapped (one-step-delayed) form; algorithms without one refuse (those with one:
+        :data:`OVERLAPPED`).
 
         Raises:
             ValueError: naming the fix.
         """
         raise ValueError(
             f"algorithm={self.name!r} cannot overlap its gossip with computation: its next local step needs "
-            f"the neighbours' values of this step. Use overlap=False, or algorithm='dsgd' (D-SGD, whose "
-            f"one-step-delayed form x^(k+1) = W x^k - lr d^k can overlap)."
+            f"the neighbours' values of this step. Use overlap=False, or an algorithm with a one-step-delayed "
+            f"form: {', '.join(OVERLAPPED)} (e.g. D-SGD's x^(k+1) = W x^k - lr d^k; docs/algorithms.md)."
         )
 
     def use_compression(self, compressor: Compressor) -> None:
@@ -188,8 +193,10 @@ class Algorithm(ABC):
         )
 
     def wait_pending(self) -> None:  # noqa: B027
-        """Complete every transfer in flight without changing parameters or state (the strategy calls
-        it before evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any."""
+        """Complete every transfer in flight without changing parameters (the strategy calls it before
+        evaluation, consensus measurement and checkpoints). Only overlapped algorithms have any; those whose
+        round's buffer is state (overlapped CHOCO-SGD, streaming local steps) complete the round into it, to be
+        applied at its step as if it had just arrived; the others leave the state as it is."""
 
     def finish_pending(self, buckets: list[Bucket]) -> None:  # noqa: B027
         """Complete and apply the rounds in flight for ``buckets`` (end of training); the next

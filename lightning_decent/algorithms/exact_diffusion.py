@@ -7,10 +7,13 @@ import torch
 from lightning_decent.algorithms.base import Algorithm, Bucket
 from lightning_decent.algorithms.membership import remove_mean
 from lightning_decent.comm import Communicator
+from lightning_decent.comm.base import PendingMix
 from lightning_decent.topology import Topology, lambda_min, lazy
 
 #: Exact-Diffusion/D² converge only when every eigenvalue of W is above this bound.
 LAMBDA_MIN_BOUND = -1.0 / 3.0
+
+SENT = "sent"  # workspace of the overlapped form: the snapshot x^k on the wire while step k computes
 
 
 class ExactDiffusion(Algorithm):
@@ -36,6 +39,26 @@ class ExactDiffusion(Algorithm):
 
     Communication: 1 round x 1 buffer per step. Extra memory: 1 model (``c``).
 
+    With ``overlap=True``, the one-step-delayed (combine-then-adapt) form, in which the local step is
+    taken out of the mixing as overlapped D-SGD takes it out of D-SGD's::
+
+        x^{k+1} = Wbar (2 x^k - x^{k-1}) - lr (d^k - d^{k-1})        (x^{-1} = x^0, d^{-1} = 0)
+
+    With the lazy ``Wbar = (W + I)/2`` this is EXTRA (Shi, Ling, Wu & Yin, SIAM J. Optim. 2015) with
+    ``W~ = (I + W)/2``: ``x^{k+1} = (I + W) x^k - W~ x^{k-1} - lr (g^k - g^{k-1})``, which converges for
+    ``lr < 2 lambda_min(W~) / L`` (the ring's ``W~`` has ``lambda_min = 1/3``; measured in the simulator:
+    converges up to about two thirds of the blocking form's step size, docs/algorithms.md). It needs
+    only ``Wbar x^k``, one exchange of ``x^k`` that runs during step ``k``'s forward and backward; written
+    with the state ``c`` and the round's correction ``m^k = Wbar x^k - x^k``::
+
+        c^{k+1}   = c^k + m^k                                (c^0 = 0)
+        x^{k+1}   = x^{k+1/2} + m^k + c^{k+1}                (x^{k+1/2} = x^k - lr d^k, the optimizer step)
+
+    (subtracting two consecutive steps gives the recursion above). ``sum_i m_i^k = 0`` keeps
+    ``sum_i c_i = 0``, so the network mean again follows the local steps. Non-lazy mixing needs
+    ``lambda_min(W) > 0`` (EXTRA's ``W~ = W`` positive definite) and refuses other graphs. Same messages per
+    step; extra memory: 2 models (``c`` and the snapshot of ``x^k``).
+
     Membership change: summing the update over the nodes (``Wbar`` doubly stochastic) gives
     ``sum_i c_i^{k+1} = sum_i c_i^k``, so ``sum_i c_i = 0`` for ever from ``c^0 = 0``; it is what makes the
     network mean follow the local steps, ``xbar^{k+1} = xbar^k - lr dbar^k`` (in the primal-dual view of
@@ -47,18 +70,27 @@ class ExactDiffusion(Algorithm):
 
     keeping each member's bias correction relative to the others (a joiner starts with its source's ``c``).
     Setting ``c = 0`` (the first step a D-SGD step, as at the start) would also do, but forgets the
-    correction the survivors built.
+    correction the survivors built. The overlapped form keeps the same invariant and rule; its round in
+    flight is dropped (``c`` is unchanged until a round is applied) and ``x^k`` is sent again on the new graph.
 
     Args:
         lazy_mixing: gossip with ``(W + I)/2`` instead of W.
+        overlap: use the overlapped form (``DecentralizedStrategy(overlap=True)`` sets it).
     """
 
     name = "exact_diffusion"
     extra_memory = 1.0
     membership_rule = "the corrections' mean removed by one global average, c_i -= (1/n') sum_j c_j: sum c = 0 again"
 
-    def __init__(self, lazy_mixing: bool = True) -> None:
+    def __init__(self, lazy_mixing: bool = True, overlap: bool = False) -> None:
         self.lazy_mixing = lazy_mixing
+        self._pending: dict[int, PendingMix | None] = {}  # id(bucket) -> its round in flight (None: silent step)
+        if overlap:
+            self.enable_overlap()
+
+    def enable_overlap(self) -> None:
+        self.overlap = True
+        self.extra_memory = 2.0
 
     def prepare_topology(self, topology: Topology, *, global_averaging: bool = False) -> Topology:
         topology = super().prepare_topology(topology)
@@ -83,18 +115,36 @@ class ExactDiffusion(Algorithm):
         if self.lazy_mixing:
             return lazy(topology)
         smallest = lambda_min(topology)
-        if smallest <= LAMBDA_MIN_BOUND + 1e-12:
+        bound, text = (0.0, "0 with overlap=True") if self.overlap else (LAMBDA_MIN_BOUND, "-1/3")
+        if smallest <= bound + 1e-12:
             raise ValueError(
-                f"exact_diffusion needs lambda_min(W) > -1/3, but topology {topology.name!r} has "
+                f"exact_diffusion needs lambda_min(W) > {text}, but topology {topology.name!r} has "
                 f"lambda_min = {smallest:.6g}; use lazy_mixing=True (gossip with (W + I)/2) or another graph."
             )
         return topology
 
     def init_state(self, bucket: Bucket) -> None:
         bucket.state["correction"] = torch.zeros_like(bucket.params)
+        if self.overlap:
+            self._pending.pop(id(bucket), None)
+            bucket.workspace[SENT] = torch.empty_like(bucket.params)
+
+    def before_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        if not self.overlap:
+            return
+        for bucket in buckets:  # first step, first after a resume or a membership change: x^k not sent yet
+            if id(bucket) not in self._pending:
+                bucket.workspace[SENT].copy_(bucket.params)
+                self._start(bucket, comm, step)
 
     @torch.no_grad()
     def after_step(self, buckets: list[Bucket], comm: Communicator, step: int) -> None:
+        if self.overlap:
+            for bucket in buckets:
+                self._apply(bucket)
+                bucket.workspace[SENT].copy_(bucket.params)
+                self._start(bucket, comm, step + 1)
+            return
         for b in buckets:
             correction = b.state["correction"]  # x^k - psi^k
             b.params.add_(correction)  # phi^{k+1}
@@ -103,6 +153,36 @@ class ExactDiffusion(Algorithm):
         for b in buckets:
             correction = b.state["correction"]
             torch.sub(b.params, correction, out=correction)  # x^{k+1} - psi^{k+1}
+
+    @torch.no_grad()
+    def _start(self, bucket: Bucket, comm: Communicator, step: int) -> None:
+        self._pending[id(bucket)] = None if comm.is_silent(step) else comm.start_mix([bucket.workspace[SENT]], step)
+
+    @torch.no_grad()
+    def _apply(self, bucket: Bucket) -> None:
+        """``c <- c + m``, ``x <- x + m + c`` with the round's ``m = Wbar x^k - x^k`` (``x - c``, then ``+ 2 c``)."""
+        pending = self._pending.pop(id(bucket))
+        if pending is None:
+            return
+        correction = bucket.state["correction"]
+        bucket.params.sub_(correction)
+        pending.finish(0, into=correction)
+        bucket.params.add_(correction, alpha=2.0)
+
+    def wait_pending(self) -> None:
+        for pending in self._pending.values():
+            if pending is not None:
+                pending.wait()
+
+    def finish_pending(self, buckets: list[Bucket]) -> None:
+        """Apply the round in flight (a step of the recursion without a local step)."""
+        for bucket in buckets:
+            if id(bucket) in self._pending:
+                self._apply(bucket)
+
+    def cancel_pending(self, buckets: list[Bucket]) -> None:
+        for bucket in buckets:
+            self._pending.pop(id(bucket), None)
 
     def change_membership(self, buckets: list[Bucket], comm: Communicator, step: int, joined: torch.Tensor) -> None:
         remove_mean([b.state["correction"] for b in buckets], comm)

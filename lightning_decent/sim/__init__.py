@@ -1,5 +1,6 @@
 """n virtual nodes in one process: the library's algorithms and topologies on stacked ``[n, dim]`` tensors."""
 
+from lightning_decent.sim.delay import DelayCost, delay_costs, format_delay_table
 from lightning_decent.sim.membership import MembershipChange, parse_membership
 from lightning_decent.sim.problems import PROBLEMS, Digits, LeastSquares, Logistic, Problem, Quadratic, get_problem
 from lightning_decent.sim.runner import (
@@ -19,6 +20,7 @@ __all__ = [
     "OPTIMIZERS",
     "PROBLEMS",
     "AlgorithmSpec",
+    "DelayCost",
     "Digits",
     "LeastSquares",
     "Logistic",
@@ -27,6 +29,8 @@ __all__ = [
     "Quadratic",
     "SimResult",
     "compare",
+    "delay_costs",
+    "format_delay_table",
     "get_problem",
     "make_optimizer",
     "parse_membership",

@@ -13,6 +13,8 @@ Examples::
         --algorithms "push_sum,push_diging,mg_push_diging"
     python -m lightning_decent.sim --problem logistic --n 8 --algorithms gradient_tracking,exact_diffusion \
         --membership "500:leave=3;1000:join_from=0"
+    python -m lightning_decent.sim --problem logistic --n 16 --algorithms dsgd,choco,gradient_tracking \
+        --overlap-cost --seeds 3
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightning_decent.sim.delay import delay_costs, format_delay_table
 from lightning_decent.sim.problems import PROBLEMS, Problem, get_problem
 from lightning_decent.sim.report import format_table, plot, write_json
 from lightning_decent.sim.runner import OPTIMIZERS, AlgorithmSpec, compare
@@ -71,16 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument("--alpha", type=float, default=0.1, help="Dirichlet label skew (0.1 non-iid, 100 ~iid)")
     digits.add_argument("--hidden", type=int, default=32)
     digits.add_argument("--batch-size", type=int, default=32, help="per-node mini-batch (0: full local data)")
+    p.add_argument(
+        "--overlap-cost",
+        action="store_true",
+        help="run every spec blocking and with overlap=true on --seeds seeds and print what the delay costs",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="--overlap-cost: seeds --seed, --seed + 1, ...")
     p.add_argument("--json", help="write every series and the settings to this JSON file")
     p.add_argument("--plot", help="write the curves to this PNG file")
     return p
 
 
-def build_problem(args: argparse.Namespace) -> Problem:
-    """The problem the arguments describe (only the options that problem takes are passed)."""
+def build_problem(args: argparse.Namespace, seed: int | None = None) -> Problem:
+    """The problem the arguments describe (only the options that problem takes are passed), with its data
+    drawn from ``seed`` (default: ``--seed``)."""
     options: dict[str, Any] = {"n": args.n}
     if args.problem != "quadratic":
-        options["seed"] = args.seed
+        options["seed"] = args.seed if seed is None else seed
     if args.problem in ("least_squares", "logistic"):
         options.update(dim=args.dim, samples=args.samples, heterogeneity=args.heterogeneity)
         if args.problem == "logistic":
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     specs = [AlgorithmSpec.parse(s) for s in args.algorithms.split(",") if s.strip()]
     dtype = getattr(torch, args.dtype)
+    if args.overlap_cost:
+        return _overlap_cost(args, specs, dtype)
     problem = build_problem(args).to(dtype)
     eval_every = args.eval_every or max(1, args.steps // 200)
     results = compare(
@@ -121,4 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(results, args.plot, title, factor=args.factor)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _overlap_cost(args: argparse.Namespace, specs: list[AlgorithmSpec], dtype: torch.dtype) -> int:
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    costs = delay_costs(
+        lambda seed: build_problem(args, seed).to(dtype),
+        specs,
+        args.topology,
+        seeds,
+        steps=args.steps,
+        lr=args.lr,
+        momentum=args.momentum,
+        optimizer=args.optimizer,
+        accum_iter=args.accum_iter,
+        noise=args.noise,
+        dtype=dtype,
+    )
+    print(
+        f"{args.problem}, n={args.n}, {args.topology}, {args.optimizer}, lr={args.lr:g}, noise={args.noise:g}, "
+        f"{args.steps} steps, seeds {seeds}: final metrics (mean over seeds), blocking vs overlapped"
+    )
+    print(format_delay_table(costs))
     return 0

@@ -8,7 +8,8 @@ Used by ``tests/test_overlap_multiprocess.py``. Usage: ``python overlap_checks.p
 2. ``accumulate``: accumulation, bf16 autocast, clipping and an LR scheduler under overlap.
 3. ``evaluation``: validation in the middle of training (an exchange in flight) evaluates the
    network average of the replicas, and the replicas come back afterwards.
-4. ``resume``: 2 epochs straight vs 1 epoch, a checkpoint, and a resumed second epoch.
+4. ``resume*``: 2 epochs straight vs 1 epoch, a checkpoint, and a resumed second epoch (D-SGD, and the
+   overlapped CHOCO-SGD, gradient tracking and Exact-Diffusion).
 """
 
 from __future__ import annotations
@@ -208,10 +209,20 @@ def check_evaluation(devices: int) -> dict:
 
 
 # ---- 4. exact resume ----------------------------------------------------------------------------------
-def resume_trainer(devices: int, epochs: int, callbacks=()) -> pl.Trainer:
+#: The overlapped algorithms resumed: D-SGD (x^k sent again), CHOCO-SGD (the round completed into its inbox
+#: before the checkpoint, applied after the resume), gradient tracking and Exact-Diffusion (sent again).
+RESUMED = {
+    "resume": {"topology": "one_peer_exponential"},
+    "resume_choco": {"topology": "ring", "algorithm": "choco", "compression": "int8"},
+    "resume_gradient_tracking": {"topology": "ring", "algorithm": "gradient_tracking"},
+    "resume_exact_diffusion": {"topology": "ring", "algorithm": "exact_diffusion"},
+}
+
+
+def resume_trainer(devices: int, epochs: int, options: dict, callbacks=()) -> pl.Trainer:
     return trainer(
         devices,
-        DecentralizedStrategy(topology="one_peer_exponential", overlap=True, final_model="local"),
+        DecentralizedStrategy(overlap=True, final_model="local", **options),
         max_epochs=epochs,
         num_sanity_val_steps=0,
         limit_val_batches=0,
@@ -225,14 +236,14 @@ def resume_model() -> DigitsClassifier:
     return DigitsClassifier(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4))
 
 
-def check_resume(devices: int, out: Path) -> dict:
+def check_resume(devices: int, out: Path, options: dict) -> dict:
     straight = resume_model()
-    resume_trainer(devices, 2).fit(straight, DigitsDataModule())
+    resume_trainer(devices, 2, options).fit(straight, DigitsDataModule())
     first = resume_model()
-    saver = ModelCheckpoint(dirpath=out / "overlap_ckpt", every_n_epochs=1, save_top_k=-1, save_last=True)
-    resume_trainer(devices, 1, [saver]).fit(first, DigitsDataModule())
+    saver = ModelCheckpoint(dirpath=out, every_n_epochs=1, save_top_k=-1, save_last=True)
+    resume_trainer(devices, 1, options, [saver]).fit(first, DigitsDataModule())
     resumed = resume_model()
-    resume_trainer(devices, 2).fit(resumed, DigitsDataModule(), ckpt_path=str(out / "overlap_ckpt" / "last.ckpt"))
+    resume_trainer(devices, 2, options).fit(resumed, DigitsDataModule(), ckpt_path=str(out / "last.ckpt"))
     return {"bitwise_equal": bool(torch.equal(flat(straight), flat(resumed)))}
 
 
@@ -246,7 +257,7 @@ def main() -> None:
         "recursion": check_recursion(args.devices),
         "accumulate": check_accumulate(args.devices),
         "evaluation": check_evaluation(args.devices),
-        "resume": check_resume(args.devices, args.out),
+        **{name: check_resume(args.devices, args.out / name, options) for name, options in RESUMED.items()},
     }
     (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
 

@@ -118,6 +118,33 @@ CASES = [
         {"compression": "randomk", "compression_options": {"fraction": 0.5}},
         0.0,
     ),
+    # overlapped (one-step-delayed) forms: the strategy's overlap=True, the simulator's overlap option
+    (
+        "overlap_choco_int8",
+        "logistic",
+        "ring",
+        "choco",
+        {"compression": "int8", "compression_options": {"block": 4}, "overlap": True},
+        0.9,
+    ),
+    (
+        "overlap_choco_topk",
+        "logistic",
+        "exponential",
+        "choco",
+        {"compression": "topk", "compression_options": {"fraction": 0.5}, "gamma": 0.6, "overlap": True},
+        0.0,
+    ),
+    ("overlap_gradient_tracking", "logistic", "ring", "gradient_tracking", {"overlap": True}, 0.5),
+    (
+        "overlap_gradient_tracking_one_peer",
+        "logistic",
+        "one_peer_exponential",
+        "gradient_tracking",
+        {"overlap": True},
+        0.0,
+    ),
+    ("overlap_exact_diffusion", "logistic", "ring", "exact_diffusion", {"overlap": True}, 0.0),
 ]
 
 
@@ -162,6 +189,19 @@ def node_trainer(strategy: DecentralizedStrategy, devices: int) -> pl.Trainer:
     )
 
 
+def neighbour_sum_gap(strategy: DecentralizedStrategy) -> float:
+    """CHOCO's public copies agree on every rank: ``max |s_i - sum_j w_ij x_hat_j|``, with ``x_hat_j`` the copy
+    that rank ``j`` holds of itself (gathered) and ``s_i`` the sum rank ``i`` built from the received ``q_j``."""
+    (bucket,) = strategy._bucket_groups[0]
+    public = bucket.state["public"]
+    copies = [torch.empty_like(public) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, public)
+    assert strategy.topology is not None
+    row = strategy.topology.matrix(0)[dist.get_rank()].tolist()
+    expected = sum(weight * copy for weight, copy in zip(row, copies))
+    return (bucket.state["neighbour_sum"] - expected).abs().max().item()
+
+
 def run(out: Path, devices: int, only: str | None = None) -> None:
     results: dict[str, dict] = {}
     for case, problem_name, topology, algorithm, options, momentum in CASES:
@@ -169,8 +209,13 @@ def run(out: Path, devices: int, only: str | None = None) -> None:
             continue
         problem = build_problem(problem_name, devices)
         model = NodeObjective(problem, momentum)
+        algorithm_options = {key: value for key, value in copy.deepcopy(options).items() if key != "overlap"}
         strategy = DecentralizedStrategy(
-            topology=topology, algorithm=algorithm, algorithm_options=copy.deepcopy(options), final_model="local"
+            topology=topology,
+            algorithm=algorithm,
+            algorithm_options=algorithm_options,
+            final_model="local",
+            overlap=options.get("overlap", False),
         )
         trainer = node_trainer(strategy, devices)
         trainer.fit(model)
@@ -189,6 +234,7 @@ def run(out: Path, devices: int, only: str | None = None) -> None:
             "gossip_step": strategy.gossip_step,
             "moved": (model.x.detach() - problem.initial_params()).abs().max().item(),
             "params": model.x.detach().tolist(),
+            **({"neighbour_sum_gap": neighbour_sum_gap(strategy)} if algorithm == "choco" else {}),
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
