@@ -155,6 +155,9 @@ def test_bad_compression_input() -> None:
 
 
 def test_hydra_selects_choco_with_a_static_graph_and_the_strategys_compression(tmp_path) -> None:
+    from lightning_decent.app.resolvers import register_resolvers
+
+    register_resolvers()  # the app's config reads them; alone, this test ran before anything registered them
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     GlobalHydra.instance().clear()
     with initialize_config_dir(conf, version_base="1.3"):
