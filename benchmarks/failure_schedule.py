@@ -26,12 +26,15 @@ Prints a Markdown table and the goals, writes JSON. Every namespace and process 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -44,7 +47,7 @@ from benchmarks.cluster.report import bandwidth_bytes_per_second  # noqa: E402
 from benchmarks.failure import report  # noqa: E402
 from lightning_decent.emulation import EmulatedCluster, available  # noqa: E402
 
-SYSTEMS = ("ours_elastic", "ours_restart", "ddp", "torchft_ddp", "torchft_diloco")
+SYSTEMS = ("ours_elastic", "torchft_ddp", "torchft_diloco", "ours_restart", "ddp")
 TORCHRUN = ("ours_restart", "ddp")
 
 
@@ -70,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-every", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is stopped")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--lock", type=Path, default=None, help="a shared machine: hold an exclusive flock on this file during each run"
+    )
     parser.add_argument("--keep-logs", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -95,7 +101,7 @@ class Run:
     def command(self, machine: int, restarted: bool) -> tuple[list[str], dict[str, str]]:
         """The argv and extra environment of ``machine`` (``restarted``: its rejoin after a kill)."""
         a, python = self.args, sys.executable
-        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RUST_LOG": "warn"}  # torchft: no per-step lines
         lightning = ["-m", "benchmarks.failure.lightning_worker", "--system", self.system, "--machine", str(machine),
                      *self._worker_options(), "--topology", a.topology, "--gossip-timeout", str(a.gossip_timeout),
                      "--min-ranks", str(a.min_ranks), "--ckpt-every", str(a.ckpt_every),
@@ -209,6 +215,20 @@ def run_system(args: argparse.Namespace, cluster: EmulatedCluster, system: str, 
     return summary
 
 
+@contextlib.contextmanager
+def held(lock: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock`` (nothing when ``None``) while the block runs."""
+    if lock is None:
+        yield
+        return
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def measure(args: argparse.Namespace, logs: Path, save: Any) -> dict[str, Any]:
     systems = [s for s in args.systems.split(",") if s]
     conditions = [c for c in args.conditions.split(",") if c]
@@ -218,17 +238,19 @@ def measure(args: argparse.Namespace, logs: Path, save: Any) -> dict[str, Any]:
         sys.exit("Machine 0 hosts the rendezvous, the membership store and the Lighthouse: choose other victims.")
     record: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                               "command": " ".join(sys.argv), "runs": {}}  # fmt: skip
-    plan = [(s, c) for c in conditions for s in systems]
+    # ours elastic failure-free first (it fixes the schedule), then every run under the schedule (the goals'
+    # runs first: a launch stopped early keeps them), then the other systems' failure-free runs
+    plan = [(s, c) for c in ("free", "schedule") for s in systems if c in conditions]
+    plan.sort(key=lambda run: run != ("ours_elastic", "free") and run[1] == "free")
     reference = args.reference
-    if reference is None:  # ours elastic failure-free first: it fixes the schedule
-        plan = [("ours_elastic", "free")] + [p for p in plan if p != ("ours_elastic", "free")]
     with EmulatedCluster(args.ranks, args.bandwidth) as cluster:
         for index, (system, condition) in enumerate(plan):
             kills = [] if condition == "free" else report.failure_schedule(reference, victims, fractions,
                                                                             args.restart_after)  # fmt: skip
             print(f"[{time.strftime('%H:%M:%S')}] {args.bandwidth}: {system} {condition}", flush=True)
-            summary = run_system(args, cluster, system, kills, logs / f"{index:02d}_{system}_{condition}",
-                                 30100 + 40 * index)  # fmt: skip
+            with held(args.lock):
+                summary = run_system(args, cluster, system, kills, logs / f"{index:02d}_{system}_{condition}",
+                                     30100 + 40 * index)  # fmt: skip
             print(f"  time to target: {summary['time_to_target_s']} {summary.get('error', '')}", flush=True)
             record["runs"][f"{system}/{condition}"] = summary
             if reference is None and (system, condition) == ("ours_elastic", "free"):

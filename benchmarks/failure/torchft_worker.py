@@ -1,4 +1,5 @@
-"""One machine of a failure-schedule run of torchft 0.2.0: DDP (``--system torchft_ddp``) or DiLoCo
+"""One machine of a failure-schedule run of torchft 0.2.0: DDP (``--system torchft_ddp``: the Manager's
+fault-tolerant all-reduce of the gradients every step, :func:`average_gradients`) or DiLoCo
 (``--system torchft_diloco``), every machine its own replica group of one process, the Lighthouse elsewhere.
 
 ``python -m benchmarks.failure.torchft_worker --system ... --out DIR --machine M --address A --lighthouse URL``
@@ -75,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(1)
     log = EventLog(args.out / "events.jsonl", args.machine)
     log.write("start", system=args.system, restart=int(args.restarted))
-    from torchft import DistributedDataParallel, Manager, ProcessGroupGloo
+    from torchft import Manager, ProcessGroupGloo
     from torchft.local_sgd import DiLoCo
     from torchft.optim import OptimizerWrapper
 
@@ -116,7 +117,6 @@ def main() -> None:
         init_sync=False,
     )
     diloco = args.system == "torchft_diloco"
-    model: nn.Module = net if diloco else DistributedDataParallel(manager, net)
     optimizer: Any = inner if diloco else OptimizerWrapper(manager, inner)
     context: Any = None
     if diloco:
@@ -132,8 +132,10 @@ def main() -> None:
                 break
             order.manual_seed(epoch)
             batch = torch.randperm(len(labels), generator=order)[index * args.batch : (index + 1) * args.batch]
-            optimizer.zero_grad()
-            F.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.zero_grad()  # DDP: the step's quorum
+            F.cross_entropy(net(images[batch]), labels[batch]).backward()
+            if not diloco:
+                average_gradients(manager, net)
             optimizer.step()  # DDP: commits if the quorum's all-reduce succeeded; DiLoCo: its hook syncs every H
             done = _step(manager, context, steps_per_epoch)
             log.step(done, manager.num_participants())
@@ -145,6 +147,20 @@ def main() -> None:
             context.__exit__(None, None, None)
         manager.shutdown(wait=False)
         del store
+
+
+def average_gradients(manager: Any, net: nn.Module) -> None:
+    """The gradients averaged over the quorum with ``Manager.allreduce`` in one flat buffer (what torchft's
+    ``DistributedDataParallel`` does through its communication hook, which in 0.2.0 fails with an
+    ``AssertionError`` instead of reporting the error when a peer is lost: ``assert fut._fut`` in ``_comm_hook``).
+    A failed all-reduce is reported to the Manager, and the step is not committed."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    manager.allreduce(flat).wait()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _step(manager: Any, diloco: Any, steps_per_epoch: int) -> int:
