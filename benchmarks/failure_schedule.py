@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-every", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is stopped")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None, help="print the report of a saved --json run")
     parser.add_argument(
         "--lock", type=Path, default=None, help="a shared machine: hold an exclusive flock on this file during each run"
     )
@@ -267,23 +268,27 @@ def measure(args: argparse.Namespace, logs: Path, save: Any) -> dict[str, Any]:
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
-    ok, why = available()
-    if not ok:
-        sys.exit(f"The emulated cluster {why}.")
 
     def save(record: dict[str, Any]) -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(record, indent=1))
 
-    with TemporaryDirectory(prefix="failure_schedule_") as tmp:
-        record = measure(args, args.keep_logs or Path(tmp), save)
+    if args.from_json:
+        record = json.loads(args.from_json.read_text())
+        args = argparse.Namespace(**{**vars(args), **record["args"], "from_json": args.from_json, "json": None})
+    else:
+        ok, why = available()
+        if not ok:
+            sys.exit(f"The emulated cluster {why}.")
+        with TemporaryDirectory(prefix="failure_schedule_") as tmp:
+            record = measure(args, args.keep_logs or Path(tmp), save)
     found = report.goals(record["runs"], args.gossip_timeout, bandwidth_bytes_per_second(args.bandwidth))
     record["goals"] = [{"goal": g.name, "value": g.value, "limit": g.limit, "status": g.status} for g in found]
     save(record)
     schedule = ", ".join(f"machine {k['machine']} at {k['at']:.0f}s (back at {k['restart_at']:.0f}s)"
                          for k in record["schedule"])  # fmt: skip
-    print(f"\n### {args.ranks} machines, {args.bandwidth}: digits to {args.target:.0%} validation accuracy; "
+    print(f"\n#### {args.ranks} machines, {args.bandwidth}: digits to {args.target:.0%} validation accuracy; "
           f"schedule from ours' failure-free {record['reference_s']:.1f}s: {schedule}\n")  # fmt: skip
     print(report.table(record["runs"]))
     print()
