@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -100,6 +101,7 @@ def main() -> None:
 
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timedelta(seconds=args.timeout)),
+        checkpoint_transport=transport(args.address, timedelta(seconds=args.timeout)),
         load_state_dict=load_state_dict,
         state_dict=state_dict,
         min_replica_size=args.min_replicas,
@@ -147,6 +149,19 @@ def main() -> None:
             context.__exit__(None, None, None)
         manager.shutdown(wait=False)
         del store
+
+
+def transport(address: str, timeout: timedelta) -> Any:
+    """torchft's HTTP checkpoint transport (its default), advertised at this machine's ``address``: 0.2.0 advertises
+    ``socket.gethostname()``, which in a network namespace names the host's address, not this machine's, so a
+    recovering replica's fetch is refused (``<urlopen error [Errno 111] Connection refused>``)."""
+    from torchft.checkpointing import HTTPTransport
+
+    class AddressedTransport(HTTPTransport):
+        def address(self) -> str:
+            return super().address().replace(f"//{socket.gethostname()}:", f"//{address}:", 1)
+
+    return AddressedTransport(timeout=timeout, num_chunks=0)
 
 
 def average_gradients(manager: Any, net: nn.Module) -> None:
