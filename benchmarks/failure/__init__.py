@@ -1,0 +1,1 @@
+"""Failure-schedule benchmark: workers, events and report (``benchmarks/failure_schedule.py``)."""
