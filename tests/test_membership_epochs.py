@@ -71,14 +71,16 @@ def test_launched_ranks_sort_before_joiners_so_the_lowest_survivor_becomes_rank_
     assert keys[:3] == [launch_key(1), launch_key(3), launch_key(12)] and keys[3].startswith("j")
 
 
-def _membership(store: dist.Store, key: str, joining: bool = False, min_ranks: int = 1) -> Membership:
+def _membership(
+    store: dist.Store, key: str, joining: bool = False, min_ranks: int = 1, max_ranks: int = 1
+) -> Membership:
     seconds = timedelta(seconds=1)
     return Membership(
         store,
         "test",
         key,
         min_ranks=min_ranks,
-        max_ranks=1,
+        max_ranks=max_ranks,
         heartbeat=seconds,
         last_call=seconds,
         join_timeout=timedelta(seconds=5),
@@ -105,6 +107,26 @@ def test_one_member_forms_epoch_0_and_a_joiner_waits_until_it_is_admitted() -> N
     member.admit(admitted_so_far, requested)
     waiting.join(timeout=5)
     assert admitted.is_set() and member.tickets() == (1, 1)
+
+
+def test_a_launched_rank_lost_while_the_job_starts_is_left_out_after_start_timeout_and_must_come_back_as_a_joiner():
+    """Launched ranks 0 and 1 of 3 arrive, rank 2 never does (killed during its imports): after start_timeout the
+    first epoch starts without it (at least min_ranks came); a launched rank 2 that comes later is refused naming
+    the join command. With fewer than min_ranks present the start fails naming start_timeout."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    second = dist.TCPStore("127.0.0.1", port, is_master=False)
+    start = timedelta(seconds=1)
+    other = threading.Thread(target=lambda: _membership(second, launch_key(1)).await_launched(second, 1, 3, start))
+    other.start()
+    _membership(store, launch_key(0)).await_launched(store, 0, 3, start)  # returns after start_timeout
+    other.join(timeout=10)
+    late = dist.TCPStore("127.0.0.1", port, is_master=False)
+    with pytest.raises(MembershipError, match=r"started without launched rank 2 .*LIGHTNING_DECENT_JOIN=1"):
+        _membership(late, launch_key(2)).await_launched(late, 2, 3, start)
+    alone = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    with pytest.raises(MembershipError, match=r"ranks \[1, 2\] did not start within 1s .*min_ranks=2"):
+        _membership(alone, launch_key(0), min_ranks=2, max_ranks=3).await_launched(alone, 0, 3, start)
 
 
 def test_a_joiner_that_is_never_admitted_fails_with_an_error_that_says_why() -> None:

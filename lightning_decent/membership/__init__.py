@@ -67,6 +67,9 @@ class ElasticOptions:
         heartbeat: seconds between a member's keep-alives; a member silent for 5 of them is dropped.
         last_call: seconds a new epoch waits for more members once ``min_ranks`` have joined.
         join_timeout: seconds a change (or a joiner) waits for the next epoch before failing.
+        start_timeout: seconds the first epoch waits for every launched rank; after it the run starts with those
+            present (at least ``min_ranks``), and a launched rank that comes later is refused with the join command
+            to use (a machine lost while the job started is restarted as a joiner).
         accept_joiners: take processes waiting to join in at the start of every epoch (one read of the store
             and one small all-gather per epoch).
         join: this process joins a running job (also set by the environment variable ``LIGHTNING_DECENT_JOIN=1``).
@@ -79,6 +82,7 @@ class ElasticOptions:
     heartbeat: float = 1.0
     last_call: float = 2.0
     join_timeout: float = 120.0
+    start_timeout: float = 60.0
     accept_joiners: bool = True
     join: bool = False
 
@@ -87,7 +91,7 @@ class ElasticOptions:
             raise ValueError(f"elastic.min_ranks must be >= 1, got {self.min_ranks}.")
         if self.max_ranks is not None and self.max_ranks < self.min_ranks:
             raise ValueError(f"elastic.max_ranks={self.max_ranks} is below elastic.min_ranks={self.min_ranks}.")
-        for name in ("heartbeat", "last_call", "join_timeout"):
+        for name in ("heartbeat", "last_call", "join_timeout", "start_timeout"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"elastic.{name} must be a positive, finite number of seconds.")
         if self.store is not None:
@@ -170,7 +174,8 @@ class EpochGroup:
         self.previous_members: tuple[str, ...] = ()
         self.epoch: Epoch | None = None
         if launch_rank is not None:
-            self.membership.await_launched(store, launch_rank, launch_world_size)
+            start = timedelta(seconds=options.start_timeout)
+            self.membership.await_launched(store, launch_rank, launch_world_size, start)
 
     @property
     def key(self) -> str:

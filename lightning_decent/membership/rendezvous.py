@@ -21,6 +21,7 @@ becomes rank 0 when rank 0 is lost.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -35,6 +36,10 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRende
 
 #: A member whose heartbeats stop for this many intervals is dropped (a busy process on a shared core can miss a
 #: few; a lost one then costs about ``HEARTBEATS x heartbeat + last_call`` seconds).
+log = logging.getLogger(__name__)
+
+#: Set in the store once the first epoch's launched ranks are known: later launched ranks must join instead.
+STARTED = "launched/started"
 HEARTBEATS = 5
 
 
@@ -113,18 +118,34 @@ class Membership:
         )
         self.epoch: Epoch | None = None
 
-    def await_launched(self, store: dist.Store, launch_rank: int, world_size: int) -> None:
+    def await_launched(self, store: dist.Store, launch_rank: int, world_size: int, start_timeout: timedelta) -> None:
         """Before the first epoch: wait until every launched rank reached the store, so that the first epoch
-        has all of them (each arrives when its imports are done, seconds apart on a loaded machine)."""
+        has all of them (each arrives when its imports are done, seconds apart on a loaded machine). After
+        ``start_timeout`` the run starts with the ranks present, if at least ``min_ranks`` (a machine lost while
+        the job started); a launched rank that comes after that is refused: it must join as a new member."""
+        if store.check([STARTED]):
+            raise MembershipError(
+                f"member {self.key}: the run started without launched rank {launch_rank} (it came later than "
+                f"elastic.start_timeout, or it restarts a lost rank): start it with the join command "
+                f"(strategy.elastic.join=true or LIGHTNING_DECENT_JOIN=1)."
+            )
         store.set(f"launched/{launch_rank}", "1")
         try:
-            store.wait([f"launched/{r}" for r in range(world_size)], self.join_timeout)
+            store.wait([f"launched/{r}" for r in range(world_size)], start_timeout)
         except (RuntimeError, dist.DistStoreError) as err:
             missing = [r for r in range(world_size) if not store.check([f"launched/{r}"])]
-            raise MembershipError(
+            if world_size - len(missing) < self.min_ranks:
+                raise MembershipError(
+                    f"member {self.key}: launched ranks {missing} did not start within "
+                    f"{start_timeout.total_seconds():g}s (elastic.start_timeout), and fewer than "
+                    f"min_ranks={self.min_ranks} did."
+                ) from err
+            log.warning(
                 f"member {self.key}: launched ranks {missing} did not start within "
-                f"{self.join_timeout.total_seconds():g}s (elastic.join_timeout)."
-            ) from err
+                f"{start_timeout.total_seconds():g}s (elastic.start_timeout); the run starts without them (restart "
+                f"them with the join command)"
+            )
+        store.set(STARTED, "1")
 
     def next_epoch(self) -> Epoch:
         """Leave the current epoch (if any) and join the next one; raises :class:`MembershipError` after
