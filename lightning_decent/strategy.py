@@ -372,7 +372,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         trainer = self.lightning_module.trainer
         new_epoch = self._epochs is not None and self._epochs.start_epoch_if_new(trainer, self.collectives)
         joins_here = new_epoch and self._elastic is not None and not self._joined_this_epoch  # an epoch's start
-        if joins_here and self._elastic.admit_joiners(self.collectives):
+        admit = self._elastic.admit_joiners if self._elastic is not None else None
+        if joins_here and admit is not None and self._retry_after_loss(lambda: admit(self.collectives)):
             self._change_membership("processes ask to join")
         self._joined_this_epoch = False
         if len(self._buckets) != 1 or self.communicator is None or self._prepared_step == self.gossip_step:
