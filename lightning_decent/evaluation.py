@@ -77,7 +77,7 @@ class AveragedReplica:
 
     @torch.no_grad()
     def swap_in(self, module: torch.nn.Module, weight: float, collectives: BoundedCollectives) -> None:
-        if self._backup is not None:
+        if self._backup is not None or collectives.world_size == 1:
             return
         tensors = floating_tensors(module.state_dict())
         averaged = network_average(tensors, weight, collectives, "network average of the model")
@@ -96,6 +96,8 @@ class AveragedReplica:
 @torch.no_grad()
 def replace_by_average(module: torch.nn.Module, weight: float, collectives: BoundedCollectives) -> None:
     """Make ``module`` the network average for good (the final model of ``fit``)."""
+    if collectives.world_size == 1:
+        return
     tensors = floating_tensors(module.state_dict())
     torch._foreach_copy_(tensors, network_average(tensors, weight, collectives, "network average of the model"))
 

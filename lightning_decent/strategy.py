@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -258,10 +257,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
     def _build_topology(self, world_size: int) -> Topology:
         """The graph for ``world_size`` ranks; a two-level topology's machines hold the ranks Lightning runs on one."""
         options, spec = self._topology_options, self._topology_spec
-        machines = None
-        if self._elastic is not None and isinstance(spec, str) and "local_world_size" in topology_options(spec):
-            here = (socket.gethostname(), self.node_rank)  # a joiner: the NODE_RANK of the machine it runs on
-            machines = self.collectives.all_gather_object(here, "the members' machines (two-level topology)")
+        two_level = isinstance(spec, str) and "local_world_size" in topology_options(spec)
+        machines = self._machines_of_members() if two_level else None
         return build_topology(spec, world_size, options, self.algorithm, self.num_processes, machines)
 
     @property
@@ -416,11 +413,8 @@ class DecentralizedStrategy(ElasticDDPStrategy):
     def _evaluate_the_average(self) -> None:
         self._survive(self.algorithm.wait_pending)
         if self.eval_model == "average":
-            self._retry_after_loss(self._swap_in_the_average)
-
-    def _swap_in_the_average(self) -> None:
-        if self.world_size > 1:
-            self._averaged_replica.swap_in(self.lightning_module, self._average_weight(), self.collectives)
+            module, replica = self.lightning_module, self._averaged_replica
+            self._retry_after_loss(lambda: replica.swap_in(module, self._average_weight(), self.collectives))
 
     @override
     def on_train_end(self) -> None:
@@ -429,12 +423,9 @@ class DecentralizedStrategy(ElasticDDPStrategy):
         for buckets in self._bucket_groups:
             self.algorithm.finish_pending(buckets)
         if self.final_model == "average":
-            self._retry_after_loss(self._replace_by_the_average)
+            module = self.lightning_module
+            self._retry_after_loss(lambda: replace_by_average(module, self._average_weight(), self.collectives))
         super().on_train_end()
-
-    def _replace_by_the_average(self) -> None:
-        if self.world_size > 1:
-            replace_by_average(self.lightning_module, self._average_weight(), self.collectives)
 
     @override
     def teardown(self) -> None:

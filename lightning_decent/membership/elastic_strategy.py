@@ -13,6 +13,7 @@ algorithm state) is the subclass's: :meth:`_leave_epoch` and :meth:`_enter_epoch
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -91,14 +92,10 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
         instead of ending the run (the interrupted exchange is dropped and ``None`` returned)."""
         if self._elastic is None:
             return run()
-        try:
-            return run()
-        except Exception as error:
-            if not is_membership_loss(error):
-                raise
-            reason = f"{type(error).__name__}: {error}"
-        self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
-        return None
+        result, lost = _interrupted_by_loss(run)
+        if lost is not None:
+            self._change_membership(lost)
+        return result
 
     def _retry_after_loss(self, run: Callable[[], T]) -> T:
         """``run()``, a step that every member takes at the same point and that reads the current group when it
@@ -108,13 +105,19 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
         while True:
             if self._elastic is None or self._local_collectives:
                 return run()
-            try:
-                return run()
-            except Exception as error:
-                if not is_membership_loss(error):
-                    raise
-                reason = f"{type(error).__name__}: {error}"
-            self._change_membership(reason)  # outside the handler: its traceback would keep the old groups open
+            result, lost = _interrupted_by_loss(run)
+            if lost is None:
+                return result
+            self._change_membership(lost)
+
+    def _machines_of_members(self) -> list[tuple[str, int]] | None:
+        """Every member's machine (host name, ``NODE_RANK``; a joiner's is the machine it runs on), in rank order
+        (one small all-gather): what decides whether a two-level topology's machines are whole. ``None`` when
+        not elastic (the launcher's layout is checked instead)."""
+        if self._elastic is None:
+            return None
+        here = (socket.gethostname(), self.node_rank)
+        return self.collectives.all_gather_object(here, "the members' machines (two-level topology)")
 
     @override
     def barrier(self, name: str | None = None) -> None:
@@ -182,3 +185,14 @@ class ElasticDDPStrategy(BoundedDDPStrategy):
 
     def _enter_epoch(self) -> None:
         """Rebuild what the new epoch needs, with the same collectives in the same order on every member."""
+
+
+def _interrupted_by_loss(run: Callable[[], T]) -> tuple[T | None, str | None]:
+    """``(run(), None)``, or ``(None, why)`` when the loss of a member interrupted it. The change of membership
+    that follows runs outside this handler: its traceback would keep the old process groups open."""
+    try:
+        return run(), None
+    except Exception as error:
+        if not is_membership_loss(error):
+            raise
+        return None, f"{type(error).__name__}: {error}"
